@@ -1,0 +1,238 @@
+"""Command line: `msis <command>` or `python -m MSInstanceSaliencyLib <command>`.
+
+Bad input ends with one line `msis: error: ...` and exit code 2; nothing the user gave is modified.
+Set MSIS_DEBUG=1 to see tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import Cancelled, InputError
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default=None, help="model folder (model.json + weights); default: the bundled demo model")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run the network (default auto: GPU if available)")
+
+
+def _add_segment_args(p):
+    _add_model_args(p)
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's, 0.3)")
+    p.add_argument("--min-volume", type=float, default=None, help="minimum lesion volume in mm^3; smaller or equal components are dropped (default: the model's, 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msis", description="Instance-level saliency for MS lesion segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment lesions in a FLAIR + MPRAGE pair")
+    p.add_argument("flair", help="FLAIR volume (NIfTI or NRRD)")
+    p.add_argument("mprage", help="MPRAGE / T1w volume (NIfTI or NRRD); outputs are written on its grid")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_segment_args(p)
+    p.add_argument("--register", action="store_true", help="rigidly register FLAIR to MPRAGE first (Mattes MI)")
+    p.add_argument("--n4", action="store_true", help="N4 bias-field correction of both images")
+
+    p = sub.add_parser("demo", help="generate a phantom case, segment it and write the outputs")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--seed", type=int, default=2024, help="phantom seed")
+    p.add_argument("--patient", type=int, default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
+    _add_segment_args(p)
+
+    p = sub.add_parser("phantom", help="write a phantom case (flair, mprage, lesions, mimics) as NIfTI")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patient", type=int, default=None, help="lesion geometry of shared patient 1..22 (default: from the seed)")
+    p.add_argument("--lesion-mask", default=None, help="place exactly the lesions of this MNI-space mask instead")
+    p.add_argument("--voxel-size", type=float, default=1.0)
+
+    p = sub.add_parser("evaluate", help="lesion-wise TP/FP/FN, F1, PPV, TPR, Dice, nDSC of a prediction")
+    p.add_argument("pred", help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
+    p.add_argument("gt", help="ground-truth lesion mask on the same grid")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("train", help="train a segmentation model on phantoms")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--config", default="demo", choices=["demo", "paper"])
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--patch", type=int, default=None)
+    p.add_argument("--phantoms-per-patient", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=".cache/phantoms", help="folder caching prepared training phantoms")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
+    p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)")
+    _add_model_args(p)
+    p.add_argument("--patients", default="17-22", help="e.g. 17-22 or 17,19")
+    p.add_argument("--per-patient", type=int, default=1)
+    p.add_argument("--json", default=None, help="write per-case and total results here")
+    return parser
+
+
+def _parse_patients(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+def _load(args):
+    from .model import load_model, resolve_device
+    from .pipeline import env_threads
+
+    env_threads()
+    dev = resolve_device(args.device)
+    return load_model(args.model, device=dev), dev
+
+
+def cmd_segment(args) -> int:
+    from .instances import format_table
+    from .pipeline import OutputFolder, run_info, segment, write_segmentation
+    from .progress import ProgressBar
+    from .volumes import read_image
+
+    flair = read_image(args.flair, "FLAIR")
+    mprage = read_image(args.mprage, "MPRAGE")
+    out = OutputFolder(args.out, protected=[args.flair, args.mprage])
+    model, dev = _load(args)
+    result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
+                     register=args.register, n4=args.n4, progress=ProgressBar(label="segmenting windows"))
+    paths = write_segmentation(result, out)
+    out.close(**run_info(model, result, command="segment", flair=str(Path(args.flair).resolve()), mprage=str(Path(args.mprage).resolve())))
+    print(format_table(result.table))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .instances import format_table
+    from .phantom import make_phantom
+    from .pipeline import OutputFolder, run_info, segment, write_segmentation
+    from .progress import ProgressBar
+    from .volumes import write_image
+
+    t0 = time.time()
+    out = OutputFolder(args.out)
+    print(f"[1/3] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
+    ph = make_phantom(args.seed, patient=args.patient)
+    for name in ("flair", "mprage", "lesions"):
+        write_image(getattr(ph, name), out.file(f"phantom_{name}.nii.gz"))
+    print("[2/3] loading the model ...", file=sys.stderr)
+    model, dev = _load(args)
+    print(f"[3/3] segmenting on {dev} ...", file=sys.stderr)
+    result = segment(ph.flair, ph.mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
+                     progress=ProgressBar(label="segmenting windows"))
+    paths = write_segmentation(result, out)
+    from .evaluation import evaluate_case
+    from .volumes import array_from_image
+
+    metrics = evaluate_case(result.labels, array_from_image(ph.lesions, dtype="uint8"))
+    out.close(**run_info(model, result, command="demo", seed=args.seed, patient=args.patient, metrics=metrics,
+                         total_s=round(time.time() - t0, 1)))
+    print(format_table(result.table))
+    print(f"against the phantom's ground truth: TP {metrics['tp']}  FP {metrics['fp']}  FN {metrics['fn']}  "
+          f"F1 {metrics['f1']:.3f}  PPV {metrics['ppv']:.3f}  Dice {metrics['dice']:.3f}")
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    print(f"inputs: {out.path / 'phantom_flair.nii.gz'}, {out.path / 'phantom_mprage.nii.gz'} (ground truth: phantom_lesions.nii.gz)")
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from .phantom import make_phantom
+
+    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size)
+    from .pipeline import OutputFolder
+    from .volumes import write_image
+
+    out = OutputFolder(args.out)
+    for name in ("flair", "mprage", "lesions", "mimics"):
+        print(write_image(getattr(ph, name), out.file(f"{name}.nii.gz")))
+    out.close(command="phantom", seed=args.seed, patient=ph.patient, **ph.info)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from .evaluation import evaluate_case
+    from .instances import label_instances
+    from .volumes import array_from_image, read_image, same_grid
+
+    pred_img = read_image(args.pred, "prediction")
+    gt_img = read_image(args.gt, "ground truth")
+    if not same_grid(pred_img, gt_img):
+        raise InputError("prediction and ground truth are not on the same grid (size, spacing, origin, direction); resample one onto the other first")
+    pred = array_from_image(pred_img, np.int64)
+    if pred.max() <= 1:  # a binary mask: make instances
+        pred = label_instances(pred > 0, spacing=pred_img.GetSpacing(), min_volume_mm3=0.0)
+    m = evaluate_case(pred, array_from_image(gt_img, np.uint8))
+    print(f"TP {m['tp']}  FP {m['fp']}  FN {m['fn']}  (GT lesions {m['n_gt']}, detected {m['gt_detected']})")
+    print(f"F1 {m['f1']:.4f}  PPV {m['ppv']:.4f}  TPR {m['tpr']:.4f}  Dice {m['dice']:.4f}  nDSC {m['ndsc']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(m, indent=2) + "\n")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    out = train(args.out, args.config, iterations=args.iterations, batch=args.batch, patch=args.patch,
+                phantoms_per_patient=args.phantoms_per_patient, seed=args.seed, cache_dir=args.cache, device=args.device)
+    print(f"model written to {out}")
+    return 0
+
+
+def cmd_validate_model(args) -> int:
+    from .validation import format_validation, validate_model
+
+    model, dev = _load(args)
+    res = validate_model(model, _parse_patients(args.patients), per_patient=args.per_patient, device=dev)
+    print(format_validation(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {
+    "segment": cmd_segment, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
+    "train": cmd_train, "validate-model": cmd_validate_model,
+}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"msis: error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("msis: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("msis: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: one line unless debugging
+        if os.environ.get("MSIS_DEBUG"):
+            raise
+        print(f"msis: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set MSIS_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The command line end to end, as a user runs it (subprocesses, real files)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MSInstanceSaliencyLib.volumes import array_from_image, same_grid
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def msis(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MSIS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def assert_clean_error(res, fragment):
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.strip().splitlines() if l.startswith("msis:")]
+    assert len(lines) == 1 and fragment in lines[0], res.stderr
+
+
+def test_segment_writes_outputs_on_mprage_geometry(phantom_files, tiny_model_dir, tmp_path):
+    # an oblique, anisotropic MPRAGE grid: outputs must come back on exactly that geometry
+    mprage = sitk.ReadImage(str(phantom_files["mprage"]))
+    mprage.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    mprage.SetSpacing((2.0, 1.9, 2.3))
+    sitk.WriteImage(mprage, str(tmp_path / "mprage.nrrd"))
+    flair = sitk.ReadImage(str(phantom_files["flair"]))
+    flair.CopyInformation(mprage)
+    sitk.WriteImage(flair, str(tmp_path / "flair.nii.gz"))
+    out = tmp_path / "out"
+    res = msis("segment", tmp_path / "flair.nii.gz", tmp_path / "mprage.nrrd", "--out", out, "--model", tiny_model_dir, "--threshold", "0.5")
+    assert res.returncode == 0, res.stderr
+    prob = sitk.ReadImage(str(out / "probability.nii.gz"))
+    labels = sitk.ReadImage(str(out / "lesion_labels.nii.gz"))
+    for img in (prob, labels):
+        assert same_grid(img, mprage)
+    assert prob.GetPixelID() == sitk.sitkFloat32
+    p = array_from_image(prob)
+    assert 0.0 <= p.min() and p.max() <= 1.0
+    lab = array_from_image(labels, np.int32)
+    rows = list(csv.DictReader(open(out / "lesions.csv")))
+    assert len(rows) == lab.max()
+    assert [int(r["lesion_id"]) for r in rows] == list(range(1, lab.max() + 1))
+    for r in rows[:5]:
+        assert int(r["voxels"]) == (lab == int(r["lesion_id"])).sum()
+        assert float(r["max_probability"]) > 0.5
+    manifest = json.loads((out / "msis_run.json").read_text())
+    assert set(manifest["files"]) == {"probability.nii.gz", "lesion_labels.nii.gz", "lesions.csv"}
+    # a second run into the same folder replaces its own outputs
+    again = msis("segment", tmp_path / "flair.nii.gz", tmp_path / "mprage.nrrd", "--out", out, "--model", tiny_model_dir, "--threshold", "0.5")
+    assert again.returncode == 0, again.stderr
+
+
+def test_user_files_are_never_overwritten(phantom_files, tiny_model_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "lesions.csv").write_text("my own notes\n")
+    res = msis("segment", phantom_files["flair"], phantom_files["mprage"], "--out", out, "--model", tiny_model_dir)
+    assert_clean_error(res, "not written by msis")
+    assert (out / "lesions.csv").read_text() == "my own notes\n"
+
+
+def test_bad_inputs_end_with_one_line(phantom_files, tiny_model_dir, tmp_path):
+    f, m = phantom_files["flair"], phantom_files["mprage"]
+    assert_clean_error(msis("segment", tmp_path / "none.nii.gz", m, "--out", tmp_path / "o"), "does not exist")
+    junk = tmp_path / "junk.nrrd"
+    junk.write_text("hello")
+    assert_clean_error(msis("segment", f, junk, "--out", tmp_path / "o"), "cannot read MPRAGE")
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(30, 30).astype(np.float32)), str(flat))
+    assert_clean_error(msis("segment", flat, m, "--out", tmp_path / "o"), "3D volume is needed")
+    img = sitk.ReadImage(str(f))
+    a = sitk.GetArrayFromImage(img)
+    a[5, 5, 5] = np.nan
+    nan = sitk.GetImageFromArray(a)
+    nan.CopyInformation(img)
+    sitk.WriteImage(nan, str(tmp_path / "nan.nii.gz"))
+    assert_clean_error(msis("segment", tmp_path / "nan.nii.gz", m, "--out", tmp_path / "o", "--model", tiny_model_dir), "NaN or Inf")
+    far = sitk.ReadImage(str(f))
+    far.SetOrigin((900.0, 900.0, 900.0))
+    sitk.WriteImage(far, str(tmp_path / "far.nii.gz"))
+    assert_clean_error(msis("segment", tmp_path / "far.nii.gz", m, "--out", tmp_path / "o", "--model", tiny_model_dir), "do not overlap")
+    const = sitk.Image(img.GetSize(), sitk.sitkFloat32) + 3.0
+    const.CopyInformation(img)
+    sitk.WriteImage(const, str(tmp_path / "const.nii.gz"))
+    assert_clean_error(msis("segment", tmp_path / "const.nii.gz", m, "--out", tmp_path / "o", "--model", tiny_model_dir), "constant")
+    # a model that wants three channels
+    spec = json.loads((tiny_model_dir / "model.json").read_text())
+    spec["network_args"]["in_channels"] = 3
+    bad = tmp_path / "three"
+    bad.mkdir()
+    (bad / "model.json").write_text(json.dumps(spec))
+    assert_clean_error(msis("segment", f, m, "--out", tmp_path / "o", "--model", bad), "input channels")
+    # output folder on top of an input
+    assert_clean_error(msis("segment", f, m, "--out", f, "--model", tiny_model_dir), "not a folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_command(phantom_files, tmp_path):
+    gt = phantom_files["lesions"]
+    res = msis("evaluate", gt, gt, "--json", tmp_path / "m.json")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["fp"] == 0 and m["fn"] == 0 and m["f1"] == 1.0 and m["dice"] == 1.0
+
+
+def test_demo_with_bundled_model(tmp_path):
+    """The README's main job: a 1 mm phantom, the bundled demo model, the three outputs, a table."""
+    out = tmp_path / "demo"
+    res = msis("demo", "--out", out, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    for name in ("probability.nii.gz", "lesion_labels.nii.gz", "lesions.csv", "phantom_flair.nii.gz"):
+        assert (out / name).is_file()
+    assert "lesions. Centroids in RAS" in res.stdout
+    manifest = json.loads((out / "msis_run.json").read_text())
+    # the demo model finds most lesions of an unseen phantom (the model card has the full validation)
+    assert manifest["metrics"]["tpr"] > 0.6 and manifest["metrics"]["ppv"] > 0.6
+    assert same_grid(sitk.ReadImage(str(out / "lesion_labels.nii.gz")), sitk.ReadImage(str(out / "phantom_mprage.nii.gz")))

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MSInstanceSaliencyLib.errors import InputError
+from MSInstanceSaliencyLib.volumes import array_from_image, image_from_array, overlap_fraction, read_image, same_grid, write_image
+
+from conftest import make_image
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_geometry_round_trip_oblique_anisotropic(tmp_path, suffix):
+    img = make_image()
+    path = write_image(img, tmp_path / f"vol{suffix}")
+    back = read_image(path)
+    assert back.GetSize() == img.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(array_from_image(back), array_from_image(img))
+
+
+def test_array_axes_are_xyz():
+    img = make_image(shape=(3, 4, 5))
+    a = array_from_image(img)
+    assert a.shape == (3, 4, 5)
+    assert a[2, 1, 4] == img.GetPixel(2, 1, 4)
+    again = image_from_array(a, reference=img)
+    assert same_grid(again, img)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_image(tmp_path / "nope.nii.gz", "FLAIR")
+    bad = tmp_path / "garbage.nii.gz"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="cannot read FLAIR"):
+        read_image(bad, "FLAIR")
+
+
+def test_2d_and_vector_images_rejected(tmp_path):
+    flat = sitk.GetImageFromArray(np.ones((10, 12), np.float32))
+    sitk.WriteImage(flat, str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(InputError, match="3D volume is needed"):
+        read_image(tmp_path / "flat.nii.gz")
+    vec = sitk.GetImageFromArray(np.ones((4, 5, 6, 3), np.float32), isVector=True)
+    sitk.WriteImage(vec, str(tmp_path / "vec.nrrd"))
+    with pytest.raises(InputError, match="components per voxel"):
+        read_image(tmp_path / "vec.nrrd")
+
+
+def test_overlap_fraction():
+    a = make_image(direction=np.eye(3).ravel(), spacing=(1, 1, 1), origin=(0, 0, 0))
+    b = make_image(direction=np.eye(3).ravel(), spacing=(1, 1, 1), origin=(500, 0, 0))
+    assert overlap_fraction(a, a) == pytest.approx(1.0)
+    assert overlap_fraction(b, a) == 0.0
