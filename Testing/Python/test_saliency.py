@@ -1,0 +1,270 @@
+"""The saliency engine against independent references: a per-voxel loop, Captum, MONAI's GradCAMpp."""
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from MSInstanceSaliencyLib.errors import Cancelled, InputError
+from MSInstanceSaliencyLib.saliency import (
+    context_box, gradcampp, list_layers, noise_sigma, noise_stream, smoothgrad,
+)
+
+SHAPE = (16, 16, 16)
+LAYER = "model.1.submodule.2.conv"  # decoder transposed conv of a 3-level MONAI UNet
+
+
+def small_unet(seed=0):
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(4, 8, 16), strides=(2, 2), norm="batch", num_res_units=0)
+    # give batch norm non-trivial running statistics, as a trained network has
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, 2, *SHAPE))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def net():
+    return small_unet()
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((2,) + SHAPE).astype(np.float32)
+
+
+def lesion(shape=SHAPE):
+    om = np.zeros(shape, bool)
+    om[6:9, 7:9, 5:8] = True  # 18 voxels
+    return om
+
+
+def loop_reference(net, image, omega, noises, aggregation):
+    """The authors' way: whole volume, one autograd.grad per output voxel of Ω, reduced by hand."""
+    idx = np.argwhere(omega)
+    maps = []
+    for noise in noises:
+        x = (torch.from_numpy(image) + noise)[None].requires_grad_(True)
+        logits = net(x)[0, 1]
+        per_voxel = []
+        for i, (a, b, c) in enumerate(idx):
+            (g,) = torch.autograd.grad(logits[a, b, c], x, retain_graph=i < len(idx) - 1)
+            per_voxel.append(g[0].numpy())
+        d = np.stack(per_voxel)  # (|Ω|, C, X, Y, Z)
+        if aggregation == "mean":
+            maps.append(d.mean(0))
+        else:
+            pick = np.abs(d).argmax(0)
+            maps.append(np.take_along_axis(d, pick[None], 0)[0])
+    return np.mean(maps, 0)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mean"])
+def test_vanilla_equals_per_voxel_loop(net, image, aggregation):
+    om = lesion()
+    ours = smoothgrad(net, image, om, n_samples=1, sigma=0.0, aggregation=aggregation, context="full", device="cpu", chunk_size=5)
+    ref = loop_reference(net, image, om, [torch.zeros(2, *SHAPE)], aggregation)
+    assert ours.shape == image.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert np.abs(ref).max() > 0
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mean"])
+def test_smoothgrad_equals_loop_on_the_same_noisy_copies(net, image, aggregation):
+    om = lesion()
+    n, sigma, seed = 3, 0.05, 7
+    sd = noise_sigma(image, sigma, "range")
+    stream = noise_stream((2,) + SHAPE, sd, seed)
+    noises = [next(stream) for _ in range(n)]
+    ours = smoothgrad(net, image, om, n_samples=n, sigma=sigma, aggregation=aggregation, context="full", seed=seed, device="cpu", chunk_size=4)
+    ref = loop_reference(net, image, om, noises, aggregation)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # and the noise matters: a different seed gives a different map
+    other = smoothgrad(net, image, om, n_samples=n, sigma=sigma, aggregation=aggregation, context="full", seed=seed + 1, device="cpu")
+    assert not np.allclose(other, ours)
+
+
+def test_same_seed_is_bit_identical_on_cpu(net, image):
+    om = lesion()
+    a = smoothgrad(net, image, om, n_samples=2, seed=3, context="full", device="cpu")
+    b = smoothgrad(net, image, om, n_samples=2, seed=3, context="full", device="cpu", chunk_size=7)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_single_voxel_equals_captum_saliency(net, image):
+    from captum.attr import Saliency
+
+    om = np.zeros(SHAPE, bool)
+    om[8, 8, 8] = True
+    n, sigma, seed = 3, 0.05, 11
+    ours = smoothgrad(net, image, om, n_samples=n, sigma=sigma, context="full", seed=seed, device="cpu")
+    stream = noise_stream((2,) + SHAPE, noise_sigma(image, sigma, "range"), seed)
+    sal = Saliency(lambda x: net(x)[:, 1, 8, 8, 8])
+    ref = np.mean([sal.attribute((torch.from_numpy(image) + next(stream))[None], abs=False)[0].detach().numpy() for _ in range(n)], 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_mean_aggregation_equals_captum_on_mean_logit(net, image):
+    from captum.attr import Saliency
+
+    om = lesion()
+    mask = torch.from_numpy(om)
+    n, sigma, seed = 2, 0.05, 5
+    ours = smoothgrad(net, image, om, n_samples=n, sigma=sigma, aggregation="mean", context="full", seed=seed, device="cpu")
+    stream = noise_stream((2,) + SHAPE, noise_sigma(image, sigma, "range"), seed)
+    sal = Saliency(lambda x: net(x)[:, 1][:, mask].mean(1))
+    ref = np.mean([sal.attribute((torch.from_numpy(image) + next(stream))[None], abs=False)[0].detach().numpy() for _ in range(n)], 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_patch_covering_the_volume_equals_full(net, image):
+    om = lesion()
+    full = smoothgrad(net, image, om, n_samples=2, context="full", device="cpu")
+    patch = smoothgrad(net, image, om, n_samples=2, context="patch", roi_size=(64, 64, 64), device="cpu")
+    np.testing.assert_array_equal(patch, full)
+
+
+def test_patch_is_zero_outside_the_box_and_close_inside():
+    net = small_unet()
+    rng = np.random.default_rng(2)
+    img = rng.standard_normal((2, 48, 40, 32)).astype(np.float32)
+    om = np.zeros(img.shape[1:], bool)
+    om[20:23, 18:21, 14:17] = True
+    patch = smoothgrad(net, img, om, n_samples=1, sigma=0.0, context="patch", roi_size=(16, 16, 16), device="cpu")
+    box = context_box(om, "patch", (16, 16, 16), 4)
+    inside = np.zeros(om.shape, bool)
+    inside[box.slices] = True
+    assert np.all(patch[:, ~inside] == 0)
+    assert np.abs(patch[:, inside]).max() > 0
+
+
+def test_omega_on_border_single_voxel_and_larger_than_roi(net, image):
+    border = np.zeros(SHAPE, bool)
+    border[0, 0:3, 15] = True
+    m = smoothgrad(net, image, border, n_samples=1, sigma=0.0, roi_size=(8, 8, 8), device="cpu")
+    assert np.isfinite(m).all() and np.abs(m).max() > 0
+    big = np.zeros(SHAPE, bool)
+    big[1:14, 2:12, 3:15] = True  # larger than the 8^3 roi: the box grows to contain it
+    box = context_box(big, "patch", (8, 8, 8), 4)
+    assert all(s.start <= 1 and s.stop >= 14 for s in box.slices[:1])
+    m = smoothgrad(net, image, big, n_samples=1, sigma=0.0, roi_size=(8, 8, 8), device="cpu", aggregation="mean")
+    assert np.abs(m).max() > 0
+
+
+def test_odd_sized_volume_is_padded_for_the_network(net):
+    img = np.random.default_rng(0).standard_normal((2, 13, 17, 11)).astype(np.float32)
+    om = np.zeros(img.shape[1:], bool)
+    om[6, 8, 5] = True
+    m = smoothgrad(net, img, om, n_samples=1, sigma=0.0, context="full", device="cpu")
+    assert m.shape == img.shape and np.abs(m).max() > 0
+
+
+def test_bad_arguments(net, image):
+    with pytest.raises(InputError, match="omega is empty"):
+        smoothgrad(net, image, np.zeros(SHAPE, bool), device="cpu")
+    with pytest.raises(InputError, match="shape"):
+        smoothgrad(net, image, np.ones((4, 4, 4), bool), device="cpu")
+    with pytest.raises(InputError, match="aggregation"):
+        smoothgrad(net, image, lesion(), aggregation="median", device="cpu")
+    with pytest.raises(InputError, match="layer"):
+        gradcampp(net, image, lesion(), layer="nope", device="cpu")
+
+
+def test_progress_and_cancel(net, image):
+    calls = []
+    smoothgrad(net, image, lesion(), n_samples=2, context="full", device="cpu", chunk_size=6, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (36, 36) and len(calls) == 6
+    with pytest.raises(Cancelled):
+        smoothgrad(net, image, lesion(), n_samples=5, context="full", device="cpu", chunk_size=6, progress=lambda d, t: d < 12)
+
+
+def test_parameters_frozen_only_during_the_call(net, image):
+    net.train()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    smoothgrad(net, image, lesion(), n_samples=1, context="full", device="cpu")
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert all(p.grad is None for p in net.parameters())  # no weight gradients were computed
+    net.eval()
+
+
+# ---------------------------------------------------------------------------------- Grad-CAM++
+
+class ClassScore(torch.nn.Module):
+    """MONAI's GradCAMpp wants one score per class: give it y' = Σ logits where p > t (class 1)."""
+
+    def __init__(self, net, t=0.3):
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x):
+        out = self.net(x)
+        prob = torch.softmax(out, 1)[:, 1]
+        y = out[:, 1]
+        score = (y * (prob > self.t)).flatten(1).sum(1)
+        return torch.stack([-score, score], 1)
+
+
+def test_class_level_monai_variant_equals_monai_gradcampp(image):
+    from monai.visualize import GradCAMpp
+
+    net = small_unet()
+    # scale the logits down so that exp(y') stays finite in MONAI (no overflow guard there)
+    with torch.no_grad():
+        last = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d)][-1]
+        last.weight.mul_(0.01)
+        last.bias.mul_(0.01)
+        last.bias[1] += 0.0
+    ours = gradcampp(net, image, None, layer=LAYER, alpha="monai", threshold=0.5, device="cpu", upsample=False)
+    cam = GradCAMpp(ClassScore(net, 0.5), target_layers="net." + LAYER, upsampler=lambda size: (lambda t: t), postprocessing=lambda t: t)
+    ref = cam(torch.from_numpy(image)[None], class_idx=1)[0, 0].detach().numpy()
+    assert ref.shape == ours.shape == tuple(s // 2 for s in SHAPE)
+    assert np.abs(ref).max() > 0
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+
+
+def test_instance_level_with_alpha_one_is_relu_g_times_a(net, image):
+    om = lesion()
+    ours = gradcampp(net, image, om, layer=LAYER, alpha="layercam", context="full", device="cpu", upsample=False)
+    acts = {}
+    h = dict(net.named_modules())[LAYER].register_forward_hook(lambda m, i, o: acts.__setitem__("A", o))
+    x = torch.from_numpy(image)[None].requires_grad_(True)
+    y = net(x)[0, 1][torch.from_numpy(om)].sum()
+    h.remove()
+    (g,) = torch.autograd.grad(y, acts["A"])
+    ref = torch.relu((torch.relu(g) * acts["A"]).sum(1))[0].detach().numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+    assert ref.max() > 0
+
+
+def test_paper_alpha_closed_form(net, image):
+    """Eq. 7 evaluated by hand on the layer's activations and gradients."""
+    om = lesion()
+    ours = gradcampp(net, image, om, layer=LAYER, alpha="paper", context="full", device="cpu", upsample=False)
+    acts = {}
+    h = dict(net.named_modules())[LAYER].register_forward_hook(lambda m, i, o: acts.__setitem__("A", o))
+    x = torch.from_numpy(image)[None].requires_grad_(True)
+    y = net(x)[0, 1][torch.from_numpy(om)].sum()
+    h.remove()
+    (g,) = torch.autograd.grad(y, acts["A"])
+    A, g = acts["A"][0].detach().double().numpy(), g[0].double().numpy()
+    S = A.reshape(A.shape[0], -1).sum(1)[:, None, None, None]
+    den = 2 * g**2 + S * g**3
+    alpha = np.where((g != 0) & (den != 0), g**2 / np.where(den != 0, den, 1), 0)
+    ref = np.maximum((alpha * np.maximum(g, 0) * A).sum(0), 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_gradcampp_upsampled_to_the_input_grid(net, image):
+    m = gradcampp(net, image, lesion(), layer=LAYER, device="cpu")
+    assert m.shape == SHAPE and m.dtype == np.float32 and (m >= 0).all()
+    c = gradcampp(net, image, None, layer=LAYER, device="cpu", threshold=0.01)
+    assert c.shape == SHAPE
+
+
+def test_list_layers_names_the_default_layer(net):
+    names = [n for n, _ in list_layers(net)]
+    assert LAYER in names
