@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import Cancelled, InputError
+from .pipeline import OutputFolder
 
 
 def _add_model_args(p):
@@ -25,6 +26,18 @@ def _add_segment_args(p):
     _add_model_args(p)
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's, 0.3)")
     p.add_argument("--min-volume", type=float, default=None, help="minimum lesion volume in mm^3; smaller or equal components are dropped (default: the model's, 5)")
+
+
+def _add_saliency_args(p):
+    p.add_argument("--samples", type=int, default=50, help="SmoothGrad noisy copies N (default 50)")
+    p.add_argument("--sigma", type=float, default=0.05, help="noise: fraction of the FLAIR input range (default 0.05), or absolute with --sigma-mode absolute")
+    p.add_argument("--sigma-mode", default="range", choices=["range", "absolute"])
+    p.add_argument("--aggregation", default="max", choices=["max", "mean"], help="max: Eq. 3 (signed maximum), mean: Eq. 2")
+    p.add_argument("--context", default="patch", choices=["patch", "full"], help="network input: the model's roi around the lesion, or the whole volume")
+    p.add_argument("--noise-seed", type=int, default=0, help="SmoothGrad noise seed (same seed, same map)")
+    p.add_argument("--layer", default=None, help="Grad-CAM++ layer (default: the model's)")
+    p.add_argument("--alpha", default="paper", choices=["paper", "monai", "layercam"], help="Grad-CAM++ weights")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", action="store_true", help="rigidly register FLAIR to MPRAGE first (Mattes MI)")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction of both images")
 
-    p = sub.add_parser("demo", help="generate a phantom case, segment it and write the outputs")
+    p = sub.add_parser("explain", help="saliency map of one lesion (or any voxel set) of a case")
+    p.add_argument("flair")
+    p.add_argument("mprage")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--lesion", type=int, help="lesion id as in the segment command's lesions.csv")
+    target.add_argument("--mask", help="a mask file whose non-zero voxels are Ω (e.g. a lesion the model missed)")
+    p.add_argument("--labels", default=None, help="lesion_labels.nii.gz from `msis segment` (default: segment again)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="smoothgrad", choices=["smoothgrad", "gradcampp"])
+    _add_saliency_args(p)
+    _add_segment_args(p)
+
+    p = sub.add_parser("demo", help="generate a phantom case, segment it, explain one lesion and write the outputs")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=int, default=2024, help="phantom seed")
     p.add_argument("--patient", type=int, default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
+    p.add_argument("--lesion", type=int, default=None, help="lesion to explain (default: the one closest to 100 voxels)")
+    _add_saliency_args(p)
     _add_segment_args(p)
 
     p = sub.add_parser("phantom", help="write a phantom case (flair, mprage, lesions, mimics) as NIfTI")
@@ -125,13 +152,13 @@ def cmd_demo(args) -> int:
 
     t0 = time.time()
     out = OutputFolder(args.out)
-    print(f"[1/3] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
+    print(f"[1/4] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
     ph = make_phantom(args.seed, patient=args.patient)
     for name in ("flair", "mprage", "lesions"):
         write_image(getattr(ph, name), out.file(f"phantom_{name}.nii.gz"))
-    print("[2/3] loading the model ...", file=sys.stderr)
+    print("[2/4] loading the model ...", file=sys.stderr)
     model, dev = _load(args)
-    print(f"[3/3] segmenting on {dev} ...", file=sys.stderr)
+    print(f"[3/4] segmenting on {dev} ...", file=sys.stderr)
     result = segment(ph.flair, ph.mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
                      progress=ProgressBar(label="segmenting windows"))
     paths = write_segmentation(result, out)
@@ -139,15 +166,69 @@ def cmd_demo(args) -> int:
     from .volumes import array_from_image
 
     metrics = evaluate_case(result.labels, array_from_image(ph.lesions, dtype="uint8"))
+    print(format_table(result.table))
+    saliency_paths = {}
+    if result.table:
+        lesion = args.lesion or min(result.table, key=lambda r: abs(r["voxels"] - 100))["lesion_id"]
+        print(f"[4/4] SmoothGrad ({args.aggregation}, N={args.samples}) of lesion {lesion} on {dev} ...", file=sys.stderr)
+        args.method = "smoothgrad"
+        from .explain import omega_from_lesion
+
+        t1 = time.time()
+        _, saliency_paths = _explain_and_write(model, dev, result.prepared, omega_from_lesion(result.labels, lesion), f"lesion{lesion}", args, out)
+        print(f"saliency of lesion {lesion} in {time.time() - t1:.0f} s")
     out.close(**run_info(model, result, command="demo", seed=args.seed, patient=args.patient, metrics=metrics,
                          total_s=round(time.time() - t0, 1)))
-    print(format_table(result.table))
     print(f"against the phantom's ground truth: TP {metrics['tp']}  FP {metrics['fp']}  FN {metrics['fn']}  "
           f"F1 {metrics['f1']:.3f}  PPV {metrics['ppv']:.3f}  Dice {metrics['dice']:.3f}")
-    for k, v in paths.items():
+    for k, v in {**paths, **{f"saliency_{k}": v for k, v in saliency_paths.items()}}.items():
         print(f"{k}: {v}")
     print(f"inputs: {out.path / 'phantom_flair.nii.gz'}, {out.path / 'phantom_mprage.nii.gz'} (ground truth: phantom_lesions.nii.gz)")
     print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _explain_and_write(model, dev, prepared, omega, label, args, out):
+    from .explain import explain, write_explanation
+    from .progress import ProgressBar
+
+    exp = explain(model, prepared.image, omega, args.method, label=label, channels=prepared.channels, n_samples=args.samples, sigma=args.sigma,
+                  sigma_mode=args.sigma_mode, aggregation=args.aggregation, context=args.context, seed=args.noise_seed, layer=args.layer,
+                  alpha=args.alpha, device=dev, precision=args.precision, progress=ProgressBar(label=f"{args.method} {label}"))
+    return exp, write_explanation(exp, prepared.reference, prepared.flair_on_reference, out)
+
+
+def cmd_explain(args) -> int:
+    import numpy as np
+
+    from .explain import omega_from_lesion, omega_from_mask
+    from .pipeline import segment
+    from .preprocessing import prepare_case
+    from .volumes import array_from_image, read_image, same_grid
+
+    flair = read_image(args.flair, "FLAIR")
+    mprage = read_image(args.mprage, "MPRAGE")
+    protected = [args.flair, args.mprage] + [p for p in (args.mask, args.labels) if p]
+    out = OutputFolder(args.out, protected=protected)
+    model, dev = _load(args)
+    if args.mask:
+        prepared = prepare_case(flair, mprage, model.spec)
+        omega, label = omega_from_mask(read_image(args.mask, "mask"), prepared.reference), "mask"
+    else:
+        if args.labels:
+            prepared = prepare_case(flair, mprage, model.spec)
+            lab_img = read_image(args.labels, "lesion labels")
+            if not same_grid(lab_img, prepared.reference):
+                raise InputError("--labels is not on the MPRAGE grid; use the lesion_labels.nii.gz that `msis segment` wrote for these inputs")
+            labels = array_from_image(lab_img, np.int32)
+        else:
+            result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume)
+            prepared, labels = result.prepared, result.labels
+        omega, label = omega_from_lesion(labels, args.lesion), f"lesion{args.lesion}"
+    exp, paths = _explain_and_write(model, dev, prepared, omega, label, args, out)
+    out.close(command="explain", method=args.method, label=label, omega_voxels=int(omega.sum()), params=exp.params, model=str(model.path))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
     return 0
 
 
@@ -208,7 +289,7 @@ def cmd_validate_model(args) -> int:
 
 
 COMMANDS = {
-    "segment": cmd_segment, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
+    "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
     "train": cmd_train, "validate-model": cmd_validate_model,
 }
 

@@ -127,3 +127,51 @@ def test_demo_with_bundled_model(tmp_path):
     # the demo model finds most lesions of an unseen phantom (the model card has the full validation)
     assert manifest["metrics"]["tpr"] > 0.6 and manifest["metrics"]["ppv"] > 0.6
     assert same_grid(sitk.ReadImage(str(out / "lesion_labels.nii.gz")), sitk.ReadImage(str(out / "phantom_mprage.nii.gz")))
+
+
+def _one_lesion_labels(phantom_files, tmp_path):
+    """A labels file on the phantom grid with the phantom's first GT lesion as lesion 1."""
+    from MSInstanceSaliencyLib.instances import label_instances
+
+    gt = sitk.ReadImage(str(phantom_files["lesions"]))
+    lab = label_instances(array_from_image(gt, np.uint8) > 0, spacing=gt.GetSpacing(), min_volume_mm3=0)
+    one = (lab == 1).astype(np.uint16)
+    img = sitk.GetImageFromArray(one.transpose(2, 1, 0))
+    img.CopyInformation(gt)
+    sitk.WriteImage(img, str(tmp_path / "labels.nii.gz"))
+    return tmp_path / "labels.nii.gz", int(one.sum())
+
+
+def test_explain_smoothgrad_and_gradcampp(phantom_files, tiny_model_dir, tmp_path):
+    labels, n_vox = _one_lesion_labels(phantom_files, tmp_path)
+    out = tmp_path / "exp"
+    res = msis("explain", phantom_files["flair"], phantom_files["mprage"], "--lesion", 1, "--labels", labels, "--out", out,
+               "--model", tiny_model_dir, "--samples", 2, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    mprage = sitk.ReadImage(str(phantom_files["mprage"]))
+    for ch in ("flair", "mprage"):
+        img = sitk.ReadImage(str(out / f"saliency_lesion1_smoothgrad_{ch}.nii.gz"))
+        assert same_grid(img, mprage)
+        assert np.abs(array_from_image(img)).max() > 0
+    png = out / "saliency_lesion1_smoothgrad.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    res = msis("explain", phantom_files["flair"], phantom_files["mprage"], "--mask", labels, "--method", "gradcampp", "--out", out,
+               "--model", tiny_model_dir, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    cam = sitk.ReadImage(str(out / "saliency_mask_gradcampp.nii.gz"))
+    assert same_grid(cam, mprage) and array_from_image(cam).min() >= 0
+    manifest = json.loads((out / "msis_run.json").read_text())
+    assert manifest["omega_voxels"] == n_vox
+
+
+def test_explain_unknown_lesion_and_empty_mask(phantom_files, tiny_model_dir, tmp_path):
+    labels, _ = _one_lesion_labels(phantom_files, tmp_path)
+    res = msis("explain", phantom_files["flair"], phantom_files["mprage"], "--lesion", 7, "--labels", labels, "--out", tmp_path / "o",
+               "--model", tiny_model_dir)
+    assert_clean_error(res, "lesion 7 does not exist")
+    empty = sitk.Image(sitk.ReadImage(str(phantom_files["mprage"])).GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(sitk.ReadImage(str(phantom_files["mprage"])))
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    res = msis("explain", phantom_files["flair"], phantom_files["mprage"], "--mask", tmp_path / "empty.nii.gz", "--out", tmp_path / "o",
+               "--model", tiny_model_dir)
+    assert_clean_error(res, "mask is empty")

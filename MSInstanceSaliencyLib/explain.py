@@ -1,0 +1,79 @@
+"""Explaining one lesion of a case: choose Ω, compute its maps, write NIfTI and a figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .volumes import array_from_image, image_from_array, same_grid
+
+METHODS = ("smoothgrad", "gradcampp")
+
+
+@dataclass
+class Explanation:
+    method: str
+    maps: dict  # name -> (X, Y, Z) float32 array ("flair", "mprage" for SmoothGrad; "gradcampp")
+    omega: np.ndarray
+    label: str  # "lesion3" or "mask"
+    params: dict = field(default_factory=dict)
+
+
+def omega_from_lesion(labels: np.ndarray, lesion_id: int) -> np.ndarray:
+    n = int(labels.max())
+    if not 1 <= int(lesion_id) <= n or not np.any(labels == int(lesion_id)):
+        raise InputError(f"lesion {lesion_id} does not exist: this case has {n} lesions (ids 1..{n}, as in lesions.csv)")
+    return labels == int(lesion_id)
+
+
+def omega_from_mask(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """A user's voxel set as Ω on the reference grid (resampled, nearest neighbour, when needed)."""
+    if not same_grid(mask, reference):
+        from .volumes import overlap_fraction
+
+        if overlap_fraction(mask, reference) == 0.0:
+            raise InputError("the mask does not overlap the MPRAGE volume in physical space")
+        mask = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    om = array_from_image(mask, np.float32) > 0
+    if not om.any():
+        raise InputError("the mask is empty on the MPRAGE grid: Ω needs at least one voxel")
+    return om
+
+
+def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgrad", *, label="lesion", channels=("flair", "mprage"),
+            n_samples=50, sigma=0.05, sigma_mode="range", aggregation="max", context="patch", seed=0, layer=None,
+            alpha="paper", device="auto", progress=None, precision="fp32") -> Explanation:
+    from . import saliency
+
+    if method == "smoothgrad":
+        maps = saliency.smoothgrad(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
+                                   context=context, seed=seed, device=device, progress=progress, precision=precision)
+        params = dict(n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=seed, precision=precision)
+        return Explanation(method, {c: maps[i] for i, c in enumerate(channels)}, omega, label, params)
+    if method == "gradcampp":
+        m = saliency.gradcampp(model, image, omega, layer=layer, alpha=alpha, device=device, context=context)
+        if progress is not None:
+            progress(1, 1)
+        return Explanation(method, {"gradcampp": m}, omega, label, dict(layer=layer or model.spec.gradcam_layer, alpha=alpha, context=context))
+    raise InputError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def write_explanation(exp: Explanation, reference: sitk.Image, flair_on_reference: sitk.Image, out) -> dict:
+    """One NIfTI per map on the reference geometry, and the three-slice PNG of the FLAIR (or only) map."""
+    from .figures import saliency_figure
+
+    paths = {}
+    for name, arr in exp.maps.items():
+        suffix = f"smoothgrad_{name}" if exp.method == "smoothgrad" else "gradcampp"
+        paths[name] = out.file(f"saliency_{exp.label}_{suffix}.nii.gz")
+        sitk.WriteImage(image_from_array(arr.astype(np.float32), reference=reference), str(paths[name]), useCompression=True)
+    shown = "flair" if "flair" in exp.maps else next(iter(exp.maps))
+    png = out.file(f"saliency_{exp.label}_{exp.method}.png")
+    omega_img = image_from_array(exp.omega.astype(np.uint8), reference=reference)
+    title = f"{exp.label}: {exp.method}" + (f" ({exp.params.get('aggregation')}, N={exp.params.get('n_samples')}) w.r.t. {shown.upper()}" if exp.method == "smoothgrad" else "")
+    saliency_figure(flair_on_reference, image_from_array(exp.maps[shown], reference=reference), omega_img, png, title)
+    paths["png"] = png
+    return paths
