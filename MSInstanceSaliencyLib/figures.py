@@ -13,10 +13,11 @@ def _lps(img: sitk.Image) -> np.ndarray:
     return array_from_image(sitk.DICOMOrient(img, "LPS"))
 
 
-def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, path, title: str = "", vmax: float | None = None):
+def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, path, title: str = "", vmax: float | None = None,
+                    fov_mm: float | None = 90.0):
     """Axial, coronal and sagittal slices through Ω's centre: FLAIR in grey, the map in a diverging
     colormap symmetric around 0 (blue negative, red positive), Ω's outline, a colour bar. Radiological
-    display (patient's right on the image's left)."""
+    display (patient's right on the image's left); each view shows `fov_mm` around Ω (None: all)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -27,6 +28,15 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
     m = _lps(omega) > 0
     sp = np.array(sitk.DICOMOrient(flair, "LPS").GetSpacing())
     c = np.round(np.argwhere(m).mean(0)).astype(int) if m.any() else np.array(f.shape) // 2
+    if fov_mm:
+        half = np.ceil(fov_mm / 2 / sp).astype(int)
+        lo = np.maximum(c - half, 0)
+        crop = tuple(slice(a, b) for a, b in zip(lo, np.minimum(c + half + 1, f.shape)))
+        f_full = f
+        f, s, m = f[crop], s[crop], m[crop]
+        c = c - lo
+    else:
+        f_full = f
     vmax = float(vmax if vmax is not None else max(np.abs(s).max(), 1e-12))
     # show saliency where it is noticeable so the anatomy stays readable
     alpha_of = lambda a: np.clip(np.abs(a) / (0.1 * vmax), 0, 1) * 0.85  # noqa: E731
@@ -36,7 +46,7 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
         ("sagittal", f[c[0], :, :].T, s[c[0], :, :].T, m[c[0], :, :].T, "lower", sp[2] / sp[1]),  # anterior on the left
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), constrained_layout=True)
-    lo, hi = np.percentile(f, [1, 99.5])
+    lo, hi = np.percentile(f_full, [1, 99.5])
     im = None
     for ax, (name, fl, sa, ma, origin, aspect) in zip(axes, views):
         ax.imshow(fl, cmap="gray", vmin=lo, vmax=hi, origin=origin, aspect=aspect, interpolation="nearest")

@@ -118,7 +118,7 @@ def test_evaluate_command(phantom_files, tmp_path):
 def test_demo_with_bundled_model(tmp_path):
     """The README's main job: a 1 mm phantom, the bundled demo model, the three outputs, a table."""
     out = tmp_path / "demo"
-    res = msis("demo", "--out", out, "--device", "cpu")
+    res = msis("demo", "--out", out, "--device", "cpu", "--samples", "4")
     assert res.returncode == 0, res.stderr
     for name in ("probability.nii.gz", "lesion_labels.nii.gz", "lesions.csv", "phantom_flair.nii.gz"):
         assert (out / name).is_file()
@@ -127,6 +127,9 @@ def test_demo_with_bundled_model(tmp_path):
     # the demo model finds most lesions of an unseen phantom (the model card has the full validation)
     assert manifest["metrics"]["tpr"] > 0.6 and manifest["metrics"]["ppv"] > 0.6
     assert same_grid(sitk.ReadImage(str(out / "lesion_labels.nii.gz")), sitk.ReadImage(str(out / "phantom_mprage.nii.gz")))
+    # and it explains one lesion: both channel maps and the figure
+    maps = sorted(p.name for p in out.glob("saliency_lesion*_smoothgrad_*.nii.gz"))
+    assert len(maps) == 2 and (out / maps[0].replace("_flair.nii.gz", ".png")).is_file()
 
 
 def _one_lesion_labels(phantom_files, tmp_path):
