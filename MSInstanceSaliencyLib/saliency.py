@@ -202,12 +202,14 @@ def _activation_bytes(net, x) -> int:
 
 
 def auto_chunk_size(net, x, device, n_omega: int) -> int:
-    """VJPs per batched backward pass, from free memory (60% on GPU, 25% of free RAM, at most 8 GiB, on CPU)."""
+    """VJPs per batched backward pass. GPU: as many as 60% of free memory holds (at most 256).
+    CPU: 1, since batching through vmap measured slower there than one VJP after another on a
+    retained graph (docs/PERFORMANCE.md, chunk sweep)."""
+    if device.type != "cuda":
+        return 1
     per_vjp = max(_activation_bytes(net, x) * 2, 1)
     avail = _available_bytes(device)
-    budget = 0.6 * avail if device.type == "cuda" else min(0.25 * avail, 8 << 30)
-    cap = 256 if device.type == "cuda" else 32
-    return int(max(1, min(n_omega, cap, budget // per_vjp)))
+    return int(max(1, min(n_omega, 256, 0.6 * avail // per_vjp)))
 
 
 def _is_oom(exc) -> bool:
@@ -329,6 +331,7 @@ def _signed_max_over_omega(selected, x, chunk, progress, done, total):
 
     n = selected.numel()
     best = torch.zeros_like(x)
+    best_abs = torch.zeros_like(x)
     start = 0
     while start < n:
         k = min(chunk, n - start)
@@ -345,10 +348,16 @@ def _signed_max_over_omega(selected, x, chunk, progress, done, total):
                 torch.cuda.empty_cache()
             chunk = max(1, chunk // 2)  # shrink and retry the same voxels
             continue
-        pick = grads.abs().argmax(dim=0, keepdim=True)
-        chunk_best = torch.gather(grads, 0, pick)[0]
-        best = torch.where(chunk_best.abs() > best.abs(), chunk_best, best)
-        del grads, pick, chunk_best
+        if k == 1:
+            cand = grads[0]
+        else:
+            cand = torch.gather(grads, 0, grads.abs().argmax(dim=0, keepdim=True))[0]
+        cand_abs = cand.abs()
+        # strict '>' keeps the first voxel of Ω on ties, like a loop over Ω in order
+        update = cand_abs > best_abs
+        best = torch.where(update, cand, best)
+        best_abs = torch.where(update, cand_abs, best_abs)
+        del grads, cand, cand_abs, update
         start += k
         done += k
         _report(progress, done, total)

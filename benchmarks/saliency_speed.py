@@ -135,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--full-samples", type=int, default=None, help="copies actually run in full mode (default: 1 on CPU, N on GPU)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--chunk-sweep", default="", help="comma-separated chunk sizes to time in patch mode on 3 copies, e.g. 1,8,32,128")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -193,6 +194,17 @@ def main(argv=None):
               f"{r['tflops_per_s']:>10.3f}{r['peak_mb']:>10.0f}  {note}")
     if not gpu:
         print("peak MB on CPU is the process's peak resident memory so far (monotone), not per row")
+    if args.chunk_sweep:
+        res["chunk_sweep"] = {}
+        print("chunk sweep (patch, 3 copies, extrapolated to N):")
+        for k in [int(v) for v in args.chunk_sweep.split(",")]:
+            sync(dev)
+            t0 = time.perf_counter()
+            smoothgrad(model, image, omega, n_samples=3, context="patch", device=dev, chunk_size=k, precision=args.precision)
+            sync(dev)
+            s_per_lesion = (time.perf_counter() - t0) / 3 * N
+            res["chunk_sweep"][k] = s_per_lesion
+            print(f"  chunk {k:>4}: {s_per_lesion:8.2f} s/lesion")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return res

@@ -1,0 +1,233 @@
+"""MRML side of the module: volumes, lesion segments, the lesion table, the saliency overlay.
+
+Only MRML classes, slicer.util, vtk, numpy and SimpleITK are used here (no Qt, no slicer.app, no
+slicer.modules), so pytest exercises every function on real MRML nodes with slicer-core.
+
+Conventions: the library's arrays are (x, y, z) = (I, J, K); slicer.util.arrayFromVolume is
+(K, J, I). Slicer is RAS; SimpleITK is LPS (x and y negated).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import slicer
+import vtk
+
+# Slicer's diverging blue-white-red colour table (the node ID, not its name)
+DIVERGING_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+LESION_ID_TAG = "MSInstanceSaliency.LesionId"
+TABLE_COLUMNS = ("Lesion", "Volume (mm3)", "R", "A", "S", "Max probability", "TP probability")
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def ijk_to_ras_from_image(image) -> np.ndarray:
+    """4x4 IJK-to-RAS of a SimpleITK image (its direction, spacing and origin are LPS)."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing = np.array(image.GetSpacing())
+    m = np.eye(4)
+    m[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
+    m[:3, 3] = _LPS_TO_RAS @ np.array(image.GetOrigin())
+    return m
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def image_from_volume_node(node):
+    """SimpleITK image (float32 unless the node holds integers) with the node's geometry in LPS."""
+    import SimpleITK as sitk
+
+    if node is None or node.GetImageData() is None:
+        raise ValueError("the volume node has no image data; load a volume first")
+    if node.GetParentTransformNode() is not None:
+        raise ValueError(f"volume '{node.GetName()}' is under a transform; harden the transform first (Data module)")
+    kji = slicer.util.arrayFromVolume(node)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(kji))  # SimpleITK's (z, y, x) is Slicer's (K, J, I)
+    m = ijk_to_ras(node)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    direction_lps = _LPS_TO_RAS @ (m[:3, :3] / spacing)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetDirection(tuple(float(d) for d in direction_lps.ravel()))
+    img.SetOrigin(tuple(float(o) for o in _LPS_TO_RAS @ m[:3, 3]))
+    return img
+
+
+def array_from_volume_node(node) -> np.ndarray:
+    """(x, y, z) copy of a volume node's voxels."""
+    return np.ascontiguousarray(slicer.util.arrayFromVolume(node).transpose(2, 1, 0))
+
+
+def set_volume_from_array(node, array_xyz: np.ndarray, reference) -> None:
+    """Voxels from an (x, y, z) array, geometry from `reference` (a volume node or a SimpleITK image)."""
+    a = np.asarray(array_xyz)
+    if a.dtype == np.int64 or a.dtype == np.uint64:  # updateVolumeFromArray rejects 64-bit integers
+        a = a.astype(np.int32)
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(a.transpose(2, 1, 0)))
+    if hasattr(reference, "GetIJKToRASMatrix"):
+        node.CopyOrientation(reference)
+    else:
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras_from_image(reference)))
+
+
+def add_volume(array_xyz, reference, name: str, class_name: str = "vtkMRMLScalarVolumeNode", scene=None):
+    scene = scene or slicer.mrmlScene
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    set_volume_from_array(node, array_xyz, reference)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def ras_to_ijk(node, ras) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetRASToIJKMatrix(m)
+    p = slicer.util.arrayFromVTKMatrix(m) @ np.array([ras[0], ras[1], ras[2], 1.0])
+    return p[:3]
+
+
+def lesion_id_at_ras(label_node, ras) -> int | None:
+    """The lesion id under a RAS point (nearest voxel), or None outside every lesion and outside the volume."""
+    ijk = np.round(ras_to_ijk(label_node, ras)).astype(int)
+    kji = slicer.util.arrayFromVolume(label_node)
+    dims = kji.shape[::-1]
+    if np.any(ijk < 0) or np.any(ijk >= dims):
+        return None
+    value = int(kji[ijk[2], ijk[1], ijk[0]])
+    return value or None
+
+
+# ----------------------------------------------------------------------------- lesion segments
+
+def labels_to_segmentation(labels_xyz: np.ndarray, reference_node, segmentation_node=None, scene=None):
+    """One segment per lesion ("Lesion k", tagged with its id) from an instance label array."""
+    scene = scene or slicer.mrmlScene
+    if segmentation_node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName("MS lesions"))
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    segmentation_node.GetSegmentation().RemoveAllSegments()
+    label_node = add_volume(labels_xyz.astype(np.int32), reference_node, "lesion labels (temporary)", "vtkMRMLLabelMapVolumeNode", scene)
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label_node, segmentation_node)
+        if not ok:
+            raise RuntimeError("importing the lesion label map into the segmentation failed")
+    finally:
+        scene.RemoveNode(label_node)
+    seg = segmentation_node.GetSegmentation()
+    for i in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(i)
+        lesion_id = int(segment.GetLabelValue())
+        segment.SetName(f"Lesion {lesion_id}")
+        segment.SetTag(LESION_ID_TAG, str(lesion_id))
+    return segmentation_node
+
+
+def segment_id_of_lesion(segmentation_node, lesion_id: int) -> str | None:
+    seg = segmentation_node.GetSegmentation()
+    for i in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(i)
+        tag = vtk.mutable("")
+        if segment.GetTag(LESION_ID_TAG, tag) and int(str(tag)) == int(lesion_id):
+            return seg.GetNthSegmentID(i)
+    return None
+
+
+def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
+    """(x, y, z) boolean mask of one segment on the reference volume's grid (e.g. a user-drawn Ω)."""
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    scene = segmentation_node.GetScene() or slicer.mrmlScene
+    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__omega__")
+    try:
+        # the logic class directly: slicer.util's helper goes through slicer.modules
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, label_node, reference_node):
+            raise RuntimeError(f"exporting segment {segment_id} failed")
+        return array_from_volume_node(label_node) > 0
+    finally:
+        scene.RemoveNode(label_node)
+
+
+def remove_lesion_segments(segmentation_node, lesion_ids) -> int:
+    removed = 0
+    for lid in lesion_ids:
+        sid = segment_id_of_lesion(segmentation_node, lid)
+        if sid is not None:
+            segmentation_node.GetSegmentation().RemoveSegment(sid)
+            removed += 1
+    return removed
+
+
+# ----------------------------------------------------------------------------- lesion table
+
+def fill_lesion_table(table_node, rows: list[dict]) -> None:
+    """Columns: Lesion, Volume (mm3), R, A, S (centroid, RAS mm), Max probability, TP probability."""
+    table = table_node.GetTable()
+    table_node.RemoveAllColumns()
+    keys = ("lesion_id", "volume_mm3", "centroid_r", "centroid_a", "centroid_s", "max_probability", "tp_probability")
+    for title, key in zip(TABLE_COLUMNS, keys):
+        col = vtk.vtkIntArray() if key == "lesion_id" else vtk.vtkDoubleArray()
+        col.SetName(title)
+        for r in rows:
+            v = r.get(key)
+            col.InsertNextValue(int(v) if key == "lesion_id" else (float("nan") if v in (None, "") else float(v)))
+        table.AddColumn(col)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    for title in TABLE_COLUMNS:
+        table_node.SetColumnTitle(title, title)
+    table_node.SetLocked(True)
+    table_node.Modified()
+
+
+def lesion_table_rows(table_node) -> list[dict]:
+    """Read back the table as {column title: value}."""
+    table = table_node.GetTable()
+    return [{table.GetColumn(c).GetName(): table.GetValue(r, c).ToDouble() for c in range(table.GetNumberOfColumns())}
+            for r in range(table.GetNumberOfRows())]
+
+
+def set_tp_probability(table_node, lesion_id: int, probability: float) -> None:
+    table = table_node.GetTable()
+    ids = table.GetColumnByName(TABLE_COLUMNS[0])
+    col = table.GetColumnByName(TABLE_COLUMNS[-1])
+    for r in range(table.GetNumberOfRows()):
+        if int(ids.GetValue(r)) == int(lesion_id):
+            col.SetValue(r, float(probability))
+    table.Modified()
+    table_node.Modified()
+
+
+# ----------------------------------------------------------------------------- saliency overlay
+
+def show_saliency(node, window_max: float | None = None) -> float:
+    """Diverging blue-white-red colours, window symmetric around 0 (±max |value| by default)."""
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(DIVERGING_COLOR_NODE_ID)
+    m = float(window_max) if window_max else float(np.abs(slicer.util.arrayFromVolume(node)).max())
+    m = m if m > 0 else 1.0
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(-m, m)
+    display.SetInterpolate(False)
+    return m
+
+
+def add_saliency_volume(map_xyz: np.ndarray, reference_node, name: str, scene=None, replace=None):
+    """A scalar volume with the map on the reference geometry and the diverging display; `replace`
+    (an earlier saliency node) is overwritten instead of adding a new node."""
+    if replace is not None:
+        set_volume_from_array(replace, map_xyz.astype(np.float32), reference_node)
+        replace.SetName(name)
+        node = replace
+    else:
+        node = add_volume(map_xyz.astype(np.float32), reference_node, name, scene=scene)
+    show_saliency(node)
+    return node

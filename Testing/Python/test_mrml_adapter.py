@@ -1,0 +1,142 @@
+"""The module's MRML adapter on real MRML nodes (slicer-core: Slicer's MRML, segmentations and slicer.util)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
+
+import MSInstanceSaliencyMRML as mrml  # noqa: E402
+
+from MSInstanceSaliencyLib.instances import label_instances, lesion_table  # noqa: E402
+from MSInstanceSaliencyLib.volumes import array_from_image  # noqa: E402
+
+from conftest import make_image  # noqa: E402
+
+
+@pytest.fixture()
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+                 slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule, slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+        factory.RegisterConverterRule(rule())
+    yield slicer.mrmlScene
+    slicer.mrmlScene.Clear(1)
+
+
+def oblique_image():
+    return make_image(shape=(20, 24, 28), spacing=(0.8, 1.1, 2.5))
+
+
+def test_array_node_array_round_trip_and_geometry(scene):
+    img = oblique_image()
+    a = array_from_image(img)
+    node = mrml.add_volume(a, img, "oblique")
+    np.testing.assert_array_equal(mrml.array_from_volume_node(node), a)
+    # IJK-to-RAS equals the SimpleITK geometry converted to RAS, voxel by voxel
+    m = mrml.ijk_to_ras(node)
+    for ijk in [(0, 0, 0), (5, 7, 11), (19, 23, 27)]:
+        lps = img.TransformIndexToPhysicalPoint(ijk)
+        ras = m @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-6)
+    back = mrml.image_from_volume_node(node)
+    assert back.GetSize() == img.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-9)
+    np.testing.assert_array_equal(array_from_image(back), a)
+
+
+def _lesions(img):
+    m = np.zeros(img.GetSize(), bool)
+    m[2:6, 3:7, 4:8] = True  # 64
+    m[12:14, 15:18, 20:22] = True  # 12
+    m[15:19, 3:5, 10:13] = True  # 24
+    return label_instances(m, spacing=img.GetSpacing(), min_volume_mm3=0)
+
+
+def test_labels_to_one_segment_per_lesion(scene):
+    img = oblique_image()
+    ref = mrml.add_volume(array_from_image(img), img, "ref")
+    labels = _lesions(img)
+    seg = mrml.labels_to_segmentation(labels, ref)
+    s = seg.GetSegmentation()
+    assert s.GetNumberOfSegments() == 3
+    rows = {r["lesion_id"]: r for r in lesion_table(labels, img)}
+    for lid in (1, 2, 3):
+        sid = mrml.segment_id_of_lesion(seg, lid)
+        assert s.GetSegment(sid).GetName() == f"Lesion {lid}"
+        mask = mrml.segment_mask(seg, sid, ref)
+        assert mask.sum() == (labels == lid).sum()
+        np.testing.assert_array_equal(mask, labels == lid)
+        centre = seg.GetSegmentCenterRAS(sid)
+        # the segment centre (bounding-box based) lies within a voxel diagonal of the table's centre of mass
+        r = rows[lid]
+        assert np.linalg.norm(np.array(centre) - [r["centroid_r"], r["centroid_a"], r["centroid_s"]]) < 3.0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    assert mrml.remove_lesion_segments(seg, [2]) == 1 and s.GetNumberOfSegments() == 2
+
+
+def test_lesion_table_columns_and_values(scene):
+    img = oblique_image()
+    labels = _lesions(img)
+    prob = np.where(labels > 0, 0.7, 0.0).astype(np.float32)
+    rows = lesion_table(labels, img, prob)
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.fill_lesion_table(table, rows)
+    assert [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())] == list(mrml.TABLE_COLUMNS)
+    back = mrml.lesion_table_rows(table)
+    assert [int(r["Lesion"]) for r in back] == [1, 2, 3]
+    for r, src in zip(back, rows):
+        assert r["Volume (mm3)"] == pytest.approx(src["volume_mm3"])
+        assert (r["R"], r["A"], r["S"]) == pytest.approx((src["centroid_r"], src["centroid_a"], src["centroid_s"]))
+        assert r["Max probability"] == pytest.approx(0.7, abs=1e-6)
+        assert np.isnan(r["TP probability"])
+    mrml.set_tp_probability(table, 2, 0.94)
+    assert mrml.lesion_table_rows(table)[1]["TP probability"] == pytest.approx(0.94)
+
+
+def test_saliency_node_display(scene):
+    img = oblique_image()
+    ref = mrml.add_volume(array_from_image(img), img, "ref")
+    rng = np.random.default_rng(0)
+    sal = (rng.standard_normal(img.GetSize()) * 0.1).astype(np.float32)
+    sal[3, 4, 5] = -2.5
+    node = mrml.add_saliency_volume(sal, ref, "Lesion 3 SmoothGrad FLAIR")
+    assert node.GetName() == "Lesion 3 SmoothGrad FLAIR"
+    np.testing.assert_allclose(mrml.ijk_to_ras(node), mrml.ijk_to_ras(ref))
+    d = node.GetDisplayNode()
+    assert d.GetColorNodeID() == mrml.DIVERGING_COLOR_NODE_ID
+    assert not d.GetAutoWindowLevel()
+    assert d.GetWindowLevelMin() == pytest.approx(-2.5) and d.GetWindowLevelMax() == pytest.approx(2.5)
+    # replacing the overlay keeps one node
+    again = mrml.add_saliency_volume(sal * 2, ref, "Lesion 4 SmoothGrad FLAIR", replace=node)
+    assert again is node and d.GetWindowLevelMax() == pytest.approx(5.0)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2
+
+
+def test_ras_point_to_lesion_id(scene):
+    img = oblique_image()
+    labels = _lesions(img)
+    lab_node = mrml.add_volume(labels, img, "labels", "vtkMRMLLabelMapVolumeNode")
+    inside = np.argwhere(labels == 3)[5]
+    lps = img.TransformIndexToPhysicalPoint([int(v) for v in inside])
+    assert mrml.lesion_id_at_ras(lab_node, (-lps[0], -lps[1], lps[2])) == 3
+    lps = img.TransformIndexToPhysicalPoint([0, 0, 0])
+    assert mrml.lesion_id_at_ras(lab_node, (-lps[0], -lps[1], lps[2])) is None
+    assert mrml.lesion_id_at_ras(lab_node, (1e4, 1e4, 1e4)) is None
+
+
+def test_transformed_volume_is_refused(scene):
+    img = oblique_image()
+    node = mrml.add_volume(array_from_image(img), img, "moved")
+    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(t.GetID())
+    with pytest.raises(ValueError, match="harden the transform"):
+        mrml.image_from_volume_node(node)
