@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_args(p)
     p.add_argument("--register", action="store_true", help="rigidly register FLAIR to MPRAGE first (Mattes MI)")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction of both images")
+    p.add_argument("--tp-probability", action="store_true", help="score every lesion with the TP/FP classifier (one SmoothGrad map per lesion)")
+    p.add_argument("--classifier", default=None, help="classifier JSON (default: the one bundled with the demo model)")
+    p.add_argument("--prune-below", type=float, default=None, help="also write labels and table without lesions whose TP probability is below P")
 
     p = sub.add_parser("explain", help="saliency map of one lesion (or any voxel set) of a case")
     p.add_argument("flair")
@@ -83,6 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred", help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
     p.add_argument("gt", help="ground-truth lesion mask on the same grid")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("features", help="the 93 saliency radiomic features of every lesion of a case (or of phantom cases)")
+    p.add_argument("flair", nargs="?")
+    p.add_argument("mprage", nargs="?")
+    p.add_argument("--gt", default=None, help="ground-truth lesion mask: labels lesions TP/FP and adds the missed ones as FN rows")
+    p.add_argument("--case", default=None, help="case name in the table (default: the FLAIR file name)")
+    p.add_argument("--phantom-patients", default=None, help="instead of files: phantom cases of these shared patients, e.g. 1-16")
+    p.add_argument("--phantom-seed-base", type=int, default=20_000, help="phantom seed = base + 100 * patient")
+    p.add_argument("--max-tp", type=int, default=None, help="phantoms: features of at most this many TPs per case (all FPs always)")
+    p.add_argument("--out", required=True, help="CSV to write (phantom tables are appended case by case and resume)")
+    p.add_argument("--samples", type=int, default=None, help="SmoothGrad N (default 10, as the bundled classifier)")
+    p.add_argument("--sigma", type=float, default=None)
+    p.add_argument("--sigma-mode", default=None, choices=["range", "absolute"])
+    p.add_argument("--context", default=None, choices=["patch", "full"])
+    _add_segment_args(p)
+
+    p = sub.add_parser("train-classifier", help="train the TP/FP logistic regression on a feature table")
+    p.add_argument("features", help="CSV from `msis features` with a ground truth")
+    p.add_argument("--out", required=True, help="classifier JSON to write")
+
+    p = sub.add_parser("evaluate-classifier", help="TP, FP, FN, F1 and PPV before/after the classifier, bootstrap CIs, feature importance")
+    p.add_argument("classifier")
+    p.add_argument("features", help="test feature table (with ground truth)")
+    p.add_argument("--out", required=True, help="folder for the JSON report and the importance plot")
+    p.add_argument("--threshold", type=float, default=0.5, help="lesions with P(TP) below this are removed")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train", help="train a segmentation model on phantoms")
     p.add_argument("--out", required=True, help="model folder to write")
@@ -135,12 +165,48 @@ def cmd_segment(args) -> int:
     model, dev = _load(args)
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
                      register=args.register, n4=args.n4, progress=ProgressBar(label="segmenting windows"))
+    extra = {}
+    if args.tp_probability or args.prune_below is not None:
+        extra = _score_lesions(model, dev, result, args, out)
     paths = write_segmentation(result, out)
-    out.close(**run_info(model, result, command="segment", flair=str(Path(args.flair).resolve()), mprage=str(Path(args.mprage).resolve())))
+    paths.update(extra.pop("paths", {}))
+    out.close(**run_info(model, result, command="segment", flair=str(Path(args.flair).resolve()), mprage=str(Path(args.mprage).resolve()), **extra))
     print(format_table(result.table))
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
+
+
+def _score_lesions(model, dev, result, args, out) -> dict:
+    """Fill tp_probability for every lesion; with --prune-below also write the pruned labels and table."""
+    import numpy as np
+
+    from .instances import write_table
+    from .progress import ProgressBar
+    from .scoring import load_classifier, tp_probabilities
+    from .volumes import image_from_array, write_image
+
+    if args.prune_below is not None and not 0.0 <= args.prune_below <= 1.0:
+        raise InputError("--prune-below must be a probability between 0 and 1")
+    clf = load_classifier(args.classifier)
+    ids = [r["lesion_id"] for r in result.table]
+    warn = lambda lid, msg: print(f"msis: warning: {msg} (no TP probability for lesion {lid})", file=sys.stderr)  # noqa: E731
+    probs = tp_probabilities(model, result.prepared, result.labels, ids, clf, device=dev, on_error=warn,
+                             progress=ProgressBar(label=f"TP probability (SmoothGrad N={clf.saliency.get('n_samples')}) lesions"))
+    for r in result.table:
+        p = probs.get(r["lesion_id"])
+        r["tp_probability"] = None if p is None else round(p, 4)
+    info = {"classifier": str(args.classifier or "bundled"), "classifier_saliency": clf.saliency}
+    if args.prune_below is not None:
+        keep = [r for r in result.table if r["tp_probability"] is None or r["tp_probability"] >= args.prune_below]
+        keep_ids = np.array([0] + [r["lesion_id"] for r in keep])
+        pruned = np.where(np.isin(result.labels, keep_ids), result.labels, 0)
+        info["paths"] = {
+            "pruned_labels": write_image(image_from_array(pruned.astype(np.uint16), reference=result.reference), out.file("lesion_labels_pruned.nii.gz")),
+            "pruned_table": write_table(keep, out.file("lesions_pruned.csv")),
+        }
+        info["pruned"] = {"threshold": args.prune_below, "kept": len(keep), "removed": len(result.table) - len(keep)}
+    return info
 
 
 def cmd_demo(args) -> int:
@@ -268,6 +334,113 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    import numpy as np
+
+    from .radiomics import default_feature_names
+    from .scoring import case_feature_rows, phantom_feature_table, saliency_settings, write_feature_rows
+    from .volumes import array_from_image, read_image, same_grid
+
+    settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context)
+    model, dev = _load(args)
+    if args.phantom_patients:
+        path = phantom_feature_table(model, _parse_patients(args.phantom_patients), args.out, settings, seed_base=args.phantom_seed_base,
+                                     max_tp_per_case=args.max_tp, device=dev, log=lambda m: print(m, file=sys.stderr))
+        print(f"features: {path}")
+        return 0
+    if not (args.flair and args.mprage):
+        raise InputError("give FLAIR and MPRAGE files, or --phantom-patients")
+    from .pipeline import segment
+    from .progress import ProgressBar
+
+    out_path = Path(args.out)
+    if out_path.exists():
+        raise InputError(f"{out_path} already exists; choose another --out")
+    flair, mprage = read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE")
+    result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume)
+    gt = None
+    if args.gt:
+        gt_img = read_image(args.gt, "ground truth")
+        if not same_grid(gt_img, result.reference):
+            raise InputError("--gt is not on the MPRAGE grid")
+        gt = array_from_image(gt_img, np.uint8)
+    case = args.case or Path(args.flair).name.split(".")[0]
+    rows = case_feature_rows(model, result.prepared, result.labels, case, settings, gt, device=dev, progress=ProgressBar(label="lesions"))
+    write_feature_rows(rows, out_path, default_feature_names())
+    from .scoring import write_table_manifest
+
+    write_table_manifest(out_path, settings, model=model.spec.name, case=case)
+    bad = [r for r in rows if r.get("error")]
+    for r in bad:
+        print(f"msis: warning: {r['error']}", file=sys.stderr)
+    print(f"{len(rows) - len(bad)} lesions with features -> {out_path}")
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    from .radiomics import TPClassifier, default_feature_names
+    from .scoring import labelled_matrix, read_feature_rows
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} already exists; choose another --out")
+    names = default_feature_names()
+    rows = read_feature_rows(args.features)
+    settings = _table_settings(args.features)
+    X, y, usable = labelled_matrix(rows, names)
+    clf = TPClassifier(saliency=settings)
+    clf.fit(X, y, names)
+    clf.training_info = {"features": str(Path(args.features).name), "n_tp": int(y.sum()), "n_fp": int((y == 0).sum()),
+                         "cases": sorted({r["case"] for r in usable})}
+    clf.save(out)
+    nz = int((clf.coef_ != 0).sum())
+    print(f"trained on {int(y.sum())} TP and {int((y == 0).sum())} FP lesions; {nz} of {len(names)} coefficients non-zero -> {out}")
+    return 0
+
+
+def _table_settings(features_csv) -> dict:
+    """Saliency settings of a feature table: from the manifest beside it, else the defaults."""
+    from .scoring import saliency_settings
+
+    side = Path(str(features_csv) + ".json")
+    if side.is_file():
+        return json.loads(side.read_text())["saliency"]
+    return saliency_settings()
+
+
+def cmd_evaluate_classifier(args) -> int:
+    import numpy as np
+
+    from .radiomics import TPClassifier, bootstrap_detection, importance_figure
+    from .scoring import read_feature_rows
+
+    clf = TPClassifier.load(args.classifier)
+    clf.check_settings(**_table_settings(args.features))
+    rows = read_feature_rows(args.features)
+    scored = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
+    unscored = [r for r in rows if r["kind"] in ("TP", "FP") and r.get("error")]
+    if unscored:
+        print(f"msis: warning: {len(unscored)} predicted lesions have no features and are kept as they are", file=sys.stderr)
+    n_fn = sum(r["kind"] == "FN" for r in rows)
+    p = clf.predict_proba(clf.features_to_matrix(scored))[:, 1] if scored else np.zeros(0)
+    is_tp = np.array([r["kind"] == "TP" for r in scored] + [r["kind"] == "TP" for r in unscored], bool)
+    keep = np.concatenate([p >= args.threshold, np.ones(len(unscored), bool)])
+    rep = bootstrap_detection(is_tp, keep, n_fn, n_boot=args.n_boot, seed=args.seed)
+    rep.update({"threshold": args.threshold, "classifier": str(args.classifier), "features": str(args.features)})
+    out = OutputFolder(args.out)
+    (out.file("classifier_evaluation.json")).write_text(json.dumps(rep, indent=2) + "\n")
+    importance_figure(clf, out.file("feature_importance.png"))
+    out.close(command="evaluate-classifier")
+    cb, ca = rep["counts_before"], rep["counts_after"]
+    print(f"U-Net alone:      TP {cb['tp']}  FP {cb['fp']}  FN {cb['fn']}")
+    print(f"with classifier:  TP {ca['tp']}  FP {ca['fp']}  FN {ca['fn']}   (P(TP) >= {args.threshold})")
+    for k in ("f1_before", "f1_after", "ppv_before", "ppv_after"):
+        v = rep[k]
+        print(f"{k:<11} {v['point']:.4f}  bootstrap mean {v['mean']:.4f}  95% CI [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]")
+    print(f"report: {out.path / 'classifier_evaluation.json'}; importance plot: {out.path / 'feature_importance.png'}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training import train
 
@@ -290,7 +463,8 @@ def cmd_validate_model(args) -> int:
 
 COMMANDS = {
     "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
-    "train": cmd_train, "validate-model": cmd_validate_model,
+    "train": cmd_train, "validate-model": cmd_validate_model, "features": cmd_features,
+    "train-classifier": cmd_train_classifier, "evaluate-classifier": cmd_evaluate_classifier,
 }
 
 

@@ -178,3 +178,60 @@ def test_explain_unknown_lesion_and_empty_mask(phantom_files, tiny_model_dir, tm
     res = msis("explain", phantom_files["flair"], phantom_files["mprage"], "--mask", tmp_path / "empty.nii.gz", "--out", tmp_path / "o",
                "--model", tiny_model_dir)
     assert_clean_error(res, "mask is empty")
+
+
+def _feature_table(path, n_samples=1):
+    """A feature table from real pyradiomics features of synthetic saliency maps, with missed lesions."""
+    from test_radiomics import lesion_map
+
+    from MSInstanceSaliencyLib.radiomics import default_feature_names, saliency_features
+    from MSInstanceSaliencyLib.scoring import saliency_settings, write_feature_rows, write_table_manifest
+
+    rows = []
+    for i in range(30):
+        tp = i % 3 != 0
+        m, les = lesion_map(500 + i, positive=tp)
+        rows.append({"case": f"c{i % 3}", "lesion_id": i + 1, "kind": "TP" if tp else "FP", "label": int(tp), "voxels": int(les.sum()),
+                     **saliency_features(m, les)})
+    rows += [{"case": "c0", "lesion_id": "gt1", "kind": "FN"}, {"case": "c1", "lesion_id": "gt4", "kind": "FN"}]
+    write_feature_rows(rows, path, default_feature_names())
+    write_table_manifest(path, saliency_settings(n_samples=n_samples))
+    return path
+
+
+def test_train_and_evaluate_classifier_commands(tmp_path):
+    feats = _feature_table(tmp_path / "features.csv")
+    res = msis("train-classifier", feats, "--out", tmp_path / "clf.json")
+    assert res.returncode == 0, res.stderr
+    clf = json.loads((tmp_path / "clf.json").read_text())
+    assert clf["saliency"]["n_samples"] == 1 and len(clf["feature_names"]) == 93
+    res = msis("evaluate-classifier", tmp_path / "clf.json", feats, "--out", tmp_path / "ev", "--n-boot", 200)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((tmp_path / "ev" / "classifier_evaluation.json").read_text())
+    assert rep["counts_before"] == {"tp": 20, "fp": 10, "fn": 2}
+    assert rep["f1_after"]["ci95"][0] <= rep["f1_after"]["point"] <= rep["f1_after"]["ci95"][1]
+    assert (tmp_path / "ev" / "feature_importance.png").is_file()
+    # features made with other saliency settings are refused
+    other = _feature_table(tmp_path / "other.csv", n_samples=50)
+    assert_clean_error(msis("evaluate-classifier", tmp_path / "clf.json", other, "--out", tmp_path / "ev2"), "n_samples=50")
+
+
+def test_segment_with_tp_probability_and_pruning(tmp_path):
+    """The bundled demo model on a 1 mm phantom with few lesions (patient 18), a classifier trained with N = 1."""
+    from MSInstanceSaliencyLib.phantom import make_phantom
+
+    files = make_phantom(11800, patient=18).save(tmp_path / "case")
+    feats = _feature_table(tmp_path / "features.csv", n_samples=1)
+    assert msis("train-classifier", feats, "--out", tmp_path / "clf.json").returncode == 0
+    out = tmp_path / "seg"
+    res = msis("segment", files["flair"], files["mprage"], "--out", out, "--device", "cpu",
+               "--tp-probability", "--classifier", tmp_path / "clf.json", "--prune-below", "0.5")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(open(out / "lesions.csv")))
+    assert rows
+    probs = [float(r["tp_probability"]) for r in rows if r["tp_probability"]]
+    assert len(probs) == len(rows) and all(0.0 <= p <= 1.0 for p in probs)
+    kept = list(csv.DictReader(open(out / "lesions_pruned.csv")))
+    assert {r["lesion_id"] for r in kept} == {r["lesion_id"] for r in rows if float(r["tp_probability"]) >= 0.5}
+    pruned = array_from_image(sitk.ReadImage(str(out / "lesion_labels_pruned.nii.gz")), np.int32)
+    assert set(np.unique(pruned)) - {0} == {int(r["lesion_id"]) for r in kept}

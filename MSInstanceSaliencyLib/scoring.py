@@ -1,0 +1,187 @@
+"""Per-lesion TP probability: SmoothGrad map -> 93 radiomic features -> logistic regression.
+
+The features of a lesion always come from its max-aggregated SmoothGrad map w.r.t. FLAIR made with
+the settings recorded in the classifier (n_samples, sigma, sigma_mode, context), so training and
+use see the same saliency definition.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+from .radiomics import FeatureError, TPClassifier, default_classifier_path, make_extractor, saliency_features
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SETTINGS = {"method": "smoothgrad", "aggregation": "max", "channel": "flair", "n_samples": 10, "sigma": 0.05,
+                    "sigma_mode": "range", "context": "patch", "seed": 0}
+META_COLUMNS = ["case", "lesion_id", "kind", "label", "voxels", "error"]
+
+
+def saliency_settings(**overrides) -> dict:
+    s = dict(DEFAULT_SETTINGS)
+    s.update({k: v for k, v in overrides.items() if v is not None})
+    return s
+
+
+def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: dict, *, device="auto", progress=None, on_error=None) -> dict:
+    """{lesion_id: features dict} (or {lesion_id: FeatureError} for lesions pyradiomics cannot handle).
+
+    progress(done, total) counts lesions; a lesion that fails is reported through on_error(id, message)
+    and skipped, never failing the case.
+    """
+    from .saliency import smoothgrad
+
+    channel = prepared.channels.index(settings.get("channel", "flair"))
+    extractor = make_extractor()
+    out = {}
+    ids = list(lesion_ids)
+    for i, lid in enumerate(ids):
+        omega = labels == int(lid)
+        try:
+            maps = smoothgrad(model, prepared.image, omega, n_samples=int(settings["n_samples"]), sigma=float(settings["sigma"]),
+                              sigma_mode=settings["sigma_mode"], aggregation=settings["aggregation"], context=settings["context"],
+                              seed=int(settings.get("seed", 0)), device=device)
+            out[int(lid)] = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
+        except (FeatureError, InputError) as exc:
+            out[int(lid)] = FeatureError(f"lesion {lid}: {exc}")
+            (on_error or (lambda _i, m: log.warning(m)))(int(lid), str(out[int(lid)]))
+        if progress is not None and progress(i + 1, len(ids)) is False:
+            raise Cancelled("cancelled")
+    return out
+
+
+def load_classifier(path=None) -> TPClassifier:
+    p = Path(path) if path else default_classifier_path()
+    if not p.is_file():
+        raise InputError(f"no TP/FP classifier at {p}; train one with `msis train-classifier` or pass --classifier")
+    return TPClassifier.load(p)
+
+
+def tp_probabilities(model, prepared, labels, lesion_ids, classifier: TPClassifier, *, device="auto", progress=None, on_error=None) -> dict:
+    """{lesion_id: P(TP)} (None where features could not be computed)."""
+    settings = saliency_settings(**{k: classifier.saliency.get(k) for k in DEFAULT_SETTINGS})
+    feats = lesion_features(model, prepared, labels, lesion_ids, settings, device=device, progress=progress, on_error=on_error)
+    probs = {}
+    for lid, f in feats.items():
+        probs[lid] = None if isinstance(f, Exception) else float(classifier.predict_proba(classifier.features_to_matrix([f]))[0, 1])
+    return probs
+
+
+# ----------------------------------------------------------------------------- feature tables
+
+def case_feature_rows(model, prepared, labels, case: str, settings: dict, gt_mask=None, lesion_ids=None, *, device="auto", progress=None) -> list[dict]:
+    """Feature rows for a case; with a ground truth each lesion gets kind TP/FP (label 1/0) and the
+    missed GT lesions get a row of kind FN (no features), so evaluation can count them."""
+    from .evaluation import classify_lesions
+
+    kinds = {}
+    fn_rows = []
+    if gt_mask is not None:
+        c = classify_lesions(labels, gt_mask)
+        kinds = {**{i: "TP" for i in c["tp"]}, **{i: "FP" for i in c["fp"]}}
+        fn_rows = [{"case": case, "lesion_id": f"gt{g}", "kind": "FN", "label": "", "voxels": int((c["gt_labels"] == g).sum()), "error": ""}
+                   for g in c["fn"]]
+    ids = lesion_ids if lesion_ids is not None else [int(i) for i in np.unique(labels) if i > 0]
+    feats = lesion_features(model, prepared, labels, ids, settings, device=device, progress=progress)
+    rows = []
+    for lid in ids:
+        kind = kinds.get(int(lid), "")
+        row = {"case": case, "lesion_id": int(lid), "kind": kind, "label": {"TP": 1, "FP": 0}.get(kind, ""),
+               "voxels": int((labels == lid).sum()), "error": ""}
+        f = feats[int(lid)]
+        if isinstance(f, Exception):
+            row["error"] = str(f)
+        else:
+            row.update(f)
+        rows.append(row)
+    return rows + fn_rows
+
+
+def write_feature_rows(rows: list[dict], path, feature_names: list, append: bool = False) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    new = not (append and p.is_file())
+    with open(p, "a" if not new else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=META_COLUMNS + list(feature_names), restval="")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return p
+
+
+def write_table_manifest(path, settings: dict, **info) -> Path:
+    """The saliency settings of a feature table, beside it (FEATURES.csv.json)."""
+    import json
+
+    side = Path(str(path) + ".json")
+    side.write_text(json.dumps({"saliency": settings, **info}, indent=2) + "\n")
+    return side
+
+
+def read_feature_rows(path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"feature table {p} does not exist")
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "kind" not in rows[0]:
+        raise InputError(f"{p} is not a feature table written by `msis features`")
+    return rows
+
+
+def labelled_matrix(rows: list[dict], feature_names: list):
+    """(X, y, usable rows) of the TP/FP rows that have features."""
+    usable = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
+    if not usable:
+        raise InputError("the feature table has no TP/FP lesions with features (was it made with a ground truth?)")
+    X = np.array([[float(r[n]) for n in feature_names] for r in usable])
+    y = np.array([1 if r["kind"] == "TP" else 0 for r in usable])
+    return X, y, usable
+
+
+def phantom_feature_table(model, patients, out_csv, settings: dict, *, seed_base: int = 20_000, max_tp_per_case: int | None = None,
+                          device="auto", log=print) -> Path:
+    """Feature table of phantom cases (seed = seed_base + 100 * patient), one case at a time appended
+    to out_csv; cases already in the file are skipped, so an interrupted run resumes. With
+    max_tp_per_case, a seeded random subset of each case's TPs is kept (every FP always is)."""
+    from .evaluation import classify_lesions
+    from .phantom import make_phantom
+    from .pipeline import segment
+    from .progress import ProgressBar
+    from .radiomics import default_feature_names
+    from .volumes import array_from_image
+
+    names = default_feature_names()
+    done = {r["case"] for r in read_feature_rows(out_csv)} if Path(out_csv).is_file() else set()
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    write_table_manifest(out_csv, settings, model=model.spec.name, phantom_seed_base=seed_base, max_tp_per_case=max_tp_per_case)
+    for p in patients:
+        seed = seed_base + 100 * int(p)
+        case = f"phantom_p{int(p):02d}_s{seed}"
+        if case in done:
+            log(f"{case}: already in {out_csv}, skipped")
+            continue
+        ph = make_phantom(seed, patient=int(p))
+        res = segment(ph.flair, ph.mprage, model, device=device)
+        gt = array_from_image(ph.lesions, np.uint8)
+        c = classify_lesions(res.labels, gt)
+        ids = sorted(c["fp"]) + sorted(c["tp"])
+        if max_tp_per_case is not None and len(c["tp"]) > max_tp_per_case:
+            rng = np.random.default_rng(seed)
+            ids = sorted(c["fp"]) + sorted(rng.choice(c["tp"], size=max_tp_per_case, replace=False).tolist())
+        log(f"{case}: {len(c['tp'])} TP, {len(c['fp'])} FP, {len(c['fn'])} FN; features of {len(ids)} lesions")
+        rows = case_feature_rows(model, res.prepared, res.labels, case, settings, gt, lesion_ids=ids, device=device,
+                                 progress=ProgressBar(label=f"{case} lesions"))
+        if max_tp_per_case is not None:  # record the TPs left out so counts stay honest
+            for lid in sorted(set(c["tp"]) - set(ids)):
+                rows.append({"case": case, "lesion_id": int(lid), "kind": "TP", "label": 1, "voxels": int((res.labels == lid).sum()),
+                             "error": "not sampled"})
+        write_feature_rows(rows, out_csv, names, append=True)
+    return Path(out_csv)

@@ -1,0 +1,178 @@
+"""Saliency radiomics (pyradiomics) and the TP/FP classifier (scikit-learn), on real libraries."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from MSInstanceSaliencyLib.errors import InputError
+from MSInstanceSaliencyLib.radiomics import (
+    N_FEATURES, FeatureError, TPClassifier, bootstrap_detection, default_feature_names, importance_figure, saliency_features,
+)
+
+
+def lesion_map(seed, positive=True, shape=(24, 24, 24)):
+    """A saliency-like map: a blob inside the lesion (sign by class), a negative rim, noise."""
+    rng = np.random.default_rng(seed)
+    z = np.indices(shape).astype(float) - 12
+    r = np.sqrt((z**2).sum(0))
+    les = r <= rng.uniform(2.5, 4.0)
+    amp = rng.uniform(2, 4) if positive else rng.uniform(0.3, 1.2)
+    m = amp * np.exp(-(r**2) / 8) - (0.3 * amp if positive else 0.05) * ((r > 4) & (r < 7)) + rng.normal(0, 0.05, shape)
+    return m.astype(np.float32), les
+
+
+def test_93_features_with_pyradiomics_names():
+    m, les = lesion_map(0)
+    f = saliency_features(m, les, spacing=(1.0, 1.0, 1.0))
+    assert len(f) == N_FEATURES == 93
+    classes = {k.split("_")[1] for k in f}
+    assert classes == {"firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm"}
+    assert all(k.startswith("original_") for k in f)
+    assert list(f) == default_feature_names()
+    assert all(np.isfinite(v) for v in f.values())
+
+
+def test_equals_a_direct_pyradiomics_call():
+    import radiomics
+    from radiomics import featureextractor, imageoperations
+
+    radiomics.setVerbosity(logging.ERROR)
+    m, les = lesion_map(1)
+    spacing = (0.9, 1.0, 1.2)
+    ours = saliency_features(m, les, spacing)
+    # the reference: pyradiomics by hand with the paper's settings
+    img = sitk.GetImageFromArray(m.transpose(2, 1, 0))
+    img.SetSpacing(spacing)
+    img = imageoperations.normalizeImage(img)
+    dil = ndimage.maximum_filter(les.astype(np.uint8), size=5)
+    mask = sitk.GetImageFromArray(dil.transpose(2, 1, 0))
+    mask.SetSpacing(spacing)
+    ext = featureextractor.RadiomicsFeatureExtractor(binWidth=10, sigma=[1, 2, 3])
+    ext.disableAllFeatures()
+    for c in ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm"):
+        ext.enableFeatureClassByName(c)
+    ref = {k: float(v) for k, v in ext.execute(img, mask).items() if not k.startswith("diagnostics")}
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert ours[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-9), k
+
+
+def test_degenerate_inputs_give_a_feature_error():
+    m, les = lesion_map(2)
+    with pytest.raises(FeatureError, match="empty"):
+        saliency_features(m, np.zeros_like(les))
+    with pytest.raises(FeatureError, match="constant"):
+        saliency_features(np.zeros_like(m), les)
+    with pytest.raises(InputError, match="differ in shape"):
+        saliency_features(m, les[:-1])
+
+
+def training_set(n=40, seed=0):
+    rows, labels = [], []
+    for i in range(n):
+        tp = i % 3 != 0
+        m, les = lesion_map(seed * 1000 + i, positive=tp)
+        rows.append(saliency_features(m, les))
+        labels.append(int(tp))
+    names = default_feature_names()
+    return np.array([[r[k] for k in names] for r in rows]), np.array(labels), names
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y, names = training_set()
+    clf = TPClassifier(saliency={"method": "smoothgrad", "aggregation": "max", "n_samples": 10, "sigma": 0.05,
+                                 "sigma_mode": "range", "context": "patch"}).fit(X, y, names)
+    return clf, X, y, names
+
+
+def test_classifier_separates_and_matches_sklearn(fitted):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    import sklearn
+
+    clf, X, y, _ = fitted
+    p = clf.predict_proba(X)[:, 1]
+    assert p[y == 1].mean() > p[y == 0].mean() + 0.3
+    # the same pipeline fitted with scikit-learn directly
+    sc = StandardScaler().fit(X)
+    l1 = {"l1_ratio": 1.0} if tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8) else {"penalty": "l1"}
+    lr = LogisticRegression(max_iter=10000, solver="liblinear", C=1.0, class_weight={0: 0.29, 1: 0.71}, random_state=0, **l1)
+    lr.fit(sc.transform(X), y)
+    assert np.sum(lr.coef_ == 0) > 0  # L1 really is in force: some coefficients are exactly zero
+    np.testing.assert_allclose(p, lr.predict_proba(sc.transform(X))[:, 1], rtol=1e-10)
+
+
+def test_scaler_is_not_refitted_on_new_data(fitted):
+    clf, X, y, _ = fitted
+    single = clf.predict_proba(X[:1])[0, 1]
+    batch = clf.predict_proba(X)[0, 1]
+    assert single == pytest.approx(batch)  # a lesion's probability does not depend on the others
+
+
+def test_round_trip_identical_probabilities(fitted, tmp_path):
+    clf, X, _, _ = fitted
+    path = clf.save(tmp_path / "clf.json")
+    text = path.read_text()
+    assert json.loads(text)["format"].startswith("msis-tp-classifier")
+    back = TPClassifier.load(path)
+    np.testing.assert_array_equal(back.predict_proba(X), clf.predict_proba(X))
+    assert back.saliency == clf.saliency
+
+
+def test_mismatched_files_are_refused(fitted, tmp_path):
+    clf, _, _, _ = fitted
+    d = clf.to_dict()
+    d["feature_names"] = d["feature_names"][::-1]
+    (tmp_path / "order.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match="do not match"):
+        TPClassifier.load(tmp_path / "order.json")
+    d = clf.to_dict()
+    for k in ("feature_names", "scaler_mean", "scaler_scale", "coef"):
+        d[k] = d[k][:50]
+    (tmp_path / "short.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match="do not match"):
+        TPClassifier.load(tmp_path / "short.json")
+    (tmp_path / "pickle.json").write_bytes(b"\x80\x04\x95")
+    with pytest.raises(InputError, match="not a classifier"):
+        TPClassifier.load(tmp_path / "pickle.json")
+
+
+def test_other_saliency_settings_are_refused(fitted):
+    clf, _, _, _ = fitted
+    clf.check_settings(n_samples=10, context="patch")
+    with pytest.raises(InputError, match="n_samples=50"):
+        clf.check_settings(n_samples=50)
+    with pytest.raises(InputError, match="context='full'"):
+        clf.check_settings(context="full")
+
+
+def test_bootstrap_contains_point_and_is_reproducible():
+    rng = np.random.default_rng(3)
+    is_tp = rng.random(120) < 0.7
+    keep = np.where(is_tp, rng.random(120) < 0.9, rng.random(120) < 0.3)
+    a = bootstrap_detection(is_tp, keep, n_fn=15, n_boot=300, seed=7)
+    b = bootstrap_detection(is_tp, keep, n_fn=15, n_boot=300, seed=7)
+    assert a == b
+    for k in ("f1_before", "ppv_before", "f1_after", "ppv_after"):
+        lo, hi = a[k]["ci95"]
+        assert lo <= a[k]["point"] <= hi and lo < hi
+    tp, fp, fn = is_tp.sum(), (~is_tp).sum(), 15
+    assert a["f1_before"]["point"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    tp2, fp2, fn2 = (is_tp & keep).sum(), (~is_tp & keep).sum(), 15 + (is_tp & ~keep).sum()
+    assert a["ppv_after"]["point"] == pytest.approx(tp2 / (tp2 + fp2))
+    assert a["f1_after"]["point"] == pytest.approx(2 * tp2 / (2 * tp2 + fp2 + fn2))
+    assert bootstrap_detection(is_tp, keep, 15, n_boot=300, seed=8) != a
+
+
+def test_importance_plot(fitted, tmp_path):
+    clf, _, _, _ = fitted
+    imp = clf.importance()
+    assert max(abs(v) for v in imp.values()) == pytest.approx(1.0)
+    p = importance_figure(clf, tmp_path / "imp.png")
+    assert p.read_bytes()[:4] == b"\x89PNG"
