@@ -217,10 +217,16 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
 
 
 def test_segment_with_tp_probability_and_pruning(tmp_path):
-    """The bundled demo model on a 1 mm phantom with few lesions (patient 18), a classifier trained with N = 1."""
-    from MSInstanceSaliencyLib.phantom import make_phantom
+    """The bundled demo model on a 1 mm phantom with two small lesions, a classifier trained with N = 1."""
+    from MSInstanceSaliencyLib.phantom import make_phantom, patient_mask_path
 
-    files = make_phantom(11800, patient=18).save(tmp_path / "case")
+    ref = sitk.ReadImage(str(patient_mask_path(1)))
+    a = np.zeros(ref.GetSize()[::-1], np.uint8)  # MNI (FSL grid) mask with two small cubes in white matter
+    a[70:75, 120:125, 60:65] = 1
+    a[80:84, 100:104, 110:114] = 1
+    mask = sitk.GetImageFromArray(a)
+    mask.CopyInformation(ref)
+    files = make_phantom(5, mask, n_mimics=4).save(tmp_path / "case")
     feats = _feature_table(tmp_path / "features.csv", n_samples=1)
     assert msis("train-classifier", feats, "--out", tmp_path / "clf.json").returncode == 0
     out = tmp_path / "seg"

@@ -217,7 +217,6 @@ def test_class_level_monai_variant_equals_monai_gradcampp(image):
         last = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d)][-1]
         last.weight.mul_(0.01)
         last.bias.mul_(0.01)
-        last.bias[1] += 0.0
     ours = gradcampp(net, image, None, layer=LAYER, alpha="monai", threshold=0.5, device="cpu", upsample=False)
     cam = GradCAMpp(ClassScore(net, 0.5), target_layers="net." + LAYER, upsampler=lambda size: (lambda t: t), postprocessing=lambda t: t)
     ref = cam(torch.from_numpy(image)[None], class_idx=1)[0, 0].detach().numpy()
@@ -226,16 +225,22 @@ def test_class_level_monai_variant_equals_monai_gradcampp(image):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
 
 
-def test_instance_level_with_alpha_one_is_relu_g_times_a(net, image):
-    om = lesion()
-    ours = gradcampp(net, image, om, layer=LAYER, alpha="layercam", context="full", device="cpu", upsample=False)
+def layer_activations_and_gradients(net, image, om):
+    """A^k and g = ∂(Σ_Ω y)/∂A^k at LAYER, computed directly with a hook."""
     acts = {}
     h = dict(net.named_modules())[LAYER].register_forward_hook(lambda m, i, o: acts.__setitem__("A", o))
     x = torch.from_numpy(image)[None].requires_grad_(True)
     y = net(x)[0, 1][torch.from_numpy(om)].sum()
     h.remove()
     (g,) = torch.autograd.grad(y, acts["A"])
-    ref = torch.relu((torch.relu(g) * acts["A"]).sum(1))[0].detach().numpy()
+    return acts["A"], g
+
+
+def test_instance_level_with_alpha_one_is_relu_g_times_a(net, image):
+    om = lesion()
+    ours = gradcampp(net, image, om, layer=LAYER, alpha="layercam", context="full", device="cpu", upsample=False)
+    A, g = layer_activations_and_gradients(net, image, om)
+    ref = torch.relu((torch.relu(g) * A).sum(1))[0].detach().numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
     assert ref.max() > 0
 
@@ -244,13 +249,8 @@ def test_paper_alpha_closed_form(net, image):
     """Eq. 7 evaluated by hand on the layer's activations and gradients."""
     om = lesion()
     ours = gradcampp(net, image, om, layer=LAYER, alpha="paper", context="full", device="cpu", upsample=False)
-    acts = {}
-    h = dict(net.named_modules())[LAYER].register_forward_hook(lambda m, i, o: acts.__setitem__("A", o))
-    x = torch.from_numpy(image)[None].requires_grad_(True)
-    y = net(x)[0, 1][torch.from_numpy(om)].sum()
-    h.remove()
-    (g,) = torch.autograd.grad(y, acts["A"])
-    A, g = acts["A"][0].detach().double().numpy(), g[0].double().numpy()
+    A, g = layer_activations_and_gradients(net, image, om)
+    A, g = A[0].detach().double().numpy(), g[0].double().numpy()
     S = A.reshape(A.shape[0], -1).sum(1)[:, None, None, None]
     den = 2 * g**2 + S * g**3
     alpha = np.where((g != 0) & (den != 0), g**2 / np.where(den != 0, den, 1), 0)
