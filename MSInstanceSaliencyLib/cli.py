@@ -40,6 +40,13 @@ def _add_saliency_args(p):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network")
 
 
+def _add_case_args(p):
+    p.add_argument("--flair", default=None, help="FLAIR file (default: phantom cases)")
+    p.add_argument("--mprage", default=None)
+    p.add_argument("--gt", default=None, help="ground-truth lesion mask on the MPRAGE grid (needed with files: TP lesions are chosen from it)")
+    p.add_argument("--phantom-patients", default="17", help="phantom cases (validation seeds) when no files are given, e.g. 17-19")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msis", description="Instance-level saliency for MS lesion segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="lesions with P(TP) below this are removed")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("context", help="contextual-information experiment: lesion score as context is restored ring by ring")
+    _add_case_args(p)
+    p.add_argument("--size-range", type=int, nargs=2, default=[90, 120], metavar=("MIN", "MAX"), help="TP lesions of this many voxels (default 90 120)")
+    p.add_argument("--steps", type=int, default=34, help="dilation iterations (default 34)")
+    p.add_argument("--out", required=True)
+    _add_model_args(p)
+
+    p = sub.add_parser("sanity", help="sanity checks of the saliency maps")
+    sanity = p.add_subparsers(dest="sanity_command", required=True)
+    q = sanity.add_parser("control-regions", help="maps of a healthy white-matter sphere and of one voxel at a TP lesion's centre, against the lesion's")
+    _add_case_args(q)
+    q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
+    q.add_argument("--lesion", type=int, default=None, help="TP lesion id (default: the largest TP)")
+    q.add_argument("--samples", type=int, default=50)
+    q.add_argument("--noise-seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    _add_model_args(q)
 
     p = sub.add_parser("train", help="train a segmentation model on phantoms")
     p.add_argument("--out", required=True, help="model folder to write")
@@ -441,6 +466,140 @@ def cmd_evaluate_classifier(args) -> int:
     return 0
 
 
+def _cases(args, model, dev):
+    """(name, segmentation result, GT array, white-matter array or None) for files or phantom cases."""
+    import numpy as np
+
+    from .pipeline import segment
+    from .volumes import array_from_image, read_image, same_grid
+
+    if args.flair or args.mprage:
+        if not (args.flair and args.mprage and args.gt):
+            raise InputError("with files, give --flair, --mprage and --gt (the experiments choose TP lesions from the ground truth)")
+        res = segment(read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE"), model, device=dev)
+        gt_img = read_image(args.gt, "ground truth")
+        if not same_grid(gt_img, res.reference):
+            raise InputError("--gt is not on the MPRAGE grid")
+        wm = None
+        if getattr(args, "wm", None):
+            wm_img = read_image(args.wm, "white-matter map")
+            if not same_grid(wm_img, res.reference):
+                raise InputError("--wm is not on the MPRAGE grid")
+            wm = array_from_image(wm_img)
+        yield Path(args.flair).name.split(".")[0], res, array_from_image(gt_img, np.uint8), wm
+        return
+    from .phantom import make_phantom
+    from .training import validation_seed
+
+    for pt in _parse_patients(args.phantom_patients):
+        ph = make_phantom(validation_seed(pt), patient=pt)
+        res = segment(ph.flair, ph.mprage, model, device=dev)
+        yield f"phantom_p{pt:02d}", res, array_from_image(ph.lesions, np.uint8), array_from_image(ph.white_matter)
+
+
+def _write_rows(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def cmd_context(args) -> int:
+    from .evaluation import classify_lesions
+    from .experiments import context_experiment, context_figure, summarize_context
+    from .progress import ProgressBar
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out)
+    lo, hi = args.size_range
+    per_lesion, rows = {}, []
+    for name, res, gt, _ in _cases(args, model, dev):
+        tps = classify_lesions(res.labels, gt)["tp"]
+        sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
+        chosen = [i for i in tps if lo <= sizes[i] <= hi]
+        print(f"{name}: {len(chosen)} TP lesions of {lo}-{hi} voxels", file=sys.stderr)
+        bar = ProgressBar(len(chosen), f"{name} lesions")
+        for n, lid in enumerate(chosen):
+            try:
+                steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=args.steps, spacing=res.prepared.spacing, device=dev)
+            except Exception as exc:  # one lesion failing is reported, not fatal
+                print(f"msis: warning: {name} lesion {lid}: {exc}", file=sys.stderr)
+                continue
+            per_lesion[f"{name}/{lid}"] = steps
+            rows += [{"case": name, "lesion_id": lid, "voxels": sizes[lid], **s} for s in steps]
+            bar(n + 1, len(chosen))
+    if not per_lesion:
+        raise InputError(f"no TP lesion of {lo}-{hi} voxels in these cases; widen --size-range or add cases")
+    summary = summarize_context(per_lesion)
+    _write_rows(out.file("context_raw.csv"), rows)
+    out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    context_figure(summary, out.file("context.png"))
+    out.close(command="context", size_range=[lo, hi], steps=args.steps)
+    print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
+          f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
+    print(f"outputs in {out.path}: context_raw.csv, context_summary.json, context.png")
+    return 0
+
+
+def cmd_sanity(args) -> int:
+    if args.sanity_command == "control-regions":
+        return _sanity_control_regions(args)
+    raise InputError(f"unknown sanity check {args.sanity_command}")
+
+
+def _sanity_control_regions(args) -> int:
+    import numpy as np
+
+    from .evaluation import classify_lesions
+    from .experiments import control_regions_figure, healthy_white_matter_sphere, map_stats
+    from .progress import ProgressBar
+    from .saliency import smoothgrad
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out)
+    name, res, gt, wm = next(_cases(args, model, dev))
+    if wm is None:
+        raise InputError("give --wm (a white-matter mask or probability map) to place the healthy control sphere")
+    tps = classify_lesions(res.labels, gt)["tp"]
+    if not tps:
+        raise InputError("the model found no true-positive lesion in this case")
+    sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
+    lid = args.lesion or max(tps, key=lambda i: sizes[i])
+    if lid not in tps:
+        raise InputError(f"lesion {lid} is not a true positive of this case (TPs: {sorted(tps)[:20]})")
+    lesion = res.labels == lid
+    centre = np.round(np.argwhere(lesion).mean(0)).astype(int)
+    one = np.zeros_like(lesion)
+    one[tuple(centre)] = True
+    sphere = healthy_white_matter_sphere(wm, (res.labels > 0) | (gt > 0), 93.0, res.prepared.spacing, seed=args.noise_seed)
+    regions = {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
+    maps, rows = {}, []
+    for region, om in regions.items():
+        maps[region] = smoothgrad(model, res.prepared.image, om, n_samples=args.samples, seed=args.noise_seed, device=dev,
+                                  progress=ProgressBar(label=f"SmoothGrad {region}"))
+        st = map_stats(maps[region], om, res.prepared.channels)
+        rows += [{"case": name, "region": region, "voxels": int(om.sum()), "channel": c, **v} for c, v in st.items()]
+    _write_rows(out.file("control_regions.csv"), rows)
+    peak = {r["region"]: r["max_abs"] for r in rows if r["channel"] == "flair"}
+    # where the single-voxel map concentrates: share of its |values| inside the lesion
+    sv = np.abs(maps["single_voxel_at_tp_centre"][0])
+    from .experiments import dilation_steps
+
+    near = dilation_steps(one, 3)[-1]
+    summary = {"case": name, "lesion_id": int(lid), "samples": args.samples, "flair_peak": peak,
+               "tp_over_wm_peak_ratio": peak["tp_lesion"] / peak["wm_sphere_93mm3"] if peak["wm_sphere_93mm3"] else None,
+               "single_voxel_map_share_inside_lesion": float(sv[lesion].sum() / sv.sum()) if sv.sum() else None,
+               "single_voxel_map_share_within_3_voxels": float(sv[near].sum() / sv.sum()) if sv.sum() else None,
+               "paper": "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion"}
+    out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    control_regions_figure(res.prepared.flair_on_reference, res.reference, regions, maps, out.file("control_regions.png"))
+    out.close(command="sanity control-regions")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training import train
 
@@ -465,6 +624,7 @@ COMMANDS = {
     "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
     "train": cmd_train, "validate-model": cmd_validate_model, "features": cmd_features,
     "train-classifier": cmd_train_classifier, "evaluate-classifier": cmd_evaluate_classifier,
+    "context": cmd_context, "sanity": cmd_sanity,
 }
 
 

@@ -241,3 +241,28 @@ def test_segment_with_tp_probability_and_pruning(tmp_path):
     assert {r["lesion_id"] for r in kept} == {r["lesion_id"] for r in rows if float(r["tp_probability"]) >= 0.5}
     pruned = array_from_image(sitk.ReadImage(str(out / "lesion_labels_pruned.nii.gz")), np.int32)
     assert set(np.unique(pruned)) - {0} == {int(r["lesion_id"]) for r in kept}
+
+
+def test_context_command_on_a_phantom(tmp_path):
+    out = tmp_path / "ctx"
+    res = msis("context", "--out", out, "--device", "cpu", "--phantom-patients", "19", "--size-range", "40", "200", "--steps", "6")
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "context_summary.json").read_text())
+    assert s["n_lesions"] >= 1 and len(s["steps"]) == 7
+    rows = list(csv.DictReader(open(out / "context_raw.csv")))
+    assert len(rows) == 7 * s["n_lesions"]
+    assert (out / "context.png").is_file()
+    assert_clean_error(msis("context", "--out", tmp_path / "none", "--phantom-patients", "19", "--size-range", "100000", "200000"),
+                       "no TP lesion")
+
+
+def test_control_regions_command_on_a_phantom(tmp_path):
+    out = tmp_path / "cr"
+    res = msis("sanity", "control-regions", "--out", out, "--device", "cpu", "--phantom-patients", "18", "--samples", "1")
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "control_regions_summary.json").read_text())
+    assert set(s["flair_peak"]) == {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre"}
+    rows = list(csv.DictReader(open(out / "control_regions.csv")))
+    assert len(rows) == 6 and {r["channel"] for r in rows} == {"flair", "mprage"}
+    assert [int(r["voxels"]) for r in rows if r["region"] == "single_voxel_at_tp_centre"] == [1, 1]
+    assert (out / "control_regions.png").is_file()

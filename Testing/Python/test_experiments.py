@@ -1,0 +1,112 @@
+"""The experiments compute the right numbers: dilation rings, context steps, control spheres."""
+
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from MSInstanceSaliencyLib.experiments import (
+    context_experiment, dilation_steps, healthy_white_matter_sphere, sphere_mask, summarize_context,
+)
+from MSInstanceSaliencyLib.model import LoadedModel, build_network, freeze
+
+from conftest import tiny_spec
+
+
+def steps_18(omega, k):
+    """Voxels within k steps of Ω along 18-neighbour moves, by breadth-first search."""
+    offs = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if 0 < abs(a) + abs(b) + abs(c) <= 2]
+    dist = np.full(omega.shape, -1)
+    q = deque()
+    for v in map(tuple, np.argwhere(omega)):
+        dist[v] = 0
+        q.append(v)
+    while q:
+        v = q.popleft()
+        if dist[v] == k:
+            continue
+        for o in offs:
+            w = tuple(np.add(v, o))
+            if all(0 <= w[i] < omega.shape[i] for i in range(3)) and dist[w] < 0:
+                dist[w] = dist[v] + 1
+                q.append(w)
+    return (dist >= 0) & (dist <= k)
+
+
+def test_dilation_step_k_is_exactly_k_18_connected_steps():
+    om = np.zeros((21, 19, 17), bool)
+    om[10, 9, 8] = True
+    om[11, 9, 8] = True
+    om[4, 4, 4] = True
+    steps = dilation_steps(om, 5)
+    assert len(steps) == 6
+    for k, m in enumerate(steps):
+        np.testing.assert_array_equal(m, steps_18(om, k))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    spec = tiny_spec(roi_size=[16, 16, 16])
+    net = build_network(spec)
+    freeze(net)
+    return LoadedModel(net, spec, None)
+
+
+def test_context_steps_and_full_restoration(tiny_model):
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((2, 24, 24, 24)).astype(np.float32)
+    om = np.zeros(img.shape[1:], bool)
+    om[11:13, 11:13, 11:13] = True
+    rows = context_experiment(tiny_model, img, om, n_steps=20, device="cpu", batch=6)
+    assert [r["step"] for r in rows] == list(range(21))
+    assert rows[0]["restored_voxels"] == 8
+    assert all(a["restored_voxels"] <= b["restored_voxels"] for a, b in zip(rows, rows[1:]))
+    # once every voxel of the 16^3 window is restored, the score is the model's on the original window
+    from MSInstanceSaliencyLib.saliency import _crop_pad, context_box
+
+    box = context_box(om, "patch", (16, 16, 16), 4)
+    with torch.no_grad():
+        p = torch.softmax(tiny_model.network(_crop_pad(torch.from_numpy(img), box)[None]), 1)[0, 1]
+    ref = p[_crop_pad(torch.from_numpy(om), box)]
+    assert rows[-1]["mean_probability"] == pytest.approx(float(ref.mean()), rel=1e-5)
+    assert rows[-1]["detected"] == bool((ref > 0.3).any())
+    # with only the lesion restored the score differs (the context mattered)
+    assert rows[0]["mean_probability"] != pytest.approx(rows[-1]["mean_probability"])
+
+
+def test_context_summary_by_hand():
+    def lesion(scores, thr=0.3):
+        return [{"step": k, "distance_mm": float(k), "mean_probability": s, "detected": s > thr} for k, s in enumerate(scores)]
+
+    per = {"a": lesion([0.1, 0.5, 0.8, 0.9, 0.9]), "b": lesion([0.2, 0.2, 0.6, 0.9, 0.88])}
+    s = summarize_context(per, plateau_tol=0.02)
+    assert [x["detected"] for x in s["steps"]] == [0, 1, 2, 2, 2]
+    assert s["all_detected_from_mm"] == 2.0
+    assert s["steps"][2]["mean_score"] == pytest.approx(0.7)
+    assert s["steps"][2]["sd_score"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert s["plateau_mm"] == 3.0
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 1.5)])
+def test_sphere_volume(spacing):
+    m = sphere_mask((60, 60, 60), (30, 30, 30), 93.0, spacing)
+    assert m.sum() * np.prod(spacing) == pytest.approx(93.0, rel=0.2)
+
+
+def test_healthy_sphere_avoids_lesions_and_stays_in_white_matter():
+    wm = np.zeros((60, 60, 60), np.float32)
+    wm[10:50, 10:50, 10:50] = 1.0
+    lesions = np.zeros(wm.shape, bool)
+    lesions[15:20, 15:20, 15:20] = True
+    s = healthy_white_matter_sphere(wm, lesions, 93.0, margin_mm=10.0, seed=1)
+    assert s.sum() == pytest.approx(93, rel=0.2)
+    assert (wm[s] > 0.9).all()
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(~lesions)
+    assert d[s].min() > 10.0
+    with pytest.raises(Exception, match="no healthy white matter"):
+        healthy_white_matter_sphere(np.zeros_like(wm), lesions)
