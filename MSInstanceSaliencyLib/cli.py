@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     _add_model_args(q)
 
+    q = sanity.add_parser("synthetic-lesion", help="copy a TP lesion into white matter, into the background, and into the background with 3 mm of its surroundings")
+    _add_case_args(q)
+    q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
+    q.add_argument("--lesion", type=int, default=None, help="TP lesion id (default: the largest clearly visible TP of at most --max-voxels)")
+    q.add_argument("--max-voxels", type=int, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
+    q.add_argument("--samples", type=int, default=50)
+    q.add_argument("--noise-seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    _add_model_args(q)
+
     p = sub.add_parser("train", help="train a segmentation model on phantoms")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--config", default="demo", choices=["demo", "paper"])
@@ -546,6 +556,8 @@ def cmd_context(args) -> int:
 def cmd_sanity(args) -> int:
     if args.sanity_command == "control-regions":
         return _sanity_control_regions(args)
+    if args.sanity_command == "synthetic-lesion":
+        return _sanity_synthetic_lesion(args)
     raise InputError(f"unknown sanity check {args.sanity_command}")
 
 
@@ -597,6 +609,84 @@ def _sanity_control_regions(args) -> int:
     control_regions_figure(res.prepared.flair_on_reference, res.reference, regions, maps, out.file("control_regions.png"))
     out.close(command="sanity control-regions")
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _sanity_synthetic_lesion(args) -> int:
+    import numpy as np
+    from scipy import ndimage
+
+    from .evaluation import classify_lesions
+    from .experiments import copy_region, head_region, place_copy, synthetic_lesion_figure
+    from .inference import predict_probability
+    from .instances import label_instances
+    from .progress import ProgressBar
+    from .saliency import smoothgrad
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out)
+    name, res, gt, wm = next(_cases(args, model, dev))
+    if wm is None:
+        raise InputError("give --wm (a white-matter mask or probability map) to place the copy in healthy white matter")
+    tps = classify_lesions(res.labels, gt)["tp"]
+    rows_by_id = {r["lesion_id"]: r for r in res.table}
+    if args.lesion:
+        if args.lesion not in tps:
+            raise InputError(f"lesion {args.lesion} is not a true positive of this case")
+        lid = args.lesion
+    else:
+        visible = [i for i in tps if rows_by_id[i]["voxels"] <= args.max_voxels and rows_by_id[i]["max_probability"] >= 0.9]
+        if not visible:
+            raise InputError(f"no clearly visible TP lesion (max probability >= 0.9) of at most {args.max_voxels} voxels; pass --lesion")
+        lid = max(visible, key=lambda i: rows_by_id[i]["voxels"])
+    sp = res.prepared.spacing
+    lesion = res.labels == lid
+    img = res.prepared.image
+    occupied = (res.labels > 0) | (gt > 0)
+    head = head_region(img)
+    outside = ~ndimage.binary_dilation(head, iterations=2)
+    ring3 = ndimage.distance_transform_edt(~lesion, sampling=sp) <= 3.0
+    shift_wm = place_copy(lesion, wm > 0.5, occupied, sp, margin_mm=0.0, away_mm=10.0, seed=args.noise_seed)
+    # the lesion and its 3 mm ring go where they are 2 mm clear of the head
+    shift_bg = place_copy(ring3, outside, None, sp, margin_mm=2.0, away_mm=0.0, seed=args.noise_seed)
+    variants = {
+        "original": (img, lesion),
+        "a_white_matter": copy_region(img, lesion, shift_wm),
+        "b_background": copy_region(img, lesion, shift_bg),
+        "c_background_with_3mm": (copy_region(img, ring3, shift_bg)[0], copy_region(img, lesion, shift_bg)[1]),
+    }
+    thr = model.spec.threshold
+    cases, rows = {}, []
+    for vname, (image, omega) in variants.items():
+        prob = predict_probability(model, image, device=dev)
+        maps = smoothgrad(model, image, omega, n_samples=args.samples, seed=args.noise_seed, device=dev,
+                          progress=ProgressBar(label=f"SmoothGrad {vname}"))
+        fl = maps[res.prepared.channels.index("flair")]
+        # segmented = a lesion instance of the usual post-processing (threshold, 18-connectivity, minimum volume) touches the copy
+        inst = label_instances(prob > thr, spacing=sp, min_volume_mm3=model.spec.min_lesion_mm3)
+        c = {"detected": bool((inst[omega] > 0).any()), "any_voxel_above_threshold": bool((prob[omega] > thr).any()),
+             "voxels_above_threshold": int((prob[omega] > thr).sum()), "mean_probability": float(prob[omega].mean()),
+             "max_probability": float(prob[omega].max()), "map_max": float(fl.max()), "map_min": float(fl.min()),
+             "map_max_abs": float(np.abs(fl).max())}
+        rows.append({"case": name, "lesion_id": int(lid), "variant": vname, "voxels": int(omega.sum()), **c})
+        cases[vname] = {**c, "omega": omega, "probability": prob, "map": fl, "flair": image[res.prepared.channels.index("flair")]}
+    _write_rows(out.file("synthetic_lesion.csv"), rows)
+    by = {r["variant"]: r for r in rows}
+    checks = {
+        "a_segmented": by["a_white_matter"]["detected"],
+        "b_not_segmented": not by["b_background"]["detected"],
+        "c_not_segmented": not by["c_background_with_3mm"]["detected"],
+        "c_higher_peak_than_b": by["c_background_with_3mm"]["map_max_abs"] > by["b_background"]["map_max_abs"],
+    }
+    summary = {"case": name, "lesion_id": int(lid), "samples": args.samples, "shift_white_matter": shift_wm.tolist(),
+               "shift_background": shift_bg.tolist(), "results": by, "paper_expectation_met": checks}
+    out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    synthetic_lesion_figure(cases, out.file("synthetic_lesion.png"))
+    out.close(command="sanity synthetic-lesion")
+    for r in rows:
+        print(f"{r['variant']:<24} segmented {str(r['detected']):<5}  mean p {r['mean_probability']:.3f}  max p {r['max_probability']:.3f}  "
+              f"FLAIR map peaks {r['map_max']:.3g} / {r['map_min']:.3g}")
+    print("paper's expectations: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
     return 0
 
 

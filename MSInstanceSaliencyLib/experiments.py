@@ -204,3 +204,84 @@ def control_regions_figure(flair, reference, regions: dict, maps: dict, path):
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- synthetic lesions
+
+def head_region(image: np.ndarray) -> np.ndarray:
+    """Foreground of the case: SimpleITK's Otsu threshold on the channel mean, largest component, holes filled."""
+    import SimpleITK as sitk
+
+    mean = np.ascontiguousarray(image.mean(0), dtype=np.float32)
+    fg = sitk.GetArrayFromImage(sitk.OtsuThreshold(sitk.GetImageFromArray(mean), 0, 1)) > 0
+    lab, n = ndimage.label(fg)
+    if n > 1:
+        fg = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+    return ndimage.binary_fill_holes(ndimage.binary_closing(fg, iterations=2))
+
+
+def place_copy(source: np.ndarray, allowed: np.ndarray, keep_away: np.ndarray | None, spacing, margin_mm: float = 0.0,
+               away_mm: float = 10.0, seed: int = 0) -> np.ndarray:
+    """Integer voxel shift that moves `source` (a mask, its exact shape) to where every voxel of it lies
+    inside `allowed` (at least margin_mm from its edge) and at least away_mm from every voxel of keep_away."""
+    from scipy.signal import correlate
+
+    rng = np.random.default_rng(seed)
+    idx = np.argwhere(source)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    shape = source[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
+    good = ndimage.distance_transform_edt(allowed, sampling=spacing) > margin_mm
+    if keep_away is not None and keep_away.any():
+        good &= ndimage.distance_transform_edt(~keep_away, sampling=spacing) > away_mm
+    # number of the shape's voxels that land on good voxels, for every corner position
+    hits = correlate(good.astype(np.float32), shape, mode="valid", method="fft")
+    cand = np.argwhere(hits > shape.sum() - 0.5)
+    if len(cand) == 0:
+        raise InputError(f"no place for the copy: nowhere does the whole lesion fit inside the target region "
+                         f"{margin_mm} mm from its edge and {away_mm} mm from other lesions")
+    return cand[rng.integers(len(cand))] - lo
+
+
+def copy_region(image: np.ndarray, region: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
+    """(new image, the copy's voxels): the voxels of `region` (all channels) pasted at region + shift."""
+    src = np.argwhere(region)
+    dst = src + np.asarray(shift)
+    inside = np.all((dst >= 0) & (dst < region.shape), axis=1)
+    src, dst = src[inside], dst[inside]
+    out = image.copy()
+    out[(slice(None),) + tuple(dst.T)] = image[(slice(None),) + tuple(src.T)]
+    mask = np.zeros(region.shape, bool)
+    mask[tuple(dst.T)] = True
+    return out, mask
+
+
+def synthetic_lesion_figure(cases: dict, path, vmax: float | None = None):
+    """One row per case: network-input FLAIR, lesion probability and FLAIR SmoothGrad map, axial slice
+    through the copy's centre; maps on one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    vmax = vmax or max(float(np.abs(c["map"]).max()) for c in cases.values()) or 1.0
+    fig, axes = plt.subplots(len(cases), 3, figsize=(10, 3.3 * len(cases)), constrained_layout=True, squeeze=False)
+    for row, (name, c) in zip(axes, cases.items()):
+        om = c["omega"]
+        ctr = np.round(np.argwhere(om).mean(0)).astype(int)
+        lo = np.maximum(ctr - 28, 0)
+        sl = (slice(lo[0], ctr[0] + 28), slice(lo[1], ctr[1] + 28), ctr[2])
+        row[0].imshow(c["flair"][sl].T, cmap="gray", origin="lower", vmin=-2, vmax=4)
+        row[1].imshow(c["probability"][sl].T, cmap="magma", origin="lower", vmin=0, vmax=1)
+        row[2].imshow(c["map"][sl].T, cmap="RdBu_r", origin="lower", vmin=-vmax, vmax=vmax)
+        for ax in row:
+            ax.contour(om[sl].T.astype(float), levels=[0.5], colors="lime", linewidths=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, fontsize=9)
+        row[1].set_title(f"max probability {c['max_probability']:.2f}" + (" (segmented)" if c["detected"] else " (not segmented)"), fontsize=9)
+        row[2].set_title(f"FLAIR map peaks {c['map'].max():.3g} / {c['map'].min():.3g}", fontsize=9)
+    axes[0][0].set_title("network input (FLAIR)", fontsize=9)
+    fig.colorbar(plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-vmax, vmax)), ax=axes[:, 2], shrink=0.6, label="SmoothGrad (FLAIR)")
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
+    return path

@@ -266,3 +266,16 @@ def test_control_regions_command_on_a_phantom(tmp_path):
     assert len(rows) == 6 and {r["channel"] for r in rows} == {"flair", "mprage"}
     assert [int(r["voxels"]) for r in rows if r["region"] == "single_voxel_at_tp_centre"] == [1, 1]
     assert (out / "control_regions.png").is_file()
+
+
+def test_synthetic_lesion_command_on_a_phantom(tmp_path):
+    out = tmp_path / "syn"
+    res = msis("sanity", "synthetic-lesion", "--out", out, "--device", "cpu", "--phantom-patients", "17", "--samples", "1", "--max-voxels", "60")
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "synthetic_lesion_summary.json").read_text())
+    assert set(s["results"]) == {"original", "a_white_matter", "b_background", "c_background_with_3mm"}
+    n = {v["voxels"] for v in s["results"].values()}
+    assert len(n) == 1  # every copy has exactly the lesion's voxels
+    assert s["results"]["original"]["detected"]  # a TP lesion is segmented where it is
+    assert set(s["paper_expectation_met"]) == {"a_segmented", "b_not_segmented", "c_not_segmented", "c_higher_peak_than_b"}
+    assert (out / "synthetic_lesion.png").is_file() and (out / "synthetic_lesion.csv").is_file()

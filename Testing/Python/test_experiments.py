@@ -110,3 +110,23 @@ def test_healthy_sphere_avoids_lesions_and_stays_in_white_matter():
     assert d[s].min() > 10.0
     with pytest.raises(Exception, match="no healthy white matter"):
         healthy_white_matter_sphere(np.zeros_like(wm), lesions)
+
+
+def test_place_copy_fits_the_exact_shape():
+    from MSInstanceSaliencyLib.experiments import copy_region, place_copy
+
+    allowed = np.zeros((40, 40, 40), bool)
+    allowed[5:35, 18:22, 5:35] = True  # a thin slab: an elongated lesion fits only lying in it
+    lesion = np.zeros_like(allowed)
+    lesion[2:12, 30, 30] = True  # 10 voxels along x
+    keep = np.zeros_like(allowed)
+    keep[30:40, 15:25, 30:40] = True
+    shift = place_copy(lesion, allowed, keep, (1, 1, 1), margin_mm=0.0, away_mm=3.0, seed=0)
+    img = np.random.default_rng(0).standard_normal((2, 40, 40, 40)).astype(np.float32)
+    out, copy = copy_region(img, lesion, shift)
+    assert copy.sum() == 10 and allowed[copy].all()
+    from scipy import ndimage
+
+    assert ndimage.distance_transform_edt(~keep)[copy].min() > 3.0
+    np.testing.assert_array_equal(out[:, copy], img[:, lesion])  # same voxel order: a pure shift
+    assert np.array_equal(out[:, ~copy], img[:, ~copy])
