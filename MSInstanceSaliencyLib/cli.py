@@ -149,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     _add_model_args(q)
 
+    p = sub.add_parser("stats", help="statistics over cases")
+    stats = p.add_subparsers(dest="stats_command", required=True)
+    q = stats.add_parser("peaks", help="SmoothGrad peaks of TP, FP, FN lesions and TN spheres; Mann-Whitney U; FLAIR vs MPRAGE contribution")
+    _add_case_args(q)
+    q.add_argument("--samples", type=int, default=50)
+    q.add_argument("--noise-seed", type=int, default=0)
+    q.add_argument("--max-per-group", type=int, default=None, help="at most this many lesions per group and case (seeded choice)")
+    q.add_argument("--tn-volume", type=float, default=None, help="TN sphere volume in mm^3 (default: the mean GT lesion volume of the cases)")
+    q.add_argument("--out", required=True)
+    _add_model_args(q)
+
     p = sub.add_parser("train", help="train a segmentation model on phantoms")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--config", default="demo", choices=["demo", "paper"])
@@ -690,6 +701,71 @@ def _sanity_synthetic_lesion(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    import numpy as np
+
+    from .evaluation import classify_lesions
+    from .experiments import median_ci, modality_contribution, pairwise_mannwhitney, peaks_figures, tn_spheres
+    from .experiments import head_region
+    from .progress import ProgressBar
+    from .saliency import smoothgrad
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out)
+    cases = list(_cases(args, model, dev))
+    gt_volumes = []
+    for _, res, gt, _ in cases:
+        c = classify_lesions(res.labels, gt)
+        gl = c["gt_labels"]
+        gt_volumes += list(np.bincount(gl.ravel())[1:] * float(np.prod(res.prepared.spacing)))
+    tn_volume = args.tn_volume or (float(np.mean(gt_volumes)) if gt_volumes else 93.0)
+    rows = []
+    for name, res, gt, _ in cases:
+        c = classify_lesions(res.labels, gt)
+        rng = np.random.default_rng(args.noise_seed)
+        pick = lambda ids: sorted(rng.choice(ids, size=args.max_per_group, replace=False).tolist()) if args.max_per_group and len(ids) > args.max_per_group else list(ids)  # noqa: E731
+        regions = [("TP", i, res.labels == i) for i in pick(c["tp"])] + [("FP", i, res.labels == i) for i in pick(c["fp"])]
+        regions += [("FN", i, c["gt_labels"] == i) for i in pick(c["fn"])]
+        try:
+            spheres = tn_spheres(head_region(res.prepared.image), (res.labels > 0) | (gt > 0), tn_volume, 10, res.prepared.spacing, seed=args.noise_seed)
+            regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
+        except InputError as exc:
+            print(f"msis: warning: {name}: {exc}", file=sys.stderr)
+        bar = ProgressBar(len(regions), f"{name} regions")
+        for n, (group, rid, om) in enumerate(regions):
+            try:
+                maps = smoothgrad(model, res.prepared.image, om, n_samples=args.samples, seed=args.noise_seed, device=dev)
+            except Exception as exc:  # one region failing is reported, not fatal
+                print(f"msis: warning: {name} {group} {rid}: {exc}", file=sys.stderr)
+                continue
+            ch = res.prepared.channels
+            fl, mp = maps[ch.index("flair")], maps[ch.index("mprage")]
+            rows.append({"case": name, "group": group, "region_id": int(rid), "voxels": int(om.sum()),
+                         "flair_max": float(fl.max()), "flair_min": float(fl.min()), "mprage_max": float(mp.max()), "mprage_min": float(mp.min()),
+                         **modality_contribution(maps, om, ch)})
+            bar(n + 1, len(regions))
+    if not rows:
+        raise InputError("no region could be analysed")
+    groups = ("TN", "FN", "FP", "TP")
+    summary = {"samples": args.samples, "tn_volume_mm3": tn_volume, "cases": [c[0] for c in cases],
+               "medians_positive_peak": {g: median_ci([r["flair_max"] for r in rows if r["group"] == g]) for g in groups},
+               "medians_negative_peak": {g: median_ci([r["flair_min"] for r in rows if r["group"] == g]) for g in groups},
+               "mannwhitney_positive_peak": pairwise_mannwhitney({g: [r["flair_max"] for r in rows if r["group"] == g] for g in groups}),
+               "mannwhitney_negative_peak": pairwise_mannwhitney({g: [r["flair_min"] for r in rows if r["group"] == g] for g in groups}),
+               "paper_medians_positive_peak": {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997}}
+    _write_rows(out.file("peaks.csv"), rows)
+    out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
+    out.close(command="stats peaks")
+    for g in groups:
+        m = summary["medians_positive_peak"][g]
+        if m["n"]:
+            print(f"{g}: n={m['n']:<4} median positive peak {m['median']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  (paper {summary['paper_medians_positive_peak'][g]})")
+    for pair, r in summary["mannwhitney_positive_peak"].items():
+        print(f"  {pair}: U={r['U']:.1f} p={r['p']:.3g}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training import train
 
@@ -714,7 +790,7 @@ COMMANDS = {
     "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
     "train": cmd_train, "validate-model": cmd_validate_model, "features": cmd_features,
     "train-classifier": cmd_train_classifier, "evaluate-classifier": cmd_evaluate_classifier,
-    "context": cmd_context, "sanity": cmd_sanity,
+    "context": cmd_context, "sanity": cmd_sanity, "stats": cmd_stats,
 }
 
 

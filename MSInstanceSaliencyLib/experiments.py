@@ -285,3 +285,88 @@ def synthetic_lesion_figure(cases: dict, path, vmax: float | None = None):
     fig.savefig(str(path), dpi=100)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- peak statistics
+
+def tn_spheres(region: np.ndarray, occupied: np.ndarray, volume_mm3: float, n: int = 10, spacing=(1.0, 1.0, 1.0), seed: int = 0) -> list[np.ndarray]:
+    """n spheres of the given volume inside `region` (the head) that touch neither `occupied` (GT and
+    predicted lesions) nor each other."""
+    rng = np.random.default_rng(seed)
+    r = (3 * volume_mm3 / (4 * math.pi)) ** (1 / 3)
+    taken = np.asarray(occupied, bool).copy()
+    inside = ndimage.distance_transform_edt(region, sampling=spacing) > r + 1.0
+    spheres = []
+    for _ in range(n):
+        free = inside & (ndimage.distance_transform_edt(~taken, sampling=spacing) > r + 1.0)
+        cand = np.argwhere(free)
+        if len(cand) == 0:
+            raise InputError(f"room for only {len(spheres)} TN spheres of {volume_mm3:.0f} mm^3")
+        s = sphere_mask(region.shape, cand[rng.integers(len(cand))], volume_mm3, spacing)
+        spheres.append(s)
+        taken |= s
+    return spheres
+
+
+def median_ci(values, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Median with a 95% percentile bootstrap interval."""
+    v = np.asarray(values, float)
+    if v.size == 0:
+        return {"n": 0, "median": None, "ci95": [None, None]}
+    rng = np.random.default_rng(seed)
+    boots = np.median(v[rng.integers(0, v.size, (n_boot, v.size))], axis=1)
+    return {"n": int(v.size), "median": float(np.median(v)), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+
+
+def pairwise_mannwhitney(groups: dict) -> dict:
+    """Two-sided Mann-Whitney U (scipy) for every pair of non-empty groups: {"A vs B": {"U": .., "p": ..}}."""
+    from itertools import combinations
+
+    from scipy.stats import mannwhitneyu
+
+    out = {}
+    for a, b in combinations([g for g in groups if len(groups[g])], 2):
+        res = mannwhitneyu(groups[a], groups[b], alternative="two-sided")
+        out[f"{a} vs {b}"] = {"U": float(res.statistic), "p": float(res.pvalue)}
+    return out
+
+
+def modality_contribution(maps: np.ndarray, omega: np.ndarray, channels=("flair", "mprage"), ring_voxels: int = 3, cut: float = 0.1) -> dict:
+    """Per channel, inside Ω and in its ring of `ring_voxels` 18-connected dilations: the mean of the
+    positive and of the negative values, ignoring |value| < cut (the paper's cut)."""
+    ring = dilation_steps(omega, ring_voxels)[-1] & ~omega
+    out = {}
+    for i, c in enumerate(channels):
+        for where, m in (("inside", omega), ("ring", ring)):
+            v = maps[i][m]
+            pos, neg = v[v >= cut], v[v <= -cut]
+            out[f"{c}_{where}_positive"] = float(pos.mean()) if pos.size else 0.0
+            out[f"{c}_{where}_negative"] = float(neg.mean()) if neg.size else 0.0
+    return out
+
+
+def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "FP", "TP")):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = [g for g in groups if any(r["group"] == g for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, key, title in ((axes[0], "flair_max", "positive peak (max)"), (axes[1], "flair_min", "negative peak (min)")):
+        data = [[r[key] for r in rows if r["group"] == g] for g in present]
+        ax.violinplot(data, showmedians=True)
+        ax.set_xticks(range(1, len(present) + 1))
+        ax.set_xticklabels([f"{g}\n(n={len(d)})" for g, d in zip(present, data)])
+        ax.set_title(f"FLAIR SmoothGrad {title}")
+    fig.savefig(str(violin_path), dpi=110)
+    plt.close(fig)
+    keys = [k for k in rows[0] if k.startswith(("flair_inside", "flair_ring", "mprage_inside", "mprage_ring"))]
+    fig, ax = plt.subplots(figsize=(11, 4), constrained_layout=True)
+    ax.boxplot([[r[k] for r in rows if r["group"] in ("TP", "FP", "FN")] for k in keys], showfliers=False)
+    ax.set_xticks(range(1, len(keys) + 1))
+    ax.set_xticklabels([k.replace("_", "\n") for k in keys], fontsize=7)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_title("FLAIR vs MPRAGE contribution inside the lesion and in its 3-voxel ring (|value| >= 0.1; TP, FP, FN)")
+    fig.savefig(str(box_path), dpi=110)
+    plt.close(fig)

@@ -279,3 +279,16 @@ def test_synthetic_lesion_command_on_a_phantom(tmp_path):
     assert s["results"]["original"]["detected"]  # a TP lesion is segmented where it is
     assert set(s["paper_expectation_met"]) == {"a_segmented", "b_not_segmented", "c_not_segmented", "c_higher_peak_than_b"}
     assert (out / "synthetic_lesion.png").is_file() and (out / "synthetic_lesion.csv").is_file()
+
+
+def test_stats_peaks_command_on_a_phantom(tmp_path):
+    out = tmp_path / "peaks"
+    res = msis("stats", "peaks", "--out", out, "--device", "cpu", "--phantom-patients", "18", "--samples", "1", "--max-per-group", "2")
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "peaks_summary.json").read_text())
+    rows = list(csv.DictReader(open(out / "peaks.csv")))
+    assert sum(r["group"] == "TN" for r in rows) == 10
+    assert all(sum(r["group"] == g for r in rows) <= 2 for g in ("TP", "FP", "FN"))
+    assert s["medians_positive_peak"]["TN"]["n"] == 10
+    for name in ("peaks_violin.png", "modality_contribution.png"):
+        assert (out / name).is_file()

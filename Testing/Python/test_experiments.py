@@ -130,3 +130,56 @@ def test_place_copy_fits_the_exact_shape():
     assert ndimage.distance_transform_edt(~keep)[copy].min() > 3.0
     np.testing.assert_array_equal(out[:, copy], img[:, lesion])  # same voxel order: a pure shift
     assert np.array_equal(out[:, ~copy], img[:, ~copy])
+
+
+def test_tn_spheres_volume_and_no_contact():
+    from scipy import ndimage
+
+    from MSInstanceSaliencyLib.experiments import tn_spheres
+
+    head = np.zeros((70, 70, 70), bool)
+    head[5:65, 5:65, 5:65] = True
+    lesions = np.zeros_like(head)
+    lesions[20:30, 20:30, 20:30] = True
+    spheres = tn_spheres(head, lesions, 93.0, n=10, seed=3)
+    assert len(spheres) == 10
+    union = np.zeros_like(head)
+    for s in spheres:
+        assert s.sum() == pytest.approx(93, rel=0.2)
+        assert head[s].all() and not (s & lesions).any() and not (s & union).any()
+        assert ndimage.binary_dilation(s, structure=np.ones((3, 3, 3)))[lesions].sum() == 0  # not even touching
+        union |= s
+
+
+def test_mannwhitney_and_median_ci():
+    from scipy.stats import mannwhitneyu
+
+    from MSInstanceSaliencyLib.experiments import median_ci, pairwise_mannwhitney
+
+    rng = np.random.default_rng(0)
+    groups = {"TN": rng.normal(0.5, 0.2, 30), "FP": rng.normal(1.6, 0.5, 12), "TP": rng.normal(2.0, 0.5, 40), "FN": []}
+    res = pairwise_mannwhitney(groups)
+    assert set(res) == {"TN vs FP", "TN vs TP", "FP vs TP"}
+    for pair, r in res.items():
+        a, b = pair.split(" vs ")
+        ref = mannwhitneyu(groups[a], groups[b], alternative="two-sided")
+        assert r["U"] == ref.statistic and r["p"] == ref.pvalue
+    m = median_ci(groups["TP"], seed=1)
+    assert m["ci95"][0] <= m["median"] <= m["ci95"][1] and m["median"] == pytest.approx(np.median(groups["TP"]))
+    assert median_ci(groups["TP"], seed=1) == m
+
+
+def test_modality_contribution_by_hand():
+    from MSInstanceSaliencyLib.experiments import modality_contribution
+
+    om = np.zeros((12, 12, 12), bool)
+    om[5:7, 5:7, 5:7] = True
+    maps = np.zeros((2, 12, 12, 12), np.float32)
+    maps[0][om] = 2.0
+    maps[0, 5, 5, 5] = 0.05  # under the |value| < 0.1 cut: ignored
+    maps[0, 4, 5, 5] = -1.0  # in the ring
+    maps[1][om] = -0.5
+    c = modality_contribution(maps, om)
+    assert c["flair_inside_positive"] == pytest.approx(2.0)
+    assert c["flair_ring_negative"] == pytest.approx(-1.0)
+    assert c["flair_inside_negative"] == 0.0 and c["mprage_inside_negative"] == pytest.approx(-0.5)
