@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sanity.add_parser("control-regions", help="maps of a healthy white-matter sphere and of one voxel at a TP lesion's centre, against the lesion's")
     _add_case_args(q)
     q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
-    q.add_argument("--lesion", type=int, default=None, help="TP lesion id (default: the largest TP)")
+    q.add_argument("--lesion", type=int, default=None, help="TP lesion id (default: the largest TP of at most --max-voxels)")
+    q.add_argument("--max-voxels", type=int, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
     q.add_argument("--samples", type=int, default=50)
     q.add_argument("--noise-seed", type=int, default=0)
     q.add_argument("--out", required=True)
@@ -159,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tn-volume", type=float, default=None, help="TN sphere volume in mm^3 (default: the mean GT lesion volume of the cases)")
     q.add_argument("--out", required=True)
     _add_model_args(q)
+
+    p = sub.add_parser("reproduce", help="run every experiment on a phantom cohort and write a Markdown report beside the paper's numbers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int, default=20, help="SmoothGrad N for the sanity checks (peaks use --peak-samples)")
+    p.add_argument("--peak-samples", type=int, default=10)
+    p.add_argument("--peak-patients", default="17-18")
+    p.add_argument("--peak-max-per-group", type=int, default=8)
+    p.add_argument("--context-patients", default="17-22")
+    _add_model_args(p)
 
     p = sub.add_parser("train", help="train a segmentation model on phantoms")
     p.add_argument("--out", required=True, help="model folder to write")
@@ -589,7 +599,10 @@ def _sanity_control_regions(args) -> int:
     if not tps:
         raise InputError("the model found no true-positive lesion in this case")
     sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
-    lid = args.lesion or max(tps, key=lambda i: sizes[i])
+    capped = [i for i in tps if sizes[i] <= args.max_voxels]
+    if not args.lesion and not capped:
+        raise InputError(f"no TP lesion of at most {args.max_voxels} voxels; pass --lesion or raise --max-voxels")
+    lid = args.lesion or max(capped, key=lambda i: sizes[i])
     if lid not in tps:
         raise InputError(f"lesion {lid} is not a true positive of this case (TPs: {sorted(tps)[:20]})")
     lesion = res.labels == lid
@@ -766,6 +779,30 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .report import write_reproduction_report
+
+    out = OutputFolder(args.out)
+    common = ["--device", args.device] + (["--model", args.model] if args.model else [])
+    runs = {
+        "context": ["context", "--phantom-patients", args.context_patients],
+        "control_regions": ["sanity", "control-regions", "--phantom-patients", "17", "--samples", str(args.samples)],
+        "synthetic_lesion": ["sanity", "synthetic-lesion", "--phantom-patients", "17", "--samples", str(args.samples)],
+        "peaks": ["stats", "peaks", "--phantom-patients", args.peak_patients, "--samples", str(args.peak_samples),
+                  "--max-per-group", str(args.peak_max_per_group)],
+    }
+    status, t0 = {}, time.time()
+    for name, argv in runs.items():
+        print(f"== {name}: msis {' '.join(argv)}", file=sys.stderr)
+        t = time.time()
+        status[name] = {"exit_code": main(argv + ["--out", str(out.path / name)] + common), "seconds": round(time.time() - t, 1),
+                        "command": "msis " + " ".join(argv + ["--out", f"{name}"])}
+    report = write_reproduction_report(out.path, status, out.file("REPORT.md"))
+    out.close(command="reproduce", runs=status, total_s=round(time.time() - t0, 1))
+    print(f"report: {report}")
+    return 0 if all(v["exit_code"] == 0 for v in status.values()) else 1
+
+
 def cmd_train(args) -> int:
     from .training import train
 
@@ -790,7 +827,7 @@ COMMANDS = {
     "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
     "train": cmd_train, "validate-model": cmd_validate_model, "features": cmd_features,
     "train-classifier": cmd_train_classifier, "evaluate-classifier": cmd_evaluate_classifier,
-    "context": cmd_context, "sanity": cmd_sanity, "stats": cmd_stats,
+    "context": cmd_context, "sanity": cmd_sanity, "stats": cmd_stats, "reproduce": cmd_reproduce,
 }
 
 
