@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 import sys
@@ -118,7 +119,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._pickObserver = None
+        self._pickObservers = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -201,8 +202,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onSegment(self) -> None:
         if not self.logic.ensureDependencies():
             return
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            self.logic.segment(self._parameterNode, progress=self._progressCallback(_("Segmenting lesions")))
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True), self._progress(_("Segmenting lesions")) as progress:
+            self.logic.segment(self._parameterNode, progress=progress)
             self.ui.tpProbabilityLabel.text = ""
             self._updateGUI()
 
@@ -210,7 +211,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if not self.logic.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay(_("Explaining the lesion failed."), waitCursor=True):
-            node = self.logic.explain(self._parameterNode, progress=self._progressCallback(_("Computing the saliency map")))
+            with self._progress(_("Computing the saliency map")) as progress:
+                node = self.logic.explain(self._parameterNode, progress=progress)
             if node is None:
                 return
             self.logic.showOverlay(self._parameterNode, node)
@@ -220,8 +222,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onScoreAll(self) -> None:
         if not self.logic.ensureDependencies():
             return
-        with slicer.util.tryWithErrorDisplay(_("Scoring the lesions failed."), waitCursor=True):
-            self.logic.scoreAllLesions(self._parameterNode, progress=self._progressCallback(_("TP probability of every lesion")))
+        with slicer.util.tryWithErrorDisplay(_("Scoring the lesions failed."), waitCursor=True), self._progress(_("TP probability of every lesion")) as progress:
+            self.logic.scoreAllLesions(self._parameterNode, progress=progress)
 
     def onRemoveBelow(self) -> None:
         p = self._parameterNode
@@ -266,8 +268,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onPickToggled(self, on) -> None:
         """While on, a click in a slice view (crosshair position) picks the lesion under it."""
-        interactorObservers = getattr(self, "_pickObservers", [])
-        for interactor, tag in interactorObservers:
+        for interactor, tag in self._pickObservers:
             interactor.RemoveObserver(tag)
         self._pickObservers = []
         if not on:
@@ -308,21 +309,22 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         verdict = _("likely true lesion") if probability >= 0.5 else _("possible false positive")
         self.ui.tpProbabilityLabel.text = _("TP probability: {p:.2f} ({v})").format(p=probability, v=verdict)
 
-    def _progressCallback(self, title):
-        """A progress dialog with Cancel; the Lib's callbacks get (done, total) and stop on False."""
+    @contextlib.contextmanager
+    def _progress(self, title):
+        """A progress dialog with Cancel for the duration; yields the Lib's (done, total) callback,
+        which returns False once the user cancels."""
         dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
 
         def callback(done, total):
             dialog.setValue(int(100 * done / max(total, 1)))
             dialog.labelText = f"{title}: {done} / {total}"
             slicer.app.processEvents()
-            if dialog.wasCanceled:
-                return False
-            if done >= total:
-                dialog.close()
-            return True
+            return not dialog.wasCanceled
 
-        return callback
+        try:
+            yield callback
+        finally:
+            dialog.close()
 
 
 #

@@ -41,7 +41,7 @@ def write_reproduction_report(out_dir, status: dict, path) -> Path:
                      f"TP / WM FLAIR peak = {_fmt(ratio)}", _yes(ratio is not None and ratio >= 2)))
         share = ctl.get("single_voxel_map_share_within_3_voxels")
         rows.append(("A one-voxel Ω at a TP's centre gives a map concentrated near that voxel", "concentrated near Ω, inside the lesion",
-                     f"{_fmt(share)} of |map| within 3 voxels; {_fmt(ctl.get('single_voxel_map_share_inside_lesion'))} inside the lesion",
+                     f"{_fmt(share)} of the summed abs(map) within 3 voxels; {_fmt(ctl.get('single_voxel_map_share_inside_lesion'))} inside the lesion",
                      _yes(share is not None and share >= 0.5)))
     if syn:
         r, met = syn["results"], syn["paper_expectation_met"]
@@ -88,7 +88,7 @@ def write_reproduction_report(out_dir, status: dict, path) -> Path:
         "",
         "| claim (journal paper) | paper | ours | same behaviour? |",
         "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ((x.replace("|", "/") for x in r) for r in rows)],
         "",
         "## Runs",
         "",
@@ -106,8 +106,9 @@ def write_reproduction_report(out_dir, status: dict, path) -> Path:
                          ("peaks/modality_contribution.png", "FLAIR vs MPRAGE contribution")):
         if (out / fig).is_file():
             lines += [f"### {caption}", "", f"![{caption}]({fig})", ""]
+    text = "\n".join(lines) + "\n"
     p = Path(path)
-    p.write_text("\n".join(lines) + "\n")
+    p.write_text(text)
     return p
 
 
