@@ -498,34 +498,15 @@ def cmd_evaluate_classifier(args) -> int:
 
 
 def _cases(args, model, dev):
-    """(name, segmentation result, GT array, white-matter array or None) for files or phantom cases."""
-    import numpy as np
-
-    from .pipeline import segment
-    from .volumes import array_from_image, read_image, same_grid
+    """Experiment cases: the given files (with --gt, and --wm where used) or phantom cases."""
+    from .experiments import file_case, phantom_cases
 
     if args.flair or args.mprage:
         if not (args.flair and args.mprage and args.gt):
             raise InputError("with files, give --flair, --mprage and --gt (the experiments choose TP lesions from the ground truth)")
-        res = segment(read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE"), model, device=dev)
-        gt_img = read_image(args.gt, "ground truth")
-        if not same_grid(gt_img, res.reference):
-            raise InputError("--gt is not on the MPRAGE grid")
-        wm = None
-        if getattr(args, "wm", None):
-            wm_img = read_image(args.wm, "white-matter map")
-            if not same_grid(wm_img, res.reference):
-                raise InputError("--wm is not on the MPRAGE grid")
-            wm = array_from_image(wm_img)
-        yield Path(args.flair).name.split(".")[0], res, array_from_image(gt_img, np.uint8), wm
+        yield file_case(model, args.flair, args.mprage, args.gt, getattr(args, "wm", None), device=dev)
         return
-    from .phantom import make_phantom
-    from .training import validation_seed
-
-    for pt in _parse_patients(args.phantom_patients):
-        ph = make_phantom(validation_seed(pt), patient=pt)
-        res = segment(ph.flair, ph.mprage, model, device=dev)
-        yield f"phantom_p{pt:02d}", res, array_from_image(ph.lesions, np.uint8), array_from_image(ph.white_matter)
+    yield from phantom_cases(model, _parse_patients(args.phantom_patients), device=dev)
 
 
 def _write_rows(path, rows):
@@ -537,37 +518,27 @@ def _write_rows(path, rows):
         w.writerows(rows)
 
 
-def cmd_context(args) -> int:
-    from .evaluation import classify_lesions
-    from .experiments import context_experiment, context_figure, summarize_context
+def _warn(message):
+    print(f"msis: warning: {message}", file=sys.stderr)
+
+
+def _bars(label):
     from .progress import ProgressBar
+
+    return ProgressBar(label=label)
+
+
+def cmd_context(args) -> int:
+    from .experiments import context_figure, run_context
 
     model, dev = _load(args)
     out = OutputFolder(args.out)
-    lo, hi = args.size_range
-    per_lesion, rows = {}, []
-    for name, res, gt, _ in _cases(args, model, dev):
-        tps = classify_lesions(res.labels, gt)["tp"]
-        sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
-        chosen = [i for i in tps if lo <= sizes[i] <= hi]
-        print(f"{name}: {len(chosen)} TP lesions of {lo}-{hi} voxels", file=sys.stderr)
-        bar = ProgressBar(len(chosen), f"{name} lesions")
-        for n, lid in enumerate(chosen):
-            try:
-                steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=args.steps, spacing=res.prepared.spacing, device=dev)
-            except Exception as exc:  # one lesion failing is reported, not fatal
-                print(f"msis: warning: {name} lesion {lid}: {exc}", file=sys.stderr)
-                continue
-            per_lesion[f"{name}/{lid}"] = steps
-            rows += [{"case": name, "lesion_id": lid, "voxels": sizes[lid], **s} for s in steps]
-            bar(n + 1, len(chosen))
-    if not per_lesion:
-        raise InputError(f"no TP lesion of {lo}-{hi} voxels in these cases; widen --size-range or add cases")
-    summary = summarize_context(per_lesion)
+    rows, summary = run_context(model, _cases(args, model, dev), tuple(args.size_range), n_steps=args.steps, device=dev,
+                                progress=_bars, warn=_warn)
     _write_rows(out.file("context_raw.csv"), rows)
     out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     context_figure(summary, out.file("context.png"))
-    out.close(command="context", size_range=[lo, hi], steps=args.steps)
+    out.close(command="context", size_range=list(args.size_range), steps=args.steps)
     print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
           f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
     print(f"outputs in {out.path}: context_raw.csv, context_summary.json, context.png")
@@ -583,194 +554,52 @@ def cmd_sanity(args) -> int:
 
 
 def _sanity_control_regions(args) -> int:
-    import numpy as np
-
-    from .evaluation import classify_lesions
-    from .experiments import control_regions_figure, healthy_white_matter_sphere, map_stats
-    from .progress import ProgressBar
-    from .saliency import smoothgrad
+    from .experiments import control_regions_figure, run_control_regions
 
     model, dev = _load(args)
     out = OutputFolder(args.out)
-    name, res, gt, wm = next(_cases(args, model, dev))
-    if wm is None:
-        raise InputError("give --wm (a white-matter mask or probability map) to place the healthy control sphere")
-    tps = classify_lesions(res.labels, gt)["tp"]
-    if not tps:
-        raise InputError("the model found no true-positive lesion in this case")
-    sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
-    capped = [i for i in tps if sizes[i] <= args.max_voxels]
-    if not args.lesion and not capped:
-        raise InputError(f"no TP lesion of at most {args.max_voxels} voxels; pass --lesion or raise --max-voxels")
-    lid = args.lesion or max(capped, key=lambda i: sizes[i])
-    if lid not in tps:
-        raise InputError(f"lesion {lid} is not a true positive of this case (TPs: {sorted(tps)[:20]})")
-    lesion = res.labels == lid
-    centre = np.round(np.argwhere(lesion).mean(0)).astype(int)
-    one = np.zeros_like(lesion)
-    one[tuple(centre)] = True
-    sphere = healthy_white_matter_sphere(wm, (res.labels > 0) | (gt > 0), 93.0, res.prepared.spacing, seed=args.noise_seed)
-    regions = {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
-    maps, rows = {}, []
-    for region, om in regions.items():
-        maps[region] = smoothgrad(model, res.prepared.image, om, n_samples=args.samples, seed=args.noise_seed, device=dev,
-                                  progress=ProgressBar(label=f"SmoothGrad {region}"))
-        st = map_stats(maps[region], om, res.prepared.channels)
-        rows += [{"case": name, "region": region, "voxels": int(om.sum()), "channel": c, **v} for c, v in st.items()]
+    case = next(_cases(args, model, dev))
+    rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
+                                                       seed=args.noise_seed, device=dev, progress=_bars)
     _write_rows(out.file("control_regions.csv"), rows)
-    peak = {r["region"]: r["max_abs"] for r in rows if r["channel"] == "flair"}
-    # where the single-voxel map concentrates: share of its |values| inside the lesion
-    sv = np.abs(maps["single_voxel_at_tp_centre"][0])
-    from .experiments import dilation_steps
-
-    near = dilation_steps(one, 3)[-1]
-    summary = {"case": name, "lesion_id": int(lid), "samples": args.samples, "flair_peak": peak,
-               "tp_over_wm_peak_ratio": peak["tp_lesion"] / peak["wm_sphere_93mm3"] if peak["wm_sphere_93mm3"] else None,
-               "single_voxel_map_share_inside_lesion": float(sv[lesion].sum() / sv.sum()) if sv.sum() else None,
-               "single_voxel_map_share_within_3_voxels": float(sv[near].sum() / sv.sum()) if sv.sum() else None,
-               "paper": "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion"}
     out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    control_regions_figure(res.prepared.flair_on_reference, res.reference, regions, maps, out.file("control_regions.png"))
+    control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference, regions, maps, out.file("control_regions.png"))
     out.close(command="sanity control-regions")
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _sanity_synthetic_lesion(args) -> int:
-    import numpy as np
-    from scipy import ndimage
-
-    from .evaluation import classify_lesions
-    from .experiments import copy_region, head_region, place_copy, synthetic_lesion_figure
-    from .inference import predict_probability
-    from .instances import label_instances
-    from .progress import ProgressBar
-    from .saliency import smoothgrad
+    from .experiments import run_synthetic_lesion, synthetic_lesion_figure
 
     model, dev = _load(args)
     out = OutputFolder(args.out)
-    name, res, gt, wm = next(_cases(args, model, dev))
-    if wm is None:
-        raise InputError("give --wm (a white-matter mask or probability map) to place the copy in healthy white matter")
-    tps = classify_lesions(res.labels, gt)["tp"]
-    rows_by_id = {r["lesion_id"]: r for r in res.table}
-    if args.lesion:
-        if args.lesion not in tps:
-            raise InputError(f"lesion {args.lesion} is not a true positive of this case")
-        lid = args.lesion
-    else:
-        visible = [i for i in tps if rows_by_id[i]["voxels"] <= args.max_voxels and rows_by_id[i]["max_probability"] >= 0.9]
-        if not visible:
-            raise InputError(f"no clearly visible TP lesion (max probability >= 0.9) of at most {args.max_voxels} voxels; pass --lesion")
-        lid = max(visible, key=lambda i: rows_by_id[i]["voxels"])
-    sp = res.prepared.spacing
-    lesion = res.labels == lid
-    img = res.prepared.image
-    occupied = (res.labels > 0) | (gt > 0)
-    head = head_region(img)
-    outside = ~ndimage.binary_dilation(head, iterations=2)
-    ring3 = ndimage.distance_transform_edt(~lesion, sampling=sp) <= 3.0
-    shift_wm = place_copy(lesion, wm > 0.5, occupied, sp, margin_mm=0.0, away_mm=10.0, seed=args.noise_seed)
-    # the lesion and its 3 mm ring go where they are 2 mm clear of the head
-    shift_bg = place_copy(ring3, outside, None, sp, margin_mm=2.0, away_mm=0.0, seed=args.noise_seed)
-    variants = {
-        "original": (img, lesion),
-        "a_white_matter": copy_region(img, lesion, shift_wm),
-        "b_background": copy_region(img, lesion, shift_bg),
-        "c_background_with_3mm": (copy_region(img, ring3, shift_bg)[0], copy_region(img, lesion, shift_bg)[1]),
-    }
-    thr = model.spec.threshold
-    cases, rows = {}, []
-    for vname, (image, omega) in variants.items():
-        prob = predict_probability(model, image, device=dev)
-        maps = smoothgrad(model, image, omega, n_samples=args.samples, seed=args.noise_seed, device=dev,
-                          progress=ProgressBar(label=f"SmoothGrad {vname}"))
-        fl = maps[res.prepared.channels.index("flair")]
-        # segmented = a lesion instance of the usual post-processing (threshold, 18-connectivity, minimum volume) touches the copy
-        inst = label_instances(prob > thr, spacing=sp, min_volume_mm3=model.spec.min_lesion_mm3)
-        c = {"detected": bool((inst[omega] > 0).any()), "any_voxel_above_threshold": bool((prob[omega] > thr).any()),
-             "voxels_above_threshold": int((prob[omega] > thr).sum()), "mean_probability": float(prob[omega].mean()),
-             "max_probability": float(prob[omega].max()), "map_max": float(fl.max()), "map_min": float(fl.min()),
-             "map_max_abs": float(np.abs(fl).max())}
-        rows.append({"case": name, "lesion_id": int(lid), "variant": vname, "voxels": int(omega.sum()), **c})
-        cases[vname] = {**c, "omega": omega, "probability": prob, "map": fl, "flair": image[res.prepared.channels.index("flair")]}
+    case = next(_cases(args, model, dev))
+    rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
+                                                 seed=args.noise_seed, device=dev, progress=_bars)
     _write_rows(out.file("synthetic_lesion.csv"), rows)
-    by = {r["variant"]: r for r in rows}
-    checks = {
-        "a_segmented": by["a_white_matter"]["detected"],
-        "b_not_segmented": not by["b_background"]["detected"],
-        "c_not_segmented": not by["c_background_with_3mm"]["detected"],
-        "c_higher_peak_than_b": by["c_background_with_3mm"]["map_max_abs"] > by["b_background"]["map_max_abs"],
-    }
-    summary = {"case": name, "lesion_id": int(lid), "samples": args.samples, "shift_white_matter": shift_wm.tolist(),
-               "shift_background": shift_bg.tolist(), "results": by, "paper_expectation_met": checks}
     out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    synthetic_lesion_figure(cases, out.file("synthetic_lesion.png"))
+    synthetic_lesion_figure(panels, out.file("synthetic_lesion.png"))
     out.close(command="sanity synthetic-lesion")
     for r in rows:
         print(f"{r['variant']:<24} segmented {str(r['detected']):<5}  mean p {r['mean_probability']:.3f}  max p {r['max_probability']:.3f}  "
               f"FLAIR map peaks {r['map_max']:.3g} / {r['map_min']:.3g}")
-    print("paper's expectations: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+    print("paper's expectations: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summary["paper_expectation_met"].items()))
     return 0
 
 
 def cmd_stats(args) -> int:
-    import numpy as np
-
-    from .evaluation import classify_lesions
-    from .experiments import median_ci, modality_contribution, pairwise_mannwhitney, peaks_figures, tn_spheres
-    from .experiments import head_region
-    from .progress import ProgressBar
-    from .saliency import smoothgrad
+    from .experiments import peaks_figures, run_peaks
 
     model, dev = _load(args)
     out = OutputFolder(args.out)
-    cases = list(_cases(args, model, dev))
-    gt_volumes = []
-    for _, res, gt, _ in cases:
-        c = classify_lesions(res.labels, gt)
-        gl = c["gt_labels"]
-        gt_volumes += list(np.bincount(gl.ravel())[1:] * float(np.prod(res.prepared.spacing)))
-    tn_volume = args.tn_volume or (float(np.mean(gt_volumes)) if gt_volumes else 93.0)
-    rows = []
-    for name, res, gt, _ in cases:
-        c = classify_lesions(res.labels, gt)
-        rng = np.random.default_rng(args.noise_seed)
-        pick = lambda ids: sorted(rng.choice(ids, size=args.max_per_group, replace=False).tolist()) if args.max_per_group and len(ids) > args.max_per_group else list(ids)  # noqa: E731
-        regions = [("TP", i, res.labels == i) for i in pick(c["tp"])] + [("FP", i, res.labels == i) for i in pick(c["fp"])]
-        regions += [("FN", i, c["gt_labels"] == i) for i in pick(c["fn"])]
-        try:
-            spheres = tn_spheres(head_region(res.prepared.image), (res.labels > 0) | (gt > 0), tn_volume, 10, res.prepared.spacing, seed=args.noise_seed)
-            regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
-        except InputError as exc:
-            print(f"msis: warning: {name}: {exc}", file=sys.stderr)
-        bar = ProgressBar(len(regions), f"{name} regions")
-        for n, (group, rid, om) in enumerate(regions):
-            try:
-                maps = smoothgrad(model, res.prepared.image, om, n_samples=args.samples, seed=args.noise_seed, device=dev)
-            except Exception as exc:  # one region failing is reported, not fatal
-                print(f"msis: warning: {name} {group} {rid}: {exc}", file=sys.stderr)
-                continue
-            ch = res.prepared.channels
-            fl, mp = maps[ch.index("flair")], maps[ch.index("mprage")]
-            rows.append({"case": name, "group": group, "region_id": int(rid), "voxels": int(om.sum()),
-                         "flair_max": float(fl.max()), "flair_min": float(fl.min()), "mprage_max": float(mp.max()), "mprage_min": float(mp.min()),
-                         **modality_contribution(maps, om, ch)})
-            bar(n + 1, len(regions))
-    if not rows:
-        raise InputError("no region could be analysed")
-    groups = ("TN", "FN", "FP", "TP")
-    summary = {"samples": args.samples, "tn_volume_mm3": tn_volume, "cases": [c[0] for c in cases],
-               "medians_positive_peak": {g: median_ci([r["flair_max"] for r in rows if r["group"] == g]) for g in groups},
-               "medians_negative_peak": {g: median_ci([r["flair_min"] for r in rows if r["group"] == g]) for g in groups},
-               "mannwhitney_positive_peak": pairwise_mannwhitney({g: [r["flair_max"] for r in rows if r["group"] == g] for g in groups}),
-               "mannwhitney_negative_peak": pairwise_mannwhitney({g: [r["flair_min"] for r in rows if r["group"] == g] for g in groups}),
-               "paper_medians_positive_peak": {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997}}
+    rows, summary = run_peaks(model, list(_cases(args, model, dev)), n_samples=args.samples, seed=args.noise_seed,
+                              max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn)
     _write_rows(out.file("peaks.csv"), rows)
     out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
     out.close(command="stats peaks")
-    for g in groups:
+    for g in ("TN", "FN", "FP", "TP"):
         m = summary["medians_positive_peak"][g]
         if m["n"]:
             print(f"{g}: n={m['n']:<4} median positive peak {m['median']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  (paper {summary['paper_medians_positive_peak'][g]})")

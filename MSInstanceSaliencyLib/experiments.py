@@ -8,6 +8,7 @@ JSON); the CLI adds progress and the figures.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -370,3 +371,232 @@ def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "
     ax.set_title("FLAIR vs MPRAGE contribution inside the lesion and in its 3-voxel ring (|value| >= 0.1; TP, FP, FN)")
     fig.savefig(str(box_path), dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- experiment runners (Python API)
+
+@dataclass
+class Case:
+    """A segmented case with its ground truth (and, when known, a white-matter map), all on one grid."""
+
+    name: str
+    result: object  # pipeline.SegmentationResult
+    gt: np.ndarray
+    white_matter: np.ndarray | None = None
+
+
+def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
+    from pathlib import Path
+
+    from .pipeline import segment
+    from .volumes import array_from_image, read_image, same_grid
+
+    res = segment(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), model, device=device)
+    arrays = {}
+    for key, path in (("gt", gt), ("wm", wm)):
+        if path:
+            img = read_image(path, key)
+            if not same_grid(img, res.reference):
+                raise InputError(f"{path} is not on the MPRAGE grid")
+            arrays[key] = array_from_image(img)
+    return Case(Path(flair).name.split(".")[0], res, arrays["gt"].astype(np.uint8), arrays.get("wm"))
+
+
+def phantom_cases(model, patients, device="auto"):
+    """Validation phantoms (seed 10000 + 100 * patient), segmented, one at a time."""
+    from .phantom import make_phantom
+    from .pipeline import segment
+    from .training import validation_seed
+    from .volumes import array_from_image
+
+    for pt in patients:
+        ph = make_phantom(validation_seed(pt), patient=pt)
+        res = segment(ph.flair, ph.mprage, model, device=device)
+        yield Case(f"phantom_p{int(pt):02d}", res, array_from_image(ph.lesions, np.uint8), array_from_image(ph.white_matter))
+
+
+def _noop(*_a, **_k):
+    return None
+
+
+def run_context(model, cases, size_range=(90, 120), *, n_steps=34, device="auto", progress=None, warn=None) -> tuple[list, dict]:
+    """The contextual-information experiment over the TP lesions of size_range voxels of the cases."""
+    from .evaluation import classify_lesions
+
+    warn = warn or _noop
+    lo, hi = size_range
+    per_lesion, rows = {}, []
+    for case in cases:
+        res = case.result
+        sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
+        chosen = [i for i in classify_lesions(res.labels, case.gt)["tp"] if lo <= sizes[i] <= hi]
+        bar = progress(f"{case.name}: {len(chosen)} TP lesions of {lo}-{hi} voxels") if progress else None
+        for n, lid in enumerate(chosen):
+            try:
+                steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=n_steps, spacing=res.prepared.spacing, device=device)
+            except Exception as exc:  # one lesion failing is reported, not fatal
+                warn(f"{case.name} lesion {lid}: {exc}")
+                continue
+            per_lesion[f"{case.name}/{lid}"] = steps
+            rows += [{"case": case.name, "lesion_id": lid, "voxels": sizes[lid], **s} for s in steps]
+            if bar:
+                bar(n + 1, len(chosen))
+    if not per_lesion:
+        raise InputError(f"no TP lesion of {lo}-{hi} voxels in these cases; widen the size range or add cases")
+    return rows, summarize_context(per_lesion)
+
+
+def _tp_lesion(case: Case, lesion_id, max_voxels, min_max_probability=0.0):
+    from .evaluation import classify_lesions
+
+    tps = classify_lesions(case.result.labels, case.gt)["tp"]
+    rows = {r["lesion_id"]: r for r in case.result.table}
+    if lesion_id:
+        if lesion_id not in tps:
+            raise InputError(f"lesion {lesion_id} is not a true positive of {case.name} (TPs: {sorted(tps)[:20]})")
+        return lesion_id
+    ok = [i for i in tps if rows[i]["voxels"] <= max_voxels and rows[i]["max_probability"] >= min_max_probability]
+    if not ok:
+        raise InputError(f"no TP lesion of at most {max_voxels} voxels (max probability >= {min_max_probability}) in {case.name}; "
+                         "choose a lesion or raise the size cap")
+    return max(ok, key=lambda i: rows[i]["voxels"])
+
+
+def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
+    """SmoothGrad of a TP lesion, a 93 mm^3 healthy white-matter sphere and the single voxel at the lesion's
+    centre of mass. Returns (rows, summary, regions, maps)."""
+    from .saliency import smoothgrad
+
+    if case.white_matter is None:
+        raise InputError("a white-matter map is needed to place the healthy control sphere")
+    res = case.result
+    lid = _tp_lesion(case, lesion_id, max_voxels)
+    lesion = res.labels == lid
+    one = np.zeros_like(lesion)
+    one[tuple(np.round(np.argwhere(lesion).mean(0)).astype(int))] = True
+    sphere = healthy_white_matter_sphere(case.white_matter, (res.labels > 0) | (case.gt > 0), 93.0, res.prepared.spacing, seed=seed)
+    regions = {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
+    maps, rows = {}, []
+    for region, om in regions.items():
+        maps[region] = smoothgrad(model, res.prepared.image, om, n_samples=n_samples, seed=seed, device=device,
+                                  progress=progress(f"SmoothGrad {region}") if progress else None)
+        rows += [{"case": case.name, "region": region, "voxels": int(om.sum()), "channel": c, **v}
+                 for c, v in map_stats(maps[region], om, res.prepared.channels).items()]
+    peak = {r["region"]: r["max_abs"] for r in rows if r["channel"] == "flair"}
+    sv = np.abs(maps["single_voxel_at_tp_centre"][res.prepared.channels.index("flair")])
+    near = dilation_steps(one, 3)[-1]
+    summary = {"case": case.name, "lesion_id": int(lid), "samples": n_samples, "flair_peak": peak,
+               "tp_over_wm_peak_ratio": peak["tp_lesion"] / peak["wm_sphere_93mm3"] if peak["wm_sphere_93mm3"] else None,
+               "single_voxel_map_share_inside_lesion": float(sv[lesion].sum() / sv.sum()) if sv.sum() else None,
+               "single_voxel_map_share_within_3_voxels": float(sv[near].sum() / sv.sum()) if sv.sum() else None,
+               "paper": "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion"}
+    return rows, summary, regions, maps
+
+
+def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
+    """Copy a clearly visible TP lesion (both channels of the network input) into (a) healthy white matter
+    10 mm from other lesions, (b) the background outside the head, (c) the background together with its
+    3 mm surroundings; segment each and compute the copy's SmoothGrad map. Returns (rows, summary, panels)."""
+    from .inference import predict_probability
+    from .instances import label_instances
+    from .saliency import smoothgrad
+
+    if case.white_matter is None:
+        raise InputError("a white-matter map is needed to place the copy in healthy white matter")
+    res = case.result
+    lid = _tp_lesion(case, lesion_id, max_voxels, min_max_probability=0.9)
+    sp, img = res.prepared.spacing, res.prepared.image
+    lesion = res.labels == lid
+    occupied = (res.labels > 0) | (case.gt > 0)
+    outside = ~ndimage.binary_dilation(head_region(img), iterations=2)
+    ring3 = ndimage.distance_transform_edt(~lesion, sampling=sp) <= 3.0
+    shift_wm = place_copy(lesion, case.white_matter > 0.5, occupied, sp, margin_mm=0.0, away_mm=10.0, seed=seed)
+    # the lesion and its 3 mm ring go where they are 2 mm clear of the head
+    shift_bg = place_copy(ring3, outside, None, sp, margin_mm=2.0, away_mm=0.0, seed=seed)
+    variants = {
+        "original": (img, lesion),
+        "a_white_matter": copy_region(img, lesion, shift_wm),
+        "b_background": copy_region(img, lesion, shift_bg),
+        "c_background_with_3mm": (copy_region(img, ring3, shift_bg)[0], copy_region(img, lesion, shift_bg)[1]),
+    }
+    flair = res.prepared.channels.index("flair")
+    thr = model.spec.threshold
+    panels, rows = {}, []
+    for name, (image, omega) in variants.items():
+        prob = predict_probability(model, image, device=device)
+        maps = smoothgrad(model, image, omega, n_samples=n_samples, seed=seed, device=device,
+                          progress=progress(f"SmoothGrad {name}") if progress else None)
+        # segmented = a lesion instance of the usual post-processing (threshold, 18-connectivity, minimum volume) touches the copy
+        inst = label_instances(prob > thr, spacing=sp, min_volume_mm3=model.spec.min_lesion_mm3)
+        fl = maps[flair]
+        c = {"detected": bool((inst[omega] > 0).any()), "any_voxel_above_threshold": bool((prob[omega] > thr).any()),
+             "voxels_above_threshold": int((prob[omega] > thr).sum()), "mean_probability": float(prob[omega].mean()),
+             "max_probability": float(prob[omega].max()), "map_max": float(fl.max()), "map_min": float(fl.min()),
+             "map_max_abs": float(np.abs(fl).max())}
+        rows.append({"case": case.name, "lesion_id": int(lid), "variant": name, "voxels": int(omega.sum()), **c})
+        panels[name] = {**c, "omega": omega, "probability": prob, "map": fl, "flair": image[flair]}
+    by = {r["variant"]: r for r in rows}
+    checks = {
+        "a_segmented": by["a_white_matter"]["detected"],
+        "b_not_segmented": not by["b_background"]["detected"],
+        "c_not_segmented": not by["c_background_with_3mm"]["detected"],
+        "c_higher_peak_than_b": by["c_background_with_3mm"]["map_max_abs"] > by["b_background"]["map_max_abs"],
+    }
+    summary = {"case": case.name, "lesion_id": int(lid), "samples": n_samples, "shift_white_matter": shift_wm.tolist(),
+               "shift_background": shift_bg.tolist(), "results": by, "paper_expectation_met": checks}
+    return rows, summary, panels
+
+
+PAPER_MEDIAN_POSITIVE_PEAK = {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997}
+
+
+def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volume_mm3=None, device="auto", progress=None, warn=None):
+    """SmoothGrad peaks of TP, FP, FN lesions and ten TN spheres per case, their medians with CIs, pairwise
+    Mann-Whitney U, and the FLAIR vs MPRAGE contribution. Returns (rows, summary)."""
+    from .evaluation import classify_lesions
+    from .saliency import smoothgrad
+
+    warn = warn or _noop
+    cases = list(cases)
+    cats = [classify_lesions(c.result.labels, c.gt) for c in cases]
+    volumes = [v * float(np.prod(c.result.prepared.spacing)) for c, k in zip(cases, cats) for v in np.bincount(k["gt_labels"].ravel())[1:]]
+    tn_volume = tn_volume_mm3 or (float(np.mean(volumes)) if volumes else 93.0)
+    rows = []
+    for case, cat in zip(cases, cats):
+        res = case.result
+        rng = np.random.default_rng(seed)
+
+        def pick(ids):
+            return sorted(rng.choice(ids, size=max_per_group, replace=False).tolist()) if max_per_group and len(ids) > max_per_group else list(ids)
+
+        regions = [("TP", i, res.labels == i) for i in pick(cat["tp"])] + [("FP", i, res.labels == i) for i in pick(cat["fp"])]
+        regions += [("FN", i, cat["gt_labels"] == i) for i in pick(cat["fn"])]
+        try:
+            spheres = tn_spheres(head_region(res.prepared.image), (res.labels > 0) | (case.gt > 0), tn_volume, 10, res.prepared.spacing, seed=seed)
+            regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
+        except InputError as exc:
+            warn(f"{case.name}: {exc}")
+        bar = progress(f"{case.name} regions") if progress else None
+        ch = res.prepared.channels
+        for n, (group, rid, om) in enumerate(regions):
+            try:
+                maps = smoothgrad(model, res.prepared.image, om, n_samples=n_samples, seed=seed, device=device)
+            except Exception as exc:  # one region failing is reported, not fatal
+                warn(f"{case.name} {group} {rid}: {exc}")
+                continue
+            fl, mp = maps[ch.index("flair")], maps[ch.index("mprage")]
+            rows.append({"case": case.name, "group": group, "region_id": int(rid), "voxels": int(om.sum()),
+                         "flair_max": float(fl.max()), "flair_min": float(fl.min()), "mprage_max": float(mp.max()), "mprage_min": float(mp.min()),
+                         **modality_contribution(maps, om, ch)})
+            if bar:
+                bar(n + 1, len(regions))
+    if not rows:
+        raise InputError("no region could be analysed")
+    groups = ("TN", "FN", "FP", "TP")
+    summary = {"samples": n_samples, "tn_volume_mm3": tn_volume, "cases": [c.name for c in cases],
+               "medians_positive_peak": {g: median_ci([r["flair_max"] for r in rows if r["group"] == g]) for g in groups},
+               "medians_negative_peak": {g: median_ci([r["flair_min"] for r in rows if r["group"] == g]) for g in groups},
+               "mannwhitney_positive_peak": pairwise_mannwhitney({g: [r["flair_max"] for r in rows if r["group"] == g] for g in groups}),
+               "mannwhitney_negative_peak": pairwise_mannwhitney({g: [r["flair_min"] for r in rows if r["group"] == g] for g in groups}),
+               "paper_medians_positive_peak": PAPER_MEDIAN_POSITIVE_PEAK}
+    return rows, summary
