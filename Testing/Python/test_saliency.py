@@ -268,3 +268,20 @@ def test_gradcampp_upsampled_to_the_input_grid(net, image):
 def test_list_layers_names_the_default_layer(net):
     names = [n for n, _ in list_layers(net)]
     assert LAYER in names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_matches_cpu_and_sizes_chunks_from_memory(net, image):
+    from MSInstanceSaliencyLib.saliency import auto_chunk_size
+
+    om = lesion()
+    cpu = smoothgrad(net, image, om, n_samples=2, context="full", device="cpu")
+    gpu = smoothgrad(net, image, om, n_samples=2, context="full", device="cuda")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
+    x = torch.from_numpy(image)[None].cuda()
+    assert 1 <= auto_chunk_size(net.cuda(), x, torch.device("cuda"), int(om.sum())) <= int(om.sum())
+    net.cpu()
+    cam_cpu = gradcampp(net, image, om, layer=LAYER, device="cpu")
+    cam_gpu = gradcampp(net, image, om, layer=LAYER, device="cuda")
+    np.testing.assert_allclose(cam_gpu, cam_cpu, rtol=1e-3, atol=1e-5 * max(np.abs(cam_cpu).max(), 1e-12))
+    net.cpu()
