@@ -581,6 +581,7 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
             getattr(self, name)()
 
     def _phantomCase(self):
+        self.assertTrue(MSInstanceSaliencyLogic().ensureDependencies(askConfirmation=False), "required Python packages are missing")
         from MSInstanceSaliencyLib.phantom import make_phantom
         from MSInstanceSaliencyLib.volumes import array_from_image
 
