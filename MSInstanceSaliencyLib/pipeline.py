@@ -129,9 +129,10 @@ def run_info(model, result: SegmentationResult, **extra) -> dict:
 
 
 def env_threads() -> None:
-    """Use all cores for torch on CPU (torch defaults may be lower inside some launchers)."""
+    """Use all cores for torch on CPU (torch defaults may be lower inside some launchers), or
+    MSIS_THREADS of them (to run several jobs side by side)."""
     import torch
 
-    n = os.cpu_count() or 1
-    if torch.get_num_threads() < n:
+    n = int(os.environ.get("MSIS_THREADS") or os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
         torch.set_num_threads(n)
