@@ -473,25 +473,24 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
 
     def explain(self, p, progress=None):
         from MSInstanceSaliencyLib.errors import Cancelled
-        from MSInstanceSaliencyLib.saliency import gradcampp, smoothgrad
+        from MSInstanceSaliencyLib.explain import explain
 
         model, case = self.model(p), self.prepared(p)
         mask, name = self.omega(p)
+        gradcam = p.method == "Grad-CAM++"
         try:
-            if p.method == "Grad-CAM++":
-                arr = gradcampp(model, case.image, mask, layer=p.gradcamLayer or None, device=p.device, context=p.context)
-                title = f"{name} Grad-CAM++"
-            else:
-                maps = smoothgrad(model, case.image, mask, n_samples=p.nSamples, sigma=p.sigma,
-                                  aggregation="max" if p.method == "SmoothGrad max" else "mean", context=p.context,
-                                  device=p.device, progress=progress)
-                arr = maps[case.channels.index(p.displayChannel.lower())]
-                title = f"{name} SmoothGrad {p.displayChannel}"
-                if p.method == "SmoothGrad max" and p.displayChannel == "FLAIR":
-                    self._lastFlairMap = (name, maps[case.channels.index("flair")], mask, p.nSamples, p.sigma, p.context)
+            exp = explain(model, case.image, mask, "gradcampp" if gradcam else "smoothgrad", channels=case.channels,
+                          n_samples=p.nSamples, sigma=p.sigma, aggregation="max" if p.method == "SmoothGrad max" else "mean",
+                          context=p.context, layer=p.gradcamLayer or None, device=p.device, progress=progress)
         except Cancelled:
             logging.info("Saliency computation cancelled")
             return None
+        if gradcam:
+            arr, title = exp.maps["gradcampp"], f"{name} Grad-CAM++"
+        else:
+            arr, title = exp.maps[p.displayChannel.lower()], f"{name} SmoothGrad {p.displayChannel}"
+            if p.method == "SmoothGrad max":  # kept for the TP probability, which uses the FLAIR max map
+                self._lastFlairMap = (name, exp.maps["flair"], mask, p.nSamples, p.sigma, p.context)
         replace = None if p.keepEarlierMaps or not p.saliencyVolume else p.saliencyVolume
         node = mrml.add_saliency_volume(arr, p.mprageVolume, title, replace=replace)
         p.saliencyVolume = node

@@ -211,7 +211,7 @@ def _load(args):
 
 def cmd_segment(args) -> int:
     from .instances import format_table
-    from .pipeline import OutputFolder, run_info, segment, write_segmentation
+    from .pipeline import run_info, segment, write_segmentation
     from .progress import ProgressBar
     from .volumes import read_image
 
@@ -268,7 +268,7 @@ def _score_lesions(model, dev, result, args, out) -> dict:
 def cmd_demo(args) -> int:
     from .instances import format_table
     from .phantom import make_phantom
-    from .pipeline import OutputFolder, run_info, segment, write_segmentation
+    from .pipeline import run_info, segment, write_segmentation
     from .progress import ProgressBar
     from .volumes import write_image
 
@@ -358,7 +358,6 @@ def cmd_phantom(args) -> int:
     from .phantom import make_phantom
 
     ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size)
-    from .pipeline import OutputFolder
     from .volumes import write_image
 
     out = OutputFolder(args.out)
