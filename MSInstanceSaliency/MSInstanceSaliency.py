@@ -489,8 +489,8 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
             arr, title = exp.maps["gradcampp"], f"{name} Grad-CAM++"
         else:
             arr, title = exp.maps[p.displayChannel.lower()], f"{name} SmoothGrad {p.displayChannel}"
-            if p.method == "SmoothGrad max":  # kept for the TP probability, which uses the FLAIR max map
-                self._lastFlairMap = (name, exp.maps["flair"], mask, p.nSamples, p.sigma, p.context)
+        # kept so that the TP probability can reuse it when it was made with the classifier's settings
+        self._lastExplanation = None if gradcam or p.useCustomRegion else (int(p.selectedLesion), exp)
         replace = None if p.keepEarlierMaps or not p.saliencyVolume else p.saliencyVolume
         node = mrml.add_saliency_volume(arr, p.mprageVolume, title, replace=replace)
         p.saliencyVolume = node
@@ -522,21 +522,22 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
 
     def tpProbabilityOfSelected(self, p):
         """From the map just computed when its settings are the classifier's, otherwise computed anew."""
-        from MSInstanceSaliencyLib.radiomics import FeatureError, saliency_features
+        from MSInstanceSaliencyLib.radiomics import FeatureError
+        from MSInstanceSaliencyLib.scoring import tp_probability_of_explanation
 
-        clf = self.classifier()
         lid = int(p.selectedLesion)
-        last = getattr(self, "_lastFlairMap", None)
-        s = clf.saliency
-        if last and last[0] == f"Lesion {lid}" and (last[3], last[4], last[5]) == (s.get("n_samples"), s.get("sigma"), s.get("context")):
+        last = getattr(self, "_lastExplanation", None)
+        prob = None
+        if last and last[0] == lid:
             try:
-                f = saliency_features(last[1], last[2], self.prepared(p).spacing)
-                prob = float(clf.predict_proba(clf.features_to_matrix([f]))[0, 1])
+                prob = tp_probability_of_explanation(self.classifier(), last[1], self.prepared(p).spacing)
             except FeatureError as exc:
                 logging.warning(str(exc))
                 return None
-        else:
-            prob = self.scoreLesions(p, [lid]).get(lid)
+        if prob is None:
+            return self.scoreLesions(p, [lid]).get(lid)
+        self._tpCache[lid] = prob
+        mrml.set_tp_probability(p.lesionTable, lid, prob)
         return prob
 
     def scoreLesions(self, p, lesionIds, progress=None):

@@ -35,6 +35,8 @@ def _add_saliency_args(p):
     p.add_argument("--aggregation", default="max", choices=["max", "mean"], help="max: Eq. 3 (signed maximum), mean: Eq. 2")
     p.add_argument("--context", default="patch", choices=["patch", "full"], help="network input: the model's roi around the lesion, or the whole volume")
     p.add_argument("--noise-seed", type=int, default=0, help="SmoothGrad noise seed (same seed, same map)")
+    p.add_argument("--max-omega-voxels", type=int, default=None,
+                   help="SmoothGrad max: the max over a seeded random subset of this many lesion voxels (faster for large lesions; default all)")
     p.add_argument("--layer", default=None, help="Grad-CAM++ layer (default: the model's)")
     p.add_argument("--alpha", default="paper", choices=["paper", "monai", "layercam"], help="Grad-CAM++ weights")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network")
@@ -107,15 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=None)
     p.add_argument("--sigma-mode", default=None, choices=["range", "absolute"])
     p.add_argument("--context", default=None, choices=["patch", "full"])
+    p.add_argument("--max-omega-voxels", type=int, default=None,
+                   help="max over at most this many voxels of each lesion (default 256, as the bundled classifier; 0 = all)")
     _add_segment_args(p)
 
     p = sub.add_parser("train-classifier", help="train the TP/FP logistic regression on a feature table")
-    p.add_argument("features", help="CSV from `msis features` with a ground truth")
+    p.add_argument("features", nargs="+", help="CSV(s) from `msis features` with a ground truth, made with the same settings")
     p.add_argument("--out", required=True, help="classifier JSON to write")
 
     p = sub.add_parser("evaluate-classifier", help="TP, FP, FN, F1 and PPV before/after the classifier, bootstrap CIs, feature importance")
     p.add_argument("classifier")
-    p.add_argument("features", help="test feature table (with ground truth)")
+    p.add_argument("features", nargs="+", help="test feature table(s) (with ground truth)")
     p.add_argument("--out", required=True, help="folder for the JSON report and the importance plot")
     p.add_argument("--threshold", type=float, default=0.5, help="lesions with P(TP) below this are removed")
     p.add_argument("--n-boot", type=int, default=1000)
@@ -316,7 +320,8 @@ def _explain_and_write(model, dev, prepared, omega, label, args, out):
 
     exp = explain(model, prepared.image, omega, args.method, label=label, channels=prepared.channels, n_samples=args.samples, sigma=args.sigma,
                   sigma_mode=args.sigma_mode, aggregation=args.aggregation, context=args.context, seed=args.noise_seed, layer=args.layer,
-                  alpha=args.alpha, device=dev, precision=args.precision, progress=ProgressBar(label=f"{args.method} {label}"))
+                  alpha=args.alpha, device=dev, precision=args.precision, max_omega_voxels=args.max_omega_voxels,
+                  progress=ProgressBar(label=f"{args.method} {label}"))
     return exp, write_explanation(exp, prepared.reference, prepared.flair_on_reference, out)
 
 
@@ -396,7 +401,8 @@ def cmd_features(args) -> int:
     from .scoring import case_feature_rows, phantom_feature_table, saliency_settings, write_feature_rows
     from .volumes import array_from_image, read_image, same_grid
 
-    settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context)
+    settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context,
+                                 max_omega_voxels=args.max_omega_voxels)
     model, dev = _load(args)
     if args.phantom_patients:
         path = phantom_feature_table(model, _parse_patients(args.phantom_patients), args.out, settings, seed_base=args.phantom_seed_base,
@@ -434,18 +440,17 @@ def cmd_features(args) -> int:
 
 def cmd_train_classifier(args) -> int:
     from .radiomics import TPClassifier, default_feature_names
-    from .scoring import labelled_matrix, read_feature_rows
+    from .scoring import labelled_matrix, read_feature_tables
 
     out = Path(args.out)
     if out.exists():
         raise InputError(f"{out} already exists; choose another --out")
     names = default_feature_names()
-    rows = read_feature_rows(args.features)
-    settings = _table_settings(args.features)
+    rows, settings = read_feature_tables(args.features)
     X, y, usable = labelled_matrix(rows, names)
     clf = TPClassifier(saliency=settings)
     clf.fit(X, y, names)
-    clf.training_info = {"features": str(Path(args.features).name), "n_tp": int(y.sum()), "n_fp": int((y == 0).sum()),
+    clf.training_info = {"features": [Path(f).name for f in args.features], "n_tp": int(y.sum()), "n_fp": int((y == 0).sum()),
                          "cases": sorted({r["case"] for r in usable})}
     clf.save(out)
     nz = int((clf.coef_ != 0).sum())
@@ -453,25 +458,15 @@ def cmd_train_classifier(args) -> int:
     return 0
 
 
-def _table_settings(features_csv) -> dict:
-    """Saliency settings of a feature table: from the manifest beside it, else the defaults."""
-    from .scoring import saliency_settings
-
-    side = Path(str(features_csv) + ".json")
-    if side.is_file():
-        return json.loads(side.read_text())["saliency"]
-    return saliency_settings()
-
-
 def cmd_evaluate_classifier(args) -> int:
     import numpy as np
 
     from .radiomics import TPClassifier, bootstrap_detection, importance_figure
-    from .scoring import read_feature_rows
+    from .scoring import read_feature_tables
 
     clf = TPClassifier.load(args.classifier)
-    clf.check_settings(**_table_settings(args.features))
-    rows = read_feature_rows(args.features)
+    rows, settings = read_feature_tables(args.features)
+    clf.check_settings(**settings)
     scored = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
     unscored = [r for r in rows if r["kind"] in ("TP", "FP") and r.get("error")]
     if unscored:
@@ -481,7 +476,7 @@ def cmd_evaluate_classifier(args) -> int:
     is_tp = np.array([r["kind"] == "TP" for r in scored] + [r["kind"] == "TP" for r in unscored], bool)
     keep = np.concatenate([p >= args.threshold, np.ones(len(unscored), bool)])
     rep = bootstrap_detection(is_tp, keep, n_fn, n_boot=args.n_boot, seed=args.seed)
-    rep.update({"threshold": args.threshold, "classifier": str(args.classifier), "features": str(args.features)})
+    rep.update({"threshold": args.threshold, "classifier": str(args.classifier), "features": [str(f) for f in args.features]})
     out = OutputFolder(args.out)
     (out.file("classifier_evaluation.json")).write_text(json.dumps(rep, indent=2) + "\n")
     importance_figure(clf, out.file("feature_importance.png"))

@@ -45,13 +45,15 @@ def omega_from_mask(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
 
 def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgrad", *, label="lesion", channels=("flair", "mprage"),
             n_samples=50, sigma=0.05, sigma_mode="range", aggregation="max", context="patch", seed=0, layer=None,
-            alpha="paper", device="auto", progress=None, precision="fp32") -> Explanation:
+            alpha="paper", device="auto", progress=None, precision="fp32", max_omega_voxels=None) -> Explanation:
     from . import saliency
 
     if method == "smoothgrad":
         maps = saliency.smoothgrad(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
-                                   context=context, seed=seed, device=device, progress=progress, precision=precision)
-        params = dict(n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=seed, precision=precision)
+                                   context=context, seed=seed, device=device, progress=progress, precision=precision,
+                                   max_omega_voxels=max_omega_voxels)
+        params = dict(n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=seed,
+                      precision=precision, max_omega_voxels=max_omega_voxels if aggregation == "max" else None)
         return Explanation(method, {c: maps[i] for i, c in enumerate(channels)}, omega, label, params)
     if method == "gradcampp":
         m = saliency.gradcampp(model, image, omega, layer=layer, alpha=alpha, device=device, context=context)

@@ -121,7 +121,7 @@ class TPClassifier:
 
     scikit-learn style: fit(X, y), predict_proba(X) -> (n, 2), predict(X). `saliency` records the
     SmoothGrad settings the training features came from (method, aggregation, n_samples, sigma,
-    sigma_mode, context); `check_settings` refuses others.
+    sigma_mode, context, max_omega_voxels); `check_settings` refuses others.
     """
 
     C: float = 1.0
@@ -195,7 +195,9 @@ class TPClassifier:
 
     def check_settings(self, **saliency) -> None:
         """Refuse saliency settings other than those the classifier was trained with."""
-        diff = {k: (self.saliency.get(k), v) for k, v in saliency.items() if k in self.saliency and self.saliency[k] != v}
+        # files from before max_omega_voxels existed were trained on maps over all of Ω (None)
+        known = set(self.saliency) | {"max_omega_voxels"}
+        diff = {k: (self.saliency.get(k), v) for k, v in saliency.items() if k in known and self.saliency.get(k) != v}
         if diff:
             text = ", ".join(f"{k}={got!r} (classifier: {want!r})" for k, (want, got) in diff.items())
             raise InputError(f"these saliency settings differ from the ones the classifier was trained with: {text}; "

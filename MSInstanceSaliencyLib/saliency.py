@@ -241,6 +241,17 @@ def noise_stream(shape, sd: float, seed: int):
         yield torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * sd
 
 
+def omega_sample(n_omega: int, max_voxels: int | None, seed: int) -> np.ndarray:
+    """Positions (ascending, so ties resolve as over all of Ω) of the Ω voxels that the max runs over:
+    all of them, or a random subset of `max_voxels` drawn from a generator seeded with `seed`."""
+    if max_voxels is not None and int(max_voxels) < 1:
+        raise InputError(f"max_omega_voxels must be >= 1 or None, got {max_voxels}")
+    if max_voxels is None or n_omega <= int(max_voxels):
+        return np.arange(n_omega)
+    rng = np.random.default_rng([int(seed), 0x0A3E6A])  # its own stream, apart from the noise's
+    return np.sort(rng.choice(n_omega, size=int(max_voxels), replace=False))
+
+
 def smoothgrad(
     model,
     image,
@@ -258,6 +269,7 @@ def smoothgrad(
     chunk_size: int | None = None,
     precision: str = "fp32",
     roi_size=None,
+    max_omega_voxels: int | None = None,
 ) -> np.ndarray:
     """Instance-level SmoothGrad of the lesion Ω: float32 (C, X, Y, Z) on the image's grid.
 
@@ -269,6 +281,9 @@ def smoothgrad(
     context="patch" runs the network on the model's roi around Ω (maps are zero outside it);
     "full" on the whole volume, as the authors' scripts did. `progress(done, total)` is called
     after every chunk of VJPs; returning False or raising `errors.Cancelled` stops the work.
+    max_omega_voxels (max aggregation only): when Ω has more voxels, the maximum runs over a seeded
+    random subset of that many of them (`omega_sample`), bounding the cost of confluent lesions at
+    N x max_omega_voxels VJPs. An approximation, off (None) by default; docs/PERFORMANCE.md measures it.
     """
     import torch
 
@@ -288,7 +303,10 @@ def smoothgrad(
 
     x0 = _crop_pad(torch.from_numpy(image), box).to(dev)
     om = _crop_pad(torch.from_numpy(omega), box).reshape(-1)
-    omega_idx = torch.nonzero(om).squeeze(1).to(dev)
+    omega_idx = torch.nonzero(om).squeeze(1)
+    if aggregation == "max":
+        omega_idx = omega_idx[torch.from_numpy(omega_sample(int(omega_idx.numel()), max_omega_voxels, seed))]
+    omega_idx = omega_idx.to(dev)
     n_omega = int(omega_idx.numel())
     noises = noise_stream((image.shape[0],) + box.shape, sd, seed)
 

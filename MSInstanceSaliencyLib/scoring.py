@@ -1,8 +1,8 @@
 """Per-lesion TP probability: SmoothGrad map -> 93 radiomic features -> logistic regression.
 
 The features of a lesion always come from its max-aggregated SmoothGrad map w.r.t. FLAIR made with
-the settings recorded in the classifier (n_samples, sigma, sigma_mode, context), so training and
-use see the same saliency definition.
+the settings recorded in the classifier (n_samples, sigma, sigma_mode, context, max_omega_voxels),
+so training and use see the same saliency definition.
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ from .radiomics import FeatureError, TPClassifier, default_classifier_path, make
 log = logging.getLogger(__name__)
 
 DEFAULT_SETTINGS = {"method": "smoothgrad", "aggregation": "max", "channel": "flair", "n_samples": 10, "sigma": 0.05,
-                    "sigma_mode": "range", "context": "patch", "seed": 0}
+                    "sigma_mode": "range", "context": "patch", "seed": 0,
+                    # the max over at most 256 voxels of Ω: confluent lesions of thousands of voxels would
+                    # otherwise cost hours each on a CPU (docs/PERFORMANCE.md measures the approximation)
+                    "max_omega_voxels": 256}
 META_COLUMNS = ["case", "lesion_id", "kind", "label", "voxels", "error"]
 
 
 def saliency_settings(**overrides) -> dict:
+    """DEFAULT_SETTINGS with the given (not None) values; max_omega_voxels=0 means all of Ω."""
     s = dict(DEFAULT_SETTINGS)
     s.update({k: v for k, v in overrides.items() if v is not None})
+    if s.get("max_omega_voxels") == 0:
+        s["max_omega_voxels"] = None
     return s
 
 
@@ -46,7 +52,7 @@ def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: d
         try:
             maps = smoothgrad(model, prepared.image, omega, n_samples=int(settings["n_samples"]), sigma=float(settings["sigma"]),
                               sigma_mode=settings["sigma_mode"], aggregation=settings["aggregation"], context=settings["context"],
-                              seed=int(settings.get("seed", 0)), device=device)
+                              seed=int(settings.get("seed", 0)), max_omega_voxels=settings.get("max_omega_voxels"), device=device)
             out[int(lid)] = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
         except (FeatureError, InputError) as exc:
             out[int(lid)] = FeatureError(f"lesion {lid}: {exc}")
@@ -65,12 +71,24 @@ def load_classifier(path=None) -> TPClassifier:
 
 def tp_probabilities(model, prepared, labels, lesion_ids, classifier: TPClassifier, *, device="auto", progress=None, on_error=None) -> dict:
     """{lesion_id: P(TP)} (None where features could not be computed)."""
-    settings = saliency_settings(**{k: classifier.saliency.get(k) for k in DEFAULT_SETTINGS})
+    # a classifier file without max_omega_voxels was trained on maps over all of Ω
+    settings = {**DEFAULT_SETTINGS, "max_omega_voxels": None, **classifier.saliency}
     feats = lesion_features(model, prepared, labels, lesion_ids, settings, device=device, progress=progress, on_error=on_error)
     probs = {}
     for lid, f in feats.items():
         probs[lid] = None if isinstance(f, Exception) else float(classifier.predict_proba(classifier.features_to_matrix([f]))[0, 1])
     return probs
+
+
+def tp_probability_of_explanation(classifier: TPClassifier, explanation, spacing):
+    """P(TP) from a SmoothGrad explanation already computed, or None when its settings are not the
+    classifier's (then the map would not mean what the classifier learnt; use `tp_probabilities`)."""
+    want = {**DEFAULT_SETTINGS, "max_omega_voxels": None, **classifier.saliency}
+    used = {"method": explanation.method, "channel": "flair" if "flair" in explanation.maps else None, **explanation.params}
+    if used.get("precision", "fp32") != "fp32" or any(used.get(k) != want[k] for k in DEFAULT_SETTINGS):
+        return None
+    f = saliency_features(explanation.maps["flair"], explanation.omega, spacing)
+    return float(classifier.predict_proba(classifier.features_to_matrix([f]))[0, 1])
 
 
 # ----------------------------------------------------------------------------- feature tables
@@ -125,6 +143,35 @@ def write_table_manifest(path, settings: dict, **info) -> Path:
     return side
 
 
+def table_settings(path) -> dict:
+    """Saliency settings of a feature table: from the manifest beside it, else the defaults."""
+    import json
+
+    side = Path(str(path) + ".json")
+    if side.is_file():
+        return json.loads(side.read_text())["saliency"]
+    return saliency_settings()
+
+
+def read_feature_tables(paths) -> tuple[list[dict], dict]:
+    """The rows of one or more feature tables made with the same saliency settings, and those settings."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    settings = table_settings(paths[0])
+    rows, seen = [], {}
+    for p in paths:
+        other = table_settings(p)
+        if other != settings:
+            raise InputError(f"{p} was made with other saliency settings than {paths[0]} ({other} vs {settings}); "
+                             "tables can only be combined when their maps are defined alike")
+        table = read_feature_rows(p)
+        for case in {r["case"] for r in table}:
+            if case in seen:
+                raise InputError(f"case {case} is in both {seen[case]} and {p}; give each table once")
+            seen[case] = p
+        rows += table
+    return rows, settings
+
+
 def read_feature_rows(path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
@@ -159,7 +206,13 @@ def phantom_feature_table(model, patients, out_csv, settings: dict, *, seed_base
     from .volumes import array_from_image
 
     names = default_feature_names()
-    done = {r["case"] for r in read_feature_rows(out_csv)} if Path(out_csv).is_file() else set()
+    done = set()
+    if Path(out_csv).is_file():
+        done = {r["case"] for r in read_feature_rows(out_csv)}
+        earlier = table_settings(out_csv)
+        if earlier != settings:
+            raise InputError(f"{out_csv} holds features made with other saliency settings ({earlier}); "
+                             "resume with those or write a new table")
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     write_table_manifest(out_csv, settings, model=model.spec.name, phantom_seed_base=seed_base, max_tp_per_case=max_tp_per_case)
     for p in patients:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from MSInstanceSaliencyLib.errors import InputError
 from MSInstanceSaliencyLib.volumes import array_from_image, same_grid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +181,7 @@ def test_explain_unknown_lesion_and_empty_mask(phantom_files, tiny_model_dir, tm
     assert_clean_error(res, "mask is empty")
 
 
-def _feature_table(path, n_samples=1):
+def _feature_table(path, n_samples=1, cases=("c0", "c1", "c2")):
     """A feature table from real pyradiomics features of synthetic saliency maps, with missed lesions."""
     from test_radiomics import lesion_map
 
@@ -194,6 +195,7 @@ def _feature_table(path, n_samples=1):
         rows.append({"case": f"c{i % 3}", "lesion_id": i + 1, "kind": "TP" if tp else "FP", "label": int(tp), "voxels": int(les.sum()),
                      **saliency_features(m, les)})
     rows += [{"case": "c0", "lesion_id": "gt1", "kind": "FN"}, {"case": "c1", "lesion_id": "gt4", "kind": "FN"}]
+    rows = [r for r in rows if r["case"] in cases]
     write_feature_rows(rows, path, default_feature_names())
     write_table_manifest(path, saliency_settings(n_samples=n_samples))
     return path
@@ -214,6 +216,17 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
     # features made with other saliency settings are refused
     other = _feature_table(tmp_path / "other.csv", n_samples=50)
     assert_clean_error(msis("evaluate-classifier", tmp_path / "clf.json", other, "--out", tmp_path / "ev2"), "n_samples=50")
+    # a cohort split over several tables counts as one; mixing settings or repeating a case is refused
+    a = _feature_table(tmp_path / "a.csv", cases=("c0", "c1"))
+    b = _feature_table(tmp_path / "b.csv", cases=("c2",))
+    res = msis("evaluate-classifier", tmp_path / "clf.json", a, b, "--out", tmp_path / "ev3", "--n-boot", 200)
+    assert res.returncode == 0, res.stderr
+    rep3 = json.loads((tmp_path / "ev3" / "classifier_evaluation.json").read_text())
+    assert rep3["counts_before"] == rep["counts_before"] and rep3["counts_after"] == rep["counts_after"]
+    assert msis("train-classifier", a, b, "--out", tmp_path / "clf_ab.json").returncode == 0
+    np.testing.assert_allclose(json.loads((tmp_path / "clf_ab.json").read_text())["coef"], clf["coef"], rtol=1e-9, atol=1e-12)
+    assert_clean_error(msis("train-classifier", a, other, "--out", tmp_path / "clf2.json"), "other saliency settings")
+    assert_clean_error(msis("train-classifier", a, a, "--out", tmp_path / "clf3.json"), "is in both")
 
 
 def test_segment_with_tp_probability_and_pruning(tmp_path):
@@ -292,3 +305,13 @@ def test_stats_peaks_command_on_a_phantom(tmp_path):
     assert s["medians_positive_peak"]["TN"]["n"] == 10
     for name in ("peaks_violin.png", "modality_contribution.png"):
         assert (out / name).is_file()
+
+
+def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
+    from MSInstanceSaliencyLib.scoring import phantom_feature_table, saliency_settings
+
+    table = _feature_table(tmp_path / "features.csv", n_samples=50)
+    before = table.read_bytes()
+    with pytest.raises(InputError, match="other saliency settings"):
+        phantom_feature_table(None, [1], table, saliency_settings(n_samples=10))
+    assert table.read_bytes() == before  # nothing appended

@@ -176,3 +176,29 @@ def test_importance_plot(fitted, tmp_path):
     assert max(abs(v) for v in imp.values()) == pytest.approx(1.0)
     p = importance_figure(clf, tmp_path / "imp.png")
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_files_without_omega_cap_refuse_capped_maps(fitted):
+    clf, _, _, _ = fitted  # trained without max_omega_voxels: on maps over all of Ω
+    clf.check_settings(max_omega_voxels=None)
+    with pytest.raises(InputError, match="max_omega_voxels=256"):
+        clf.check_settings(max_omega_voxels=256)
+
+
+def test_tp_probability_reuses_an_explanation_only_with_the_classifier_settings(fitted):
+    from MSInstanceSaliencyLib.explain import Explanation
+    from MSInstanceSaliencyLib.scoring import tp_probability_of_explanation
+
+    clf, _, _, _ = fitted
+    m, les = lesion_map(77)
+    params = dict(n_samples=10, sigma=0.05, sigma_mode="range", aggregation="max", context="patch", seed=0, precision="fp32",
+                  max_omega_voxels=None)
+    exp = Explanation("smoothgrad", {"flair": m, "mprage": -m}, les, "lesion1", params)
+    direct = clf.predict_proba(clf.features_to_matrix([saliency_features(m, les)]))[0, 1]
+    assert tp_probability_of_explanation(clf, exp, (1.0, 1.0, 1.0)) == pytest.approx(direct)
+    for change in ({"n_samples": 50}, {"aggregation": "mean"}, {"context": "full"}, {"seed": 1}, {"precision": "bf16"},
+                   {"max_omega_voxels": 256}):
+        other = Explanation("smoothgrad", exp.maps, les, "lesion1", {**params, **change})
+        assert tp_probability_of_explanation(clf, other, (1.0, 1.0, 1.0)) is None, change
+    gc = Explanation("gradcampp", {"gradcampp": m}, les, "lesion1", {"context": "patch"})
+    assert tp_probability_of_explanation(clf, gc, (1.0, 1.0, 1.0)) is None

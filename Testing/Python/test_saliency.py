@@ -7,7 +7,7 @@ from monai.networks.nets import UNet
 
 from MSInstanceSaliencyLib.errors import Cancelled, InputError
 from MSInstanceSaliencyLib.saliency import (
-    context_box, gradcampp, list_layers, noise_sigma, noise_stream, smoothgrad,
+    context_box, gradcampp, list_layers, noise_sigma, noise_stream, omega_sample, smoothgrad,
 )
 
 SHAPE = (16, 16, 16)
@@ -285,3 +285,22 @@ def test_cuda_matches_cpu_and_sizes_chunks_from_memory(net, image):
     cam_gpu = gradcampp(net, image, om, layer=LAYER, device="cuda")
     np.testing.assert_allclose(cam_gpu, cam_cpu, rtol=1e-3, atol=1e-5 * max(np.abs(cam_cpu).max(), 1e-12))
     net.cpu()
+
+
+def test_max_over_a_sample_of_omega_equals_the_loop_over_that_sample(net, image):
+    om = lesion()  # 18 voxels
+    keep = omega_sample(int(om.sum()), 5, seed=4)
+    assert len(keep) == 5 and np.all(np.diff(keep) > 0)
+    sub = np.zeros_like(om)
+    sub[tuple(np.argwhere(om)[keep].T)] = True
+    ours = smoothgrad(net, image, om, n_samples=1, sigma=0.0, context="full", seed=4, device="cpu", max_omega_voxels=5)
+    ref = loop_reference(net, image, sub, [torch.zeros(2, *SHAPE)], "max")
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # a cap at or above |Ω| changes nothing; mean aggregation ignores it (one backward pass anyway)
+    exact = smoothgrad(net, image, om, n_samples=1, sigma=0.0, context="full", device="cpu")
+    np.testing.assert_array_equal(smoothgrad(net, image, om, n_samples=1, sigma=0.0, context="full", device="cpu", max_omega_voxels=18), exact)
+    mean = smoothgrad(net, image, om, n_samples=1, sigma=0.0, aggregation="mean", context="full", device="cpu")
+    np.testing.assert_array_equal(
+        smoothgrad(net, image, om, n_samples=1, sigma=0.0, aggregation="mean", context="full", device="cpu", max_omega_voxels=2), mean)
+    with pytest.raises(InputError, match="max_omega_voxels"):
+        smoothgrad(net, image, om, n_samples=1, device="cpu", max_omega_voxels=0)
