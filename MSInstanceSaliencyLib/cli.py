@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2024, help="phantom seed")
     p.add_argument("--patient", type=int, default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
     p.add_argument("--lesion", type=int, default=None, help="lesion to explain (default: the one closest to 100 voxels)")
+    p.add_argument("--no-tp-probability", action="store_true", help="skip scoring every lesion with the TP/FP classifier")
+    p.add_argument("--classifier", default=None, help="classifier JSON (default: the one bundled with the demo model)")
     _add_saliency_args(p)
     _add_segment_args(p)
 
@@ -278,15 +280,20 @@ def cmd_demo(args) -> int:
 
     t0 = time.time()
     out = OutputFolder(args.out)
-    print(f"[1/4] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
+    print(f"[1/5] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
     ph = make_phantom(args.seed, patient=args.patient)
     for name in ("flair", "mprage", "lesions"):
         write_image(getattr(ph, name), out.file(f"phantom_{name}.nii.gz"))
-    print("[2/4] loading the model ...", file=sys.stderr)
+    print("[2/5] loading the model ...", file=sys.stderr)
     model, dev = _load(args)
-    print(f"[3/4] segmenting on {dev} ...", file=sys.stderr)
+    print(f"[3/5] segmenting on {dev} ...", file=sys.stderr)
     result = segment(ph.flair, ph.mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
                      progress=ProgressBar(label="segmenting windows"))
+    scoring = {}
+    if result.table and not args.no_tp_probability:
+        print("[4/5] TP probability of every lesion (saliency radiomics + logistic regression) ...", file=sys.stderr)
+        args.prune_below = None
+        scoring = _score_lesions(model, dev, result, args, out)
     paths = write_segmentation(result, out)
     from .evaluation import evaluate_case
     from .volumes import array_from_image
@@ -296,7 +303,7 @@ def cmd_demo(args) -> int:
     saliency_paths = {}
     if result.table:
         lesion = args.lesion or min(result.table, key=lambda r: abs(r["voxels"] - 100))["lesion_id"]
-        print(f"[4/4] SmoothGrad ({args.aggregation}, N={args.samples}) of lesion {lesion} on {dev} ...", file=sys.stderr)
+        print(f"[5/5] SmoothGrad ({args.aggregation}, N={args.samples}) of lesion {lesion} on {dev} ...", file=sys.stderr)
         args.method = "smoothgrad"
         from .explain import omega_from_lesion
 
@@ -304,7 +311,7 @@ def cmd_demo(args) -> int:
         _, saliency_paths = _explain_and_write(model, dev, result.prepared, omega_from_lesion(result.labels, lesion), f"lesion{lesion}", args, out)
         print(f"saliency of lesion {lesion} in {time.time() - t1:.0f} s")
     out.close(**run_info(model, result, command="demo", seed=args.seed, patient=args.patient, metrics=metrics,
-                         total_s=round(time.time() - t0, 1)))
+                         total_s=round(time.time() - t0, 1), **scoring))
     print(f"against the phantom's ground truth: TP {metrics['tp']}  FP {metrics['fp']}  FN {metrics['fn']}  "
           f"F1 {metrics['f1']:.3f}  PPV {metrics['ppv']:.3f}  Dice {metrics['dice']:.3f}")
     for k, v in {**paths, **{f"saliency_{k}": v for k, v in saliency_paths.items()}}.items():
