@@ -341,6 +341,7 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         self._models = {}
         self._prepared = {}
         self._tpCache = {}
+        self._lastExplanation = None  # (lesion id, Explanation) of the last SmoothGrad of a lesion
 
     def getParameterNode(self):
         return MSInstanceSaliencyParameterNode(super().getParameterNode())
@@ -429,6 +430,7 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         mrml.fill_lesion_table(p.lesionTable, rows)
         p.selectedLesion = 0
         self._tpCache = {}
+        self._lastExplanation = None  # lesion ids now name other lesions
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=None, label=None, fit=True)
         return rows
 
@@ -526,7 +528,7 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         from MSInstanceSaliencyLib.scoring import tp_probability_of_explanation
 
         lid = int(p.selectedLesion)
-        last = getattr(self, "_lastExplanation", None)
+        last = self._lastExplanation
         prob = None
         if last and last[0] == lid:
             try:
@@ -635,13 +637,11 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
 
     def test_tp_probability_range(self):
         logic, p, rows = self._segmented()
-        try:
-            logic.classifier()
-        except ValueError as exc:
-            self.skipTest(str(exc))
-        probs = logic.scoreLesions(p, [rows[0]["lesion_id"]])
-        prob = probs[rows[0]["lesion_id"]]
-        self.assertTrue(prob is None or 0.0 <= prob <= 1.0)
+        lesion = min(rows, key=lambda r: r["voxels"])["lesion_id"]
+        probs = logic.scoreLesions(p, [lesion])  # the bundled classifier
+        self.assertTrue(0.0 <= probs[lesion] <= 1.0)
+        shown = {int(r["Lesion"]): r["TP probability"] for r in mrml.lesion_table_rows(p.lesionTable)}
+        self.assertAlmostEqual(shown[lesion], probs[lesion], places=5)
 
     def test_parameter_node_survives_scene_save_and_reload(self):
         import tempfile
