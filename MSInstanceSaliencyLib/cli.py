@@ -468,7 +468,7 @@ def cmd_train_classifier(args) -> int:
 def cmd_evaluate_classifier(args) -> int:
     import numpy as np
 
-    from .radiomics import TPClassifier, bootstrap_detection, importance_figure
+    from .radiomics import TPClassifier, bootstrap_detection, importance_figure, probability_figure, roc_auc_with_ci
     from .scoring import read_feature_tables
 
     clf = TPClassifier.load(args.classifier)
@@ -483,10 +483,17 @@ def cmd_evaluate_classifier(args) -> int:
     is_tp = np.array([r["kind"] == "TP" for r in scored] + [r["kind"] == "TP" for r in unscored], bool)
     keep = np.concatenate([p >= args.threshold, np.ones(len(unscored), bool)])
     rep = bootstrap_detection(is_tp, keep, n_fn, n_boot=args.n_boot, seed=args.seed)
+    rep["roc_auc"] = roc_auc_with_ci(is_tp[: len(scored)], p, n_boot=args.n_boot, seed=args.seed)
     rep.update({"threshold": args.threshold, "classifier": str(args.classifier), "features": [str(f) for f in args.features]})
     out = OutputFolder(args.out)
     (out.file("classifier_evaluation.json")).write_text(json.dumps(rep, indent=2) + "\n")
     importance_figure(clf, out.file("feature_importance.png"))
+    voxels = [float(r["voxels"]) for r in scored]
+    probability_figure(p, is_tp[: len(scored)], voxels, args.threshold, out.file("tp_probability.png"))
+    per_lesion = [{"case": r["case"], "lesion_id": r["lesion_id"], "kind": r["kind"], "voxels": r["voxels"], "tp_probability": round(float(q), 6)}
+                  for r, q in zip(scored, p)]
+    if per_lesion:
+        _write_rows(out.file("test_probabilities.csv"), per_lesion)
     out.close(command="evaluate-classifier")
     cb, ca = rep["counts_before"], rep["counts_after"]
     print(f"U-Net alone:      TP {cb['tp']}  FP {cb['fp']}  FN {cb['fn']}")
@@ -494,7 +501,10 @@ def cmd_evaluate_classifier(args) -> int:
     for k in ("f1_before", "f1_after", "ppv_before", "ppv_after"):
         v = rep[k]
         print(f"{k:<11} {v['point']:.4f}  bootstrap mean {v['mean']:.4f}  95% CI [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]")
-    print(f"report: {out.path / 'classifier_evaluation.json'}; importance plot: {out.path / 'feature_importance.png'}")
+    auc = rep["roc_auc"]
+    if auc["point"] is not None:
+        print(f"ROC AUC (TP vs FP) {auc['point']:.4f}  95% CI [{auc['ci95'][0]:.4f}, {auc['ci95'][1]:.4f}]")
+    print(f"report: {out.path / 'classifier_evaluation.json'}; plots: {out.path / 'feature_importance.png'}, {out.path / 'tp_probability.png'}")
     return 0
 
 

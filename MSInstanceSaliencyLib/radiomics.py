@@ -347,3 +347,45 @@ def importance_figure(clf: TPClassifier, path, top: int = 10):
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
     return path
+
+
+def roc_auc_with_ci(is_tp, probability, n_boot: int = 1000, seed: int = 0) -> dict:
+    """ROC AUC of P(TP) for telling TPs from FPs (threshold-free), with a 95% percentile bootstrap CI
+    over the scored lesions (resamples holding one class only are skipped)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(is_tp, int)
+    p = np.asarray(probability, float)
+    if y.min(initial=1) == y.max(initial=0):
+        return {"point": None, "mean": None, "ci95": [None, None], "note": "needs both TP and FP lesions"}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            boots.append(roc_auc_score(y[idx], p[idx]))
+    return {"point": float(roc_auc_score(y, p)), "mean": float(np.mean(boots)),
+            "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))], "n_boot_used": len(boots)}
+
+
+def probability_figure(probability, is_tp, voxels, threshold: float, path):
+    """P(TP) of every scored test lesion against its size, TPs and FPs apart, with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    p, tp, v = np.asarray(probability, float), np.asarray(is_tp, bool), np.asarray(voxels, float)
+    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    ax.scatter(v[tp], p[tp], s=10, alpha=0.5, color="tab:red", label=f"TP ({tp.sum()})")
+    ax.scatter(v[~tp], p[~tp], s=28, marker="x", color="tab:blue", label=f"FP ({(~tp).sum()})")
+    ax.axhline(threshold, color="k", lw=0.8, ls="--", label=f"threshold {threshold:g}")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("lesion size (voxels)")
+    ax.set_ylabel("P(TP) from saliency radiomics")
+    ax.set_title("TP/FP classifier on the test lesions")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return path

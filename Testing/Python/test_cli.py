@@ -212,7 +212,11 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
     rep = json.loads((tmp_path / "ev" / "classifier_evaluation.json").read_text())
     assert rep["counts_before"] == {"tp": 20, "fp": 10, "fn": 2}
     assert rep["f1_after"]["ci95"][0] <= rep["f1_after"]["point"] <= rep["f1_after"]["ci95"][1]
-    assert (tmp_path / "ev" / "feature_importance.png").is_file()
+    assert (tmp_path / "ev" / "feature_importance.png").is_file() and (tmp_path / "ev" / "tp_probability.png").is_file()
+    auc = rep["roc_auc"]
+    assert 0.5 < auc["point"] <= 1.0 and auc["ci95"][0] <= auc["point"] <= auc["ci95"][1]
+    per_lesion = list(csv.DictReader(open(tmp_path / "ev" / "test_probabilities.csv")))
+    assert len(per_lesion) == 30 and all(0.0 <= float(r["tp_probability"]) <= 1.0 for r in per_lesion)
     # features made with other saliency settings are refused
     other = _feature_table(tmp_path / "other.csv", n_samples=50)
     assert_clean_error(msis("evaluate-classifier", tmp_path / "clf.json", other, "--out", tmp_path / "ev2"), "n_samples=50")

@@ -202,3 +202,17 @@ def test_tp_probability_reuses_an_explanation_only_with_the_classifier_settings(
         assert tp_probability_of_explanation(clf, other, (1.0, 1.0, 1.0)) is None, change
     gc = Explanation("gradcampp", {"gradcampp": m}, les, "lesion1", {"context": "patch"})
     assert tp_probability_of_explanation(clf, gc, (1.0, 1.0, 1.0)) is None
+
+
+def test_roc_auc_is_the_share_of_correctly_ordered_tp_fp_pairs():
+    from MSInstanceSaliencyLib.radiomics import roc_auc_with_ci
+
+    rng = np.random.default_rng(3)
+    y = rng.random(60) < 0.7
+    p = np.clip(rng.normal(0.45 + 0.2 * y, 0.2), 0, 1)
+    pairs = [(a > b) + 0.5 * (a == b) for a in p[y] for b in p[~y]]  # a plain loop over TP-FP pairs
+    auc = roc_auc_with_ci(y, p, n_boot=300, seed=1)
+    assert auc["point"] == pytest.approx(np.mean(pairs))
+    assert auc["ci95"][0] <= auc["point"] <= auc["ci95"][1]
+    assert roc_auc_with_ci(y, p, n_boot=300, seed=1) == auc
+    assert roc_auc_with_ci(np.ones(5, bool), p[:5])["point"] is None
