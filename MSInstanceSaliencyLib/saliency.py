@@ -34,19 +34,25 @@ def _network_and_spec(model):
 
 
 @contextlib.contextmanager
-def frozen(net):
-    """Eval mode and no parameter gradients for the duration; the caller's settings are restored."""
+def frozen(net, device=None):
+    """Eval mode, no parameter gradients and (given a device) the network on it for the duration;
+    the caller's mode, flags and device are restored (a no-op move for a LoadedModel, already there)."""
     was_training = net.training
     flags = [(p, p.requires_grad) for p in net.parameters()]
+    home = flags[0][0].device if flags else None
     net.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
+        if device is not None:
+            net.to(device)
         yield net
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         net.train(was_training)
+        if device is not None and home is not None:
+            net.to(home)
 
 
 def size_divisor(spec) -> int:
@@ -310,8 +316,7 @@ def smoothgrad(
     n_omega = int(omega_idx.numel())
     noises = noise_stream((image.shape[0],) + box.shape, sd, seed)
 
-    with frozen(net):
-        net.to(dev)
+    with frozen(net, dev):
         if chunk_size is None:
             chunk = auto_chunk_size(net, x0[None], dev, n_omega) if aggregation == "max" else 1
         else:
@@ -459,8 +464,7 @@ def gradcampp(
     store = {}
     handle = modules[layer].register_forward_hook(lambda _m, _i, out: store.__setitem__("A", out))
     try:
-        with frozen(net):
-            net.to(dev)
+        with frozen(net, dev):
             x.requires_grad_(True)  # so that the layer's activations are part of the graph
             out = net(x)
             logits = out[:, target_class]

@@ -278,6 +278,7 @@ def test_cuda_matches_cpu_and_sizes_chunks_from_memory(net, image):
     cpu = smoothgrad(net, image, om, n_samples=2, context="full", device="cpu")
     gpu = smoothgrad(net, image, om, n_samples=2, context="full", device="cuda")
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
+    assert next(net.parameters()).device.type == "cpu"  # a plain module goes back where it was
     x = torch.from_numpy(image)[None].cuda()
     assert 1 <= auto_chunk_size(net.cuda(), x, torch.device("cuda"), int(om.sum())) <= int(om.sum())
     net.cpu()
