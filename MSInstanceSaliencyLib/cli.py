@@ -466,32 +466,23 @@ def cmd_train_classifier(args) -> int:
 
 
 def cmd_evaluate_classifier(args) -> int:
-    import numpy as np
-
-    from .radiomics import TPClassifier, bootstrap_detection, importance_figure, probability_figure, roc_auc_with_ci
-    from .scoring import read_feature_tables
+    from .radiomics import TPClassifier, importance_figure, probability_figure, threshold_figure
+    from .scoring import evaluate_classifier, read_feature_tables
 
     clf = TPClassifier.load(args.classifier)
     rows, settings = read_feature_tables(args.features)
     clf.check_settings(**settings)
-    scored = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
-    unscored = [r for r in rows if r["kind"] in ("TP", "FP") and r.get("error")]
-    if unscored:
-        print(f"msis: warning: {len(unscored)} predicted lesions have no features and are kept as they are", file=sys.stderr)
-    n_fn = sum(r["kind"] == "FN" for r in rows)
-    p = clf.predict_proba(clf.features_to_matrix(scored))[:, 1] if scored else np.zeros(0)
-    is_tp = np.array([r["kind"] == "TP" for r in scored] + [r["kind"] == "TP" for r in unscored], bool)
-    keep = np.concatenate([p >= args.threshold, np.ones(len(unscored), bool)])
-    rep = bootstrap_detection(is_tp, keep, n_fn, n_boot=args.n_boot, seed=args.seed)
-    rep["roc_auc"] = roc_auc_with_ci(is_tp[: len(scored)], p, n_boot=args.n_boot, seed=args.seed)
-    rep.update({"threshold": args.threshold, "classifier": str(args.classifier), "features": [str(f) for f in args.features]})
+    rep = evaluate_classifier(clf, rows, threshold=args.threshold, n_boot=args.n_boot, seed=args.seed)
+    if rep["n_unscored"]:
+        print(f"msis: warning: {rep['n_unscored']} predicted lesions have no features and are kept as they are", file=sys.stderr)
+    per_lesion = rep.pop("lesions")
+    rep.update({"classifier": str(args.classifier), "features": [str(f) for f in args.features]})
     out = OutputFolder(args.out)
     (out.file("classifier_evaluation.json")).write_text(json.dumps(rep, indent=2) + "\n")
     importance_figure(clf, out.file("feature_importance.png"))
-    voxels = [float(r["voxels"]) for r in scored]
-    probability_figure(p, is_tp[: len(scored)], voxels, args.threshold, out.file("tp_probability.png"))
-    per_lesion = [{"case": r["case"], "lesion_id": r["lesion_id"], "kind": r["kind"], "voxels": r["voxels"], "tp_probability": round(float(q), 6)}
-                  for r, q in zip(scored, p)]
+    probability_figure([r["tp_probability"] for r in per_lesion], [r["kind"] == "TP" for r in per_lesion],
+                       [float(r["voxels"]) for r in per_lesion], args.threshold, out.file("tp_probability.png"))
+    threshold_figure(rep["threshold_sweep"], args.threshold, out.file("threshold_sweep.png"))
     if per_lesion:
         _write_rows(out.file("test_probabilities.csv"), per_lesion)
     out.close(command="evaluate-classifier")
@@ -501,10 +492,11 @@ def cmd_evaluate_classifier(args) -> int:
     for k in ("f1_before", "f1_after", "ppv_before", "ppv_after"):
         v = rep[k]
         print(f"{k:<11} {v['point']:.4f}  bootstrap mean {v['mean']:.4f}  95% CI [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]")
-    auc = rep["roc_auc"]
+    auc, size = rep["roc_auc"], rep["roc_auc_size_only"]
     if auc["point"] is not None:
-        print(f"ROC AUC (TP vs FP) {auc['point']:.4f}  95% CI [{auc['ci95'][0]:.4f}, {auc['ci95'][1]:.4f}]")
-    print(f"report: {out.path / 'classifier_evaluation.json'}; plots: {out.path / 'feature_importance.png'}, {out.path / 'tp_probability.png'}")
+        print(f"ROC AUC (TP vs FP) {auc['point']:.4f}  95% CI [{auc['ci95'][0]:.4f}, {auc['ci95'][1]:.4f}]; "
+              f"lesion size alone {size['point']:.4f} [{size['ci95'][0]:.4f}, {size['ci95'][1]:.4f}]")
+    print(f"report: {out.path / 'classifier_evaluation.json'}; plots: feature_importance.png, tp_probability.png, threshold_sweep.png")
     return 0
 
 

@@ -389,3 +389,42 @@ def probability_figure(probability, is_tp, voxels, threshold: float, path):
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
     return path
+
+
+def threshold_sweep(is_tp, probability, n_fn: int, kept_tp: int = 0, kept_fp: int = 0, thresholds=None) -> list[dict]:
+    """F1 and PPV after removing the scored lesions with P(TP) < t, for each t (point estimates).
+    kept_tp/kept_fp: lesions without a probability, kept whatever the threshold."""
+    tp_mask = np.asarray(is_tp, bool)
+    p = np.asarray(probability, float)
+    ts = np.round(np.linspace(0.0, 1.0, 101), 2) if thresholds is None else np.asarray(thresholds, float)
+    rows = []
+    for t in ts:
+        keep = p >= t
+        tp, fp = int((tp_mask & keep).sum()) + kept_tp, int((~tp_mask & keep).sum()) + kept_fp
+        fn = int(n_fn + (tp_mask & ~keep).sum())
+        f1, ppv = detection_scores(tp, fp, fn)
+        rows.append({"threshold": float(t), "tp": tp, "fp": fp, "fn": fn, "f1": f1, "ppv": ppv})
+    return rows
+
+
+def threshold_figure(sweep: list[dict], threshold: float, path):
+    """F1 and PPV against the pruning threshold; t = 0 is the network alone."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    t = [r["threshold"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    ax.plot(t, [r["f1"] for r in sweep], color="tab:purple", label="F1")
+    ax.plot(t, [r["ppv"] for r in sweep], color="tab:green", label="PPV")
+    ax.axhline(sweep[0]["f1"], color="tab:purple", lw=0.7, ls=":", label="F1, network alone")
+    ax.axhline(sweep[0]["ppv"], color="tab:green", lw=0.7, ls=":", label="PPV, network alone")
+    ax.axvline(threshold, color="k", lw=0.8, ls="--", label=f"threshold used {threshold:g}")
+    ax.set_xlabel("remove lesions with P(TP) below")
+    ax.set_ylabel("test-set score")
+    ax.set_title("Detection scores against the pruning threshold (test set)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return path

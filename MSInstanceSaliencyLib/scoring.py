@@ -193,6 +193,31 @@ def labelled_matrix(rows: list[dict], feature_names: list):
     return X, y, usable
 
 
+def evaluate_classifier(classifier: TPClassifier, rows: list[dict], *, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The classifier on a test feature table (METHOD.md): counts, F1 and PPV of the network alone and
+    after removing lesions with P(TP) < threshold, with bootstrap means and 95% CIs; ROC AUC of P(TP)
+    and of lesion size alone (the baseline the saliency features must beat); F1/PPV against the
+    threshold; and "lesions", the per-lesion probabilities. Lesions without features are kept."""
+    from .radiomics import bootstrap_detection, roc_auc_with_ci, threshold_sweep
+
+    scored = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
+    unscored = [r for r in rows if r["kind"] in ("TP", "FP") and r.get("error")]
+    n_fn = sum(r["kind"] == "FN" for r in rows)
+    p = classifier.predict_proba(classifier.features_to_matrix(scored))[:, 1] if scored else np.zeros(0)
+    scored_tp = np.array([r["kind"] == "TP" for r in scored], bool)
+    unscored_tp = np.array([r["kind"] == "TP" for r in unscored], bool)
+    keep = np.concatenate([p >= threshold, np.ones(len(unscored), bool)])
+    rep = bootstrap_detection(np.concatenate([scored_tp, unscored_tp]), keep, n_fn, n_boot=n_boot, seed=seed)
+    voxels = np.array([float(r["voxels"]) for r in scored])
+    rep["roc_auc"] = roc_auc_with_ci(scored_tp, p, n_boot=n_boot, seed=seed)
+    rep["roc_auc_size_only"] = roc_auc_with_ci(scored_tp, voxels, n_boot=n_boot, seed=seed)
+    rep["threshold_sweep"] = threshold_sweep(scored_tp, p, n_fn, kept_tp=int(unscored_tp.sum()), kept_fp=int((~unscored_tp).sum()))
+    rep.update({"threshold": threshold, "n_scored": len(scored), "n_unscored": len(unscored)})
+    rep["lesions"] = [{"case": r["case"], "lesion_id": r["lesion_id"], "kind": r["kind"], "voxels": r["voxels"], "tp_probability": round(float(q), 6)}
+                      for r, q in zip(scored, p)]
+    return rep
+
+
 def phantom_feature_table(model, patients, out_csv, settings: dict, *, seed_base: int = 20_000, max_tp_per_case: int | None = None,
                           device="auto", log=print) -> Path:
     """Feature table of phantom cases (seed = seed_base + 100 * patient), one case at a time appended

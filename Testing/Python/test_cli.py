@@ -212,7 +212,9 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
     rep = json.loads((tmp_path / "ev" / "classifier_evaluation.json").read_text())
     assert rep["counts_before"] == {"tp": 20, "fp": 10, "fn": 2}
     assert rep["f1_after"]["ci95"][0] <= rep["f1_after"]["point"] <= rep["f1_after"]["ci95"][1]
-    assert (tmp_path / "ev" / "feature_importance.png").is_file() and (tmp_path / "ev" / "tp_probability.png").is_file()
+    for png in ("feature_importance.png", "tp_probability.png", "threshold_sweep.png"):
+        assert (tmp_path / "ev" / png).is_file()
+    assert rep["roc_auc_size_only"]["point"] is not None and rep["threshold_sweep"][0]["tp"] == 20
     auc = rep["roc_auc"]
     assert 0.5 < auc["point"] <= 1.0 and auc["ci95"][0] <= auc["point"] <= auc["ci95"][1]
     per_lesion = list(csv.DictReader(open(tmp_path / "ev" / "test_probabilities.csv")))
@@ -319,3 +321,4 @@ def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
     with pytest.raises(InputError, match="other saliency settings"):
         phantom_feature_table(None, [1], table, saliency_settings(n_samples=10))
     assert table.read_bytes() == before  # nothing appended
+

@@ -216,3 +216,15 @@ def test_roc_auc_is_the_share_of_correctly_ordered_tp_fp_pairs():
     assert auc["ci95"][0] <= auc["point"] <= auc["ci95"][1]
     assert roc_auc_with_ci(y, p, n_boot=300, seed=1) == auc
     assert roc_auc_with_ci(np.ones(5, bool), p[:5])["point"] is None
+
+
+def test_threshold_sweep_runs_from_the_network_alone_to_nothing_kept():
+    from MSInstanceSaliencyLib.radiomics import detection_scores, threshold_sweep
+
+    is_tp = np.array([1, 1, 1, 0, 0, 1], bool)
+    p = np.array([0.9, 0.8, 0.3, 0.6, 0.1, 0.55])
+    rows = threshold_sweep(is_tp, p, n_fn=2, kept_tp=1, kept_fp=1, thresholds=[0.0, 0.5, 0.58, 0.95])
+    assert rows[0] == {"threshold": 0.0, "tp": 5, "fp": 3, "fn": 2, "f1": detection_scores(5, 3, 2)[0], "ppv": 5 / 8}
+    assert (rows[1]["tp"], rows[1]["fp"], rows[1]["fn"]) == (4, 2, 3)  # the TP at 0.3 and the FP at 0.1 go
+    assert (rows[2]["tp"], rows[2]["fp"], rows[2]["fn"]) == (3, 2, 4)  # the TP at 0.55 goes too
+    assert (rows[3]["tp"], rows[3]["fp"], rows[3]["fn"]) == (1, 1, 6)  # only the unscored lesions are left
