@@ -322,3 +322,27 @@ def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
         phantom_feature_table(None, [1], table, saliency_settings(n_samples=10))
     assert table.read_bytes() == before  # nothing appended
 
+
+
+def test_bundled_classifier_is_reproduced_from_the_committed_feature_tables(tmp_path):
+    """The shipped tp_classifier.json is what `train-classifier` makes of docs/classifier's training
+    table, uses the pipeline's saliency settings, and gives the model card's test results."""
+    from MSInstanceSaliencyLib.radiomics import TPClassifier, default_classifier_path, default_feature_names
+    from MSInstanceSaliencyLib.scoring import DEFAULT_SETTINGS
+
+    bundled = TPClassifier.load(default_classifier_path())
+    assert bundled.saliency == DEFAULT_SETTINGS and bundled.feature_names_ == default_feature_names()
+    tables = ROOT / "docs" / "classifier"
+    res = msis("train-classifier", tables / "features_train.csv", "--out", tmp_path / "clf.json")
+    assert res.returncode == 0, res.stderr
+    again = json.loads((tmp_path / "clf.json").read_text())
+    shipped = json.loads(default_classifier_path().read_text())
+    for key in ("coef", "intercept", "scaler_mean", "scaler_scale"):
+        np.testing.assert_allclose(again[key], shipped[key], rtol=1e-9, atol=1e-12)
+    tests = sorted(tables.glob("features_test*.csv"))
+    res = msis("evaluate-classifier", default_classifier_path(), *tests, "--out", tmp_path / "ev")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((tmp_path / "ev" / "classifier_evaluation.json").read_text())
+    card = json.loads((tables / "evaluation" / "classifier_evaluation.json").read_text())
+    for key in ("counts_before", "counts_after", "f1_before", "f1_after", "ppv_before", "ppv_after", "roc_auc"):
+        assert rep[key] == card[key], key
