@@ -36,7 +36,8 @@ def _add_saliency_args(p):
     p.add_argument("--context", default="patch", choices=["patch", "full"], help="network input: the model's roi around the lesion, or the whole volume")
     p.add_argument("--noise-seed", type=int, default=0, help="SmoothGrad noise seed (same seed, same map)")
     p.add_argument("--max-omega-voxels", type=int, default=None,
-                   help="SmoothGrad max: the max over a seeded random subset of this many lesion voxels (faster for large lesions; default all)")
+                   help="SmoothGrad max: the max over a seeded random sample of this many lesion voxels (bounded cost for large "
+                        "lesions, but a different map when the lesion is much larger; default: all voxels)")
     p.add_argument("--layer", default=None, help="Grad-CAM++ layer (default: the model's)")
     p.add_argument("--alpha", default="paper", choices=["paper", "monai", "layercam"], help="Grad-CAM++ weights")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network")

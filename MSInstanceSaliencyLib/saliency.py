@@ -289,7 +289,8 @@ def smoothgrad(
     after every chunk of VJPs; returning False or raising `errors.Cancelled` stops the work.
     max_omega_voxels (max aggregation only): when Ω has more voxels, the maximum runs over a seeded
     random subset of that many of them (`omega_sample`), bounding the cost of confluent lesions at
-    N x max_omega_voxels VJPs. An approximation, off (None) by default; docs/PERFORMANCE.md measures it.
+    N x max_omega_voxels VJPs. For lesions much larger than the sample this is a different map, not a
+    close approximation (docs/PERFORMANCE.md); off (None) by default.
     """
     import torch
 
