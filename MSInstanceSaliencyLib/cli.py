@@ -315,11 +315,29 @@ def cmd_demo(args) -> int:
                          total_s=round(time.time() - t0, 1), **scoring))
     print(f"against the phantom's ground truth: TP {metrics['tp']}  FP {metrics['fp']}  FN {metrics['fn']}  "
           f"F1 {metrics['f1']:.3f}  PPV {metrics['ppv']:.3f}  Dice {metrics['dice']:.3f}")
+    if scoring:
+        _print_tp_probability_by_kind(result, ph)
     for k, v in {**paths, **{f"saliency_{k}": v for k, v in saliency_paths.items()}}.items():
         print(f"{k}: {v}")
     print(f"inputs: {out.path / 'phantom_flair.nii.gz'}, {out.path / 'phantom_mprage.nii.gz'} (ground truth: phantom_lesions.nii.gz)")
     print(f"done in {time.time() - t0:.0f} s")
     return 0
+
+
+def _print_tp_probability_by_kind(result, phantom) -> None:
+    """The classifier's view beside the truth: which lesions are FPs, and the P(TP) of each kind."""
+    import numpy as np
+
+    from .evaluation import classify_lesions
+    from .volumes import array_from_image
+
+    c = classify_lesions(result.labels, array_from_image(phantom.lesions, np.uint8))
+    prob = {r["lesion_id"]: r["tp_probability"] for r in result.table}
+    for kind in ("tp", "fp"):
+        vals = [prob[i] for i in c[kind] if prob.get(i) is not None]
+        if vals:
+            print(f"TP probability of the {len(vals)} {kind.upper()} lesions: median {np.median(vals):.3f}, range {min(vals):.3f}-{max(vals):.3f}"
+                  + (f" (ids {', '.join(str(i) for i in sorted(c[kind]))})" if kind == "fp" else ""))
 
 
 def _explain_and_write(model, dev, prepared, omega, label, args, out):
