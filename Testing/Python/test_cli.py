@@ -346,3 +346,19 @@ def test_bundled_classifier_is_reproduced_from_the_committed_feature_tables(tmp_
     card = json.loads((tables / "evaluation" / "classifier_evaluation.json").read_text())
     for key in ("counts_before", "counts_after", "f1_before", "f1_after", "ppv_before", "ppv_after", "roc_auc"):
         assert rep[key] == card[key], key
+
+
+def test_demo_prints_tp_probability_by_kind(capsys):
+    import types
+
+    from MSInstanceSaliencyLib.cli import _print_tp_probability_by_kind
+
+    labels = np.zeros((12, 12, 12), np.int32)
+    labels[1:3, 1:3, 1:3], labels[5:7, 5:7, 5:7], labels[9:11, 9:11, 9:11] = 1, 2, 3
+    gt = (labels == 1) | (labels == 3)  # lesion 2 is the false positive
+    table = [{"lesion_id": 1, "tp_probability": 0.9}, {"lesion_id": 2, "tp_probability": 0.4}, {"lesion_id": 3, "tp_probability": 0.7}]
+    truth = sitk.GetImageFromArray(np.transpose(gt.astype(np.uint8), (2, 1, 0)).copy())
+    _print_tp_probability_by_kind(types.SimpleNamespace(labels=labels, table=table), types.SimpleNamespace(lesions=truth))
+    out = capsys.readouterr().out
+    assert "of the 2 TP lesions: median 0.800, range 0.700-0.900" in out
+    assert "of the 1 FP lesions: median 0.400, range 0.400-0.400 (ids 2)" in out
