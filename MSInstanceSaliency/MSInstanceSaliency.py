@@ -97,6 +97,7 @@ class MSInstanceSaliencyParameterNode:
     customRegionSegmentId: str = ""
     method: Annotated[str, Choice(METHODS)] = "SmoothGrad max"
     nSamples: Annotated[int, WithinRange(1, 1000)] = 50
+    maxOmegaVoxels: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the max over all lesion voxels
     sigma: Annotated[float, WithinRange(0.0, 1.0)] = 0.05
     displayChannel: Annotated[str, Choice(CHANNELS)] = "FLAIR"
     context: Annotated[str, Choice(CONTEXTS)] = "patch"
@@ -483,7 +484,8 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         try:
             exp = explain(model, case.image, mask, "gradcampp" if gradcam else "smoothgrad", channels=case.channels,
                           n_samples=p.nSamples, sigma=p.sigma, aggregation="max" if p.method == "SmoothGrad max" else "mean",
-                          context=p.context, layer=p.gradcamLayer or None, device=p.device, progress=progress)
+                          context=p.context, layer=p.gradcamLayer or None, device=p.device, progress=progress,
+                          max_omega_voxels=p.maxOmegaVoxels or None)
         except Cancelled:
             logging.info("Saliency computation cancelled")
             return None
@@ -625,7 +627,7 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
 
         logic, p, rows = self._segmented()
         logic.selectLesion(p, min(rows, key=lambda r: r["voxels"])["lesion_id"])
-        p.method, p.nSamples = "SmoothGrad max", 2
+        p.method, p.nSamples, p.maxOmegaVoxels = "SmoothGrad max", 2, 3
         node = logic.explain(p)
         np.testing.assert_allclose(mrml.ijk_to_ras(node), mrml.ijk_to_ras(p.mprageVolume))
         d = node.GetDisplayNode()
@@ -643,15 +645,27 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         shown = {int(r["Lesion"]): r["TP probability"] for r in mrml.lesion_table_rows(p.lesionTable)}
         self.assertAlmostEqual(shown[lesion], probs[lesion], places=5)
 
+    def test_tp_probability_reuses_an_explanation_made_with_the_classifier_settings(self):
+        logic, p, rows = self._segmented()
+        lesion = min(rows, key=lambda r: r["voxels"])["lesion_id"]
+        logic.selectLesion(p, lesion)
+        s = logic.classifier().saliency
+        p.method, p.nSamples, p.sigma, p.context, p.maxOmegaVoxels = "SmoothGrad max", s["n_samples"], s["sigma"], s["context"], s["max_omega_voxels"]
+        logic.explain(p)
+        reused = logic.tpProbabilityOfSelected(p)
+        logic._lastExplanation, logic._tpCache = None, {}
+        fresh = logic.scoreLesions(p, [lesion])[lesion]
+        self.assertAlmostEqual(reused, fresh, places=6)
+
     def test_parameter_node_survives_scene_save_and_reload(self):
         import tempfile
 
         logic, p, ph = self._phantomCase()
-        p.nSamples, p.method, p.context = 7, "SmoothGrad mean", "full"
+        p.nSamples, p.method, p.context, p.maxOmegaVoxels = 7, "SmoothGrad mean", "full", 128
         path = os.path.join(tempfile.mkdtemp(), "scene.mrb")
         self.assertTrue(slicer.util.saveScene(path))
         slicer.mrmlScene.Clear()
         slicer.util.loadScene(path)
         q = MSInstanceSaliencyLogic().getParameterNode()
-        self.assertEqual((q.nSamples, q.method, q.context), (7, "SmoothGrad mean", "full"))
+        self.assertEqual((q.nSamples, q.method, q.context, q.maxOmegaVoxels), (7, "SmoothGrad mean", "full", 128))
         self.assertIsNotNone(q.flairVolume)
