@@ -5,8 +5,12 @@ Eq. 3) and over a seeded random sample of `--caps` voxels, side by side in one r
 time of each, map correlation and max difference relative to the exact map's peak, the 93 radiomic
 features' relative differences, and the bundled classifier's TP probability from each map.
 
-    .venv/bin/python benchmarks/omega_sample_accuracy.py --patient 22 --lesions 3 \
+    .venv/bin/python benchmarks/omega_sample_accuracy.py --patient 22 --lesions 3 --even-sample \
         --json docs/benchmarks/omega_sample_accuracy_demo_cpu.json
+
+--even-sample adds a spatially even sample of the same size (farthest-point sampling, passed as Ω;
+the network's box then comes from the sample's extent, nearly the lesion's), to see whether where
+the sampled voxels lie matters.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from MSInstanceSaliencyLib.model import load_model, resolve_device  # noqa: E402
 from MSInstanceSaliencyLib.saliency import smoothgrad  # noqa: E402
 
 
+def farthest_point_sample(coords: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k of the points, spread evenly: each next one the farthest from those already taken."""
+    rng = np.random.default_rng(seed)
+    chosen = [int(rng.integers(len(coords)))]
+    dist = np.linalg.norm(coords - coords[chosen[0]], axis=1)
+    for _ in range(k - 1):
+        chosen.append(int(dist.argmax()))
+        dist = np.minimum(dist, np.linalg.norm(coords - coords[chosen[-1]], axis=1))
+    return np.sort(chosen)
+
+
 def feature_differences(exact: dict, other: dict) -> dict:
     """Relative differences |a - b| / max(|a|, tiny) over the 93 features: median, 90th percentile, max."""
     a = np.array([exact[k] for k in exact], float)
@@ -45,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--max-voxels", type=int, default=1500, help="skip larger lesions (the exact map costs N x |Ω| VJPs)")
     ap.add_argument("--caps", type=int, nargs="+", default=[256])
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--even-sample", action="store_true",
+                    help="also an evenly spread sample (farthest-point) of each cap's size, passed as Ω itself")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -74,10 +91,12 @@ def main(argv=None):
     flair = res.prepared.channels.index("flair")
     extractor = make_extractor()
 
-    def run(omega, cap):
+    def run(omega, cap, sample=None):
+        """The map over Ω, over a random sample of `cap` voxels, or over the voxel set `sample`;
+        features always over Ω (as the classifier sees them)."""
         t = time.perf_counter()
-        m = smoothgrad(model, res.prepared.image, omega, n_samples=args.samples, sigma=0.05, aggregation="max", context="patch",
-                       seed=0, device=dev, max_omega_voxels=cap)[flair]
+        m = smoothgrad(model, res.prepared.image, omega if sample is None else sample, n_samples=args.samples, sigma=0.05,
+                       aggregation="max", context="patch", seed=0, device=dev, max_omega_voxels=cap)[flair]
         seconds = time.perf_counter() - t
         f = saliency_features(m, omega, res.prepared.spacing, extractor=extractor)
         p = float(clf.predict_proba(clf.features_to_matrix([f]))[0, 1]) if clf is not None else None
@@ -87,13 +106,20 @@ def main(argv=None):
     for lid in picks:
         omega = res.labels == lid
         exact, t_exact, f_exact, p_exact = run(omega, None)
-        for cap in args.caps:
-            m, t_cap, f_cap, p_cap = run(omega, cap)
-            row = {"lesion_id": int(lid), "voxels": int(sizes[lid]), "cap": cap, "seconds_exact": round(t_exact, 1),
+        variants = [(cap, "random", None) for cap in args.caps]
+        if args.even_sample:
+            coords = np.argwhere(omega)
+            for cap in args.caps:
+                even = np.zeros_like(omega)
+                even[tuple(coords[farthest_point_sample(coords.astype(float), cap)].T)] = True
+                variants.append((cap, "farthest-point", even))
+        for cap, how, sample in variants:
+            m, t_cap, f_cap, p_cap = run(omega, None if sample is not None else cap, sample)
+            row = {"lesion_id": int(lid), "voxels": int(sizes[lid]), "cap": cap, "sample": how, "seconds_exact": round(t_exact, 1),
                    "seconds_capped": round(t_cap, 1), "speedup": round(t_exact / t_cap, 2), **compare(exact, m),
                    "features_rel_diff": feature_differences(f_exact, f_cap), "tp_probability_exact": p_exact, "tp_probability_capped": p_cap}
             rows.append(row)
-            print(f"lesion {lid:>4} ({sizes[lid]:>5} voxels) cap {cap}: {t_exact:7.1f} s exact vs {t_cap:6.1f} s ({row['speedup']:.1f}x); "
+            print(f"lesion {lid:>4} ({sizes[lid]:>5} voxels) {how} {cap}: {t_exact:7.1f} s exact vs {t_cap:6.1f} s ({row['speedup']:.1f}x); "
                   f"map r = {row['correlation']:.4f}, max diff {100 * row['max_abs_diff_rel_peak']:.1f} % of peak; "
                   f"features rel. diff median {100 * row['features_rel_diff']['median']:.2f} %, max {100 * row['features_rel_diff']['max']:.1f} %"
                   + (f"; P(TP) {p_exact:.3f} vs {p_cap:.3f}" if p_exact is not None else ""), flush=True)
