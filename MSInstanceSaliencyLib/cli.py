@@ -255,7 +255,7 @@ def _score_lesions(model, dev, result, args, out) -> dict:
     ids = [r["lesion_id"] for r in result.table]
     warn = lambda lid, msg: print(f"msis: warning: {msg} (no TP probability for lesion {lid})", file=sys.stderr)  # noqa: E731
     probs = tp_probabilities(model, result.prepared, result.labels, ids, clf, device=dev, on_error=warn,
-                             progress=ProgressBar(label=f"TP probability (SmoothGrad N={clf.saliency.get('n_samples')}) lesions"))
+                             progress=ProgressBar(label=f"TP probability of {len(ids)} lesions (SmoothGrad N={clf.saliency.get('n_samples')}), backward passes"))
     for r in result.table:
         p = probs.get(r["lesion_id"])
         r["tp_probability"] = None if p is None else round(p, 4)
@@ -452,7 +452,7 @@ def cmd_features(args) -> int:
             raise InputError("--gt is not on the MPRAGE grid")
         gt = array_from_image(gt_img, np.uint8)
     case = args.case or Path(args.flair).name.split(".")[0]
-    rows = case_feature_rows(model, result.prepared, result.labels, case, settings, gt, device=dev, progress=ProgressBar(label="lesions"))
+    rows = case_feature_rows(model, result.prepared, result.labels, case, settings, gt, device=dev, progress=ProgressBar(label="lesion features, backward passes"))
     write_feature_rows(rows, out_path, default_feature_names())
     from .scoring import write_table_manifest
 

@@ -38,28 +38,44 @@ def saliency_settings(**overrides) -> dict:
 def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: dict, *, device="auto", progress=None, on_error=None) -> dict:
     """{lesion_id: features dict} (or {lesion_id: FeatureError} for lesions pyradiomics cannot handle).
 
-    progress(done, total) counts lesions; a lesion that fails is reported through on_error(id, message)
-    and skipped, never failing the case.
+    progress(done, total) counts backward passes over all the lesions (N x |Ω|, or N x the sample
+    for the max), so it runs in step with time also through a large lesion; returning False cancels.
+    A lesion that fails is reported through on_error(id, message) and skipped, never failing the case.
     """
     from .saliency import smoothgrad
 
     channel = prepared.channels.index(settings.get("channel", "flair"))
     extractor = make_extractor()
     out = {}
-    ids = list(lesion_ids)
-    for i, lid in enumerate(ids):
-        omega = labels == int(lid)
+    ids = [int(i) for i in lesion_ids]
+    work = _backward_passes(labels, ids, settings)
+    total, done = sum(work.values()), 0
+    for lid in ids:
+        omega = labels == lid
+        report = None if progress is None else (lambda d, _t, base=done: progress(base + d, total))
         try:
             maps = smoothgrad(model, prepared.image, omega, n_samples=int(settings["n_samples"]), sigma=float(settings["sigma"]),
                               sigma_mode=settings["sigma_mode"], aggregation=settings["aggregation"], context=settings["context"],
-                              seed=int(settings.get("seed", 0)), max_omega_voxels=settings.get("max_omega_voxels"), device=device)
-            out[int(lid)] = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
+                              seed=int(settings.get("seed", 0)), max_omega_voxels=settings.get("max_omega_voxels"), device=device,
+                              progress=report)
+            out[lid] = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
         except (FeatureError, InputError) as exc:
-            out[int(lid)] = FeatureError(f"lesion {lid}: {exc}")
-            (on_error or (lambda _i, m: log.warning(m)))(int(lid), str(out[int(lid)]))
-        if progress is not None and progress(i + 1, len(ids)) is False:
+            out[lid] = FeatureError(f"lesion {lid}: {exc}")
+            (on_error or (lambda _i, m: log.warning(m)))(lid, str(out[lid]))
+        done += work[lid]
+        if progress is not None and progress(done, total) is False:
             raise Cancelled("cancelled")
     return out
+
+
+def _backward_passes(labels: np.ndarray, ids: list, settings: dict) -> dict:
+    """Backward passes each lesion's map costs: N x |Ω| (max, at most N x the sample) or N (mean)."""
+    n = int(settings["n_samples"])
+    if settings.get("aggregation", "max") != "max":
+        return {lid: n for lid in ids}
+    sizes = np.bincount(labels.ravel().astype(np.int64), minlength=max(ids, default=0) + 1)
+    cap = settings.get("max_omega_voxels")
+    return {lid: n * max(1, int(min(sizes[lid], cap) if cap else sizes[lid])) for lid in ids}
 
 
 def load_classifier(path=None) -> TPClassifier:
@@ -256,7 +272,7 @@ def phantom_feature_table(model, patients, out_csv, settings: dict, *, seed_base
             ids = sorted(c["fp"]) + sorted(rng.choice(c["tp"], size=max_tp_per_case, replace=False).tolist())
         log(f"{case}: {len(c['tp'])} TP, {len(c['fp'])} FP, {len(c['fn'])} FN; features of {len(ids)} lesions")
         rows = case_feature_rows(model, res.prepared, res.labels, case, settings, gt, lesion_ids=ids, device=device,
-                                 progress=ProgressBar(label=f"{case} lesions"))
+                                 progress=ProgressBar(label=f"{case}: {len(ids)} lesions, backward passes"))
         if max_tp_per_case is not None:  # record the TPs left out so counts stay honest
             for lid in sorted(set(c["tp"]) - set(ids)):
                 rows.append({"case": case, "lesion_id": int(lid), "kind": "TP", "label": 1, "voxels": int((res.labels == lid).sum()),

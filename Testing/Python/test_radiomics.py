@@ -228,3 +228,37 @@ def test_threshold_sweep_runs_from_the_network_alone_to_nothing_kept():
     assert (rows[1]["tp"], rows[1]["fp"], rows[1]["fn"]) == (4, 2, 3)  # the TP at 0.3 and the FP at 0.1 go
     assert (rows[2]["tp"], rows[2]["fp"], rows[2]["fn"]) == (3, 2, 4)  # the TP at 0.55 goes too
     assert (rows[3]["tp"], rows[3]["fp"], rows[3]["fn"]) == (1, 1, 6)  # only the unscored lesions are left
+
+
+def test_lesion_features_progress_counts_backward_passes_and_cancels():
+    import types
+
+    import torch
+
+    from conftest import tiny_spec
+    from MSInstanceSaliencyLib.errors import Cancelled
+    from MSInstanceSaliencyLib.model import LoadedModel, build_network, freeze
+    from MSInstanceSaliencyLib.scoring import lesion_features, saliency_settings
+
+    torch.manual_seed(0)
+    spec = tiny_spec(roi_size=[16, 16, 16])
+    net = build_network(spec)
+    freeze(net)
+    model = LoadedModel(net, spec, None)
+    rng = np.random.default_rng(0)
+    case = types.SimpleNamespace(image=rng.standard_normal((2, 24, 24, 24)).astype(np.float32), channels=["flair", "mprage"],
+                                 spacing=(1.0, 1.0, 1.0))
+    labels = np.zeros((24, 24, 24), np.int32)
+    labels[2:4, 2:4, 2:4] = 1  # 8 voxels
+    labels[8:11, 8:11, 8:11] = 2  # 27
+    labels[15:19, 15:20, 15:17] = 3  # 40, above the sample of 30
+    settings = saliency_settings(n_samples=2, max_omega_voxels=30)
+    calls = []
+    feats = lesion_features(model, case, labels, [1, 2, 3], settings, device="cpu", progress=lambda d, t: calls.append((d, t)))
+    assert sorted(feats) == [1, 2, 3]
+    total = 2 * 8 + 2 * 27 + 2 * 30
+    assert {t for _, t in calls} == {total} and calls[-1] == (total, total)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and {16, 70} <= set(done)  # lesion boundaries
+    with pytest.raises(Cancelled):
+        lesion_features(model, case, labels, [1, 2, 3], settings, device="cpu", progress=lambda d, t: False)
