@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-classifier", help="train the TP/FP logistic regression on a feature table")
     p.add_argument("features", nargs="+", help="CSV(s) from `msis features` with a ground truth, made with the same settings")
     p.add_argument("--out", required=True, help="classifier JSON to write")
+    p.add_argument("--class-weight", default=None, metavar="FP,TP",
+                   help="class weights of the logistic regression (default 0.29,0.71, the paper's)")
 
     p = sub.add_parser("evaluate-classifier", help="TP, FP, FN, F1 and PPV before/after the classifier, bootstrap CIs, feature importance")
     p.add_argument("classifier")
@@ -475,6 +477,8 @@ def cmd_train_classifier(args) -> int:
     rows, settings = read_feature_tables(args.features)
     X, y, usable = labelled_matrix(rows, names)
     clf = TPClassifier(saliency=settings)
+    if args.class_weight is not None:
+        clf.class_weight = _class_weight(args.class_weight)
     clf.fit(X, y, names)
     clf.training_info = {"features": [Path(f).name for f in args.features], "n_tp": int(y.sum()), "n_fp": int((y == 0).sum()),
                          "cases": sorted({r["case"] for r in usable})}
@@ -482,6 +486,16 @@ def cmd_train_classifier(args) -> int:
     nz = int((clf.coef_ != 0).sum())
     print(f"trained on {int(y.sum())} TP and {int((y == 0).sum())} FP lesions; {nz} of {len(names)} coefficients non-zero -> {out}")
     return 0
+
+
+def _class_weight(text: str) -> dict:
+    try:
+        fp, tp = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--class-weight wants two numbers FP,TP such as 0.29,0.71; got {text!r}") from None
+    if fp <= 0 or tp <= 0:
+        raise InputError(f"--class-weight: both weights must be positive, got {text!r}")
+    return {0: fp, 1: tp}
 
 
 def cmd_evaluate_classifier(args) -> int:

@@ -233,6 +233,11 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
     np.testing.assert_allclose(json.loads((tmp_path / "clf_ab.json").read_text())["coef"], clf["coef"], rtol=1e-9, atol=1e-12)
     assert_clean_error(msis("train-classifier", a, other, "--out", tmp_path / "clf2.json"), "other saliency settings")
     assert_clean_error(msis("train-classifier", a, a, "--out", tmp_path / "clf3.json"), "is in both")
+    # other class weights are stored with the classifier; nonsense is refused
+    assert msis("train-classifier", feats, "--class-weight", "0.5,0.5", "--out", tmp_path / "clf_eq.json").returncode == 0
+    assert json.loads((tmp_path / "clf_eq.json").read_text())["class_weight"] == {"0": 0.5, "1": 0.5}
+    assert clf["class_weight"] == {"0": 0.29, "1": 0.71}
+    assert_clean_error(msis("train-classifier", feats, "--class-weight", "1,x", "--out", tmp_path / "clf4.json"), "FP,TP")
 
 
 def test_segment_with_tp_probability_and_pruning(tmp_path):
