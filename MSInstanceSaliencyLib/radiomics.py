@@ -136,6 +136,10 @@ class TPClassifier:
     versions: dict = field(default_factory=dict)
     training_info: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # classifiers from before max_omega_voxels existed were trained on maps over all of Ω
+        self.saliency = {"max_omega_voxels": None, **self.saliency}
+
     def _model(self):
         return l1_logistic_regression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
 
@@ -195,9 +199,7 @@ class TPClassifier:
 
     def check_settings(self, **saliency) -> None:
         """Refuse saliency settings other than those the classifier was trained with."""
-        # files from before max_omega_voxels existed were trained on maps over all of Ω (None)
-        known = set(self.saliency) | {"max_omega_voxels"}
-        diff = {k: (self.saliency.get(k), v) for k, v in saliency.items() if k in known and self.saliency.get(k) != v}
+        diff = {k: (self.saliency[k], v) for k, v in saliency.items() if k in self.saliency and self.saliency[k] != v}
         if diff:
             text = ", ".join(f"{k}={got!r} (classifier: {want!r})" for k, (want, got) in diff.items())
             raise InputError(f"these saliency settings differ from the ones the classifier was trained with: {text}; "

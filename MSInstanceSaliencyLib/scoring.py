@@ -48,7 +48,7 @@ def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: d
     extractor = make_extractor()
     out = {}
     ids = [int(i) for i in lesion_ids]
-    work = _backward_passes(labels, ids, settings)
+    work = _backward_passes(lesion_sizes(labels, ids), ids, settings)
     total, done = sum(work.values()), 0
     for lid in ids:
         omega = labels == lid
@@ -68,12 +68,16 @@ def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: d
     return out
 
 
-def _backward_passes(labels: np.ndarray, ids: list, settings: dict) -> dict:
+def lesion_sizes(labels: np.ndarray, ids=()) -> np.ndarray:
+    """Voxels per label id (index = id; 0 for given ids that are absent), in one pass over the volume."""
+    return np.bincount(np.asarray(labels).ravel().astype(np.int64), minlength=int(max(ids, default=0)) + 1)
+
+
+def _backward_passes(sizes: np.ndarray, ids: list, settings: dict) -> dict:
     """Backward passes each lesion's map costs: N x |Ω| (max, at most N x the sample) or N (mean)."""
     n = int(settings["n_samples"])
     if settings.get("aggregation", "max") != "max":
         return {lid: n for lid in ids}
-    sizes = np.bincount(labels.ravel().astype(np.int64), minlength=max(ids, default=0) + 1)
     cap = settings.get("max_omega_voxels")
     return {lid: n * max(1, int(min(sizes[lid], cap) if cap else sizes[lid])) for lid in ids}
 
@@ -85,11 +89,15 @@ def load_classifier(path=None) -> TPClassifier:
     return TPClassifier.load(p)
 
 
+def classifier_settings(classifier: TPClassifier) -> dict:
+    """The complete saliency settings of the maps a classifier was trained on."""
+    return {**DEFAULT_SETTINGS, **classifier.saliency}
+
+
 def tp_probabilities(model, prepared, labels, lesion_ids, classifier: TPClassifier, *, device="auto", progress=None, on_error=None) -> dict:
     """{lesion_id: P(TP)} (None where features could not be computed)."""
-    # a classifier file without max_omega_voxels was trained on maps over all of Ω
-    settings = {**DEFAULT_SETTINGS, "max_omega_voxels": None, **classifier.saliency}
-    feats = lesion_features(model, prepared, labels, lesion_ids, settings, device=device, progress=progress, on_error=on_error)
+    feats = lesion_features(model, prepared, labels, lesion_ids, classifier_settings(classifier), device=device, progress=progress,
+                            on_error=on_error)
     probs = {}
     for lid, f in feats.items():
         probs[lid] = None if isinstance(f, Exception) else float(classifier.predict_proba(classifier.features_to_matrix([f]))[0, 1])
@@ -99,7 +107,7 @@ def tp_probabilities(model, prepared, labels, lesion_ids, classifier: TPClassifi
 def tp_probability_of_explanation(classifier: TPClassifier, explanation, spacing):
     """P(TP) from a SmoothGrad explanation already computed, or None when its settings are not the
     classifier's (then the map would not mean what the classifier learnt; use `tp_probabilities`)."""
-    want = {**DEFAULT_SETTINGS, "max_omega_voxels": None, **classifier.saliency}
+    want = classifier_settings(classifier)
     used = {"method": explanation.method, "channel": "flair" if "flair" in explanation.maps else None, **explanation.params}
     if used.get("precision", "fp32") != "fp32" or any(used.get(k) != want[k] for k in DEFAULT_SETTINGS):
         return None
@@ -119,16 +127,16 @@ def case_feature_rows(model, prepared, labels, case: str, settings: dict, gt_mas
     if gt_mask is not None:
         c = classify_lesions(labels, gt_mask)
         kinds = {**{i: "TP" for i in c["tp"]}, **{i: "FP" for i in c["fp"]}}
-        fn_rows = [{"case": case, "lesion_id": f"gt{g}", "kind": "FN", "label": "", "voxels": int((c["gt_labels"] == g).sum()), "error": ""}
-                   for g in c["fn"]]
-    ids = lesion_ids if lesion_ids is not None else [int(i) for i in np.unique(labels) if i > 0]
+        gt_sizes = lesion_sizes(c["gt_labels"])
+        fn_rows = [{"case": case, "lesion_id": f"gt{g}", "kind": "FN", "label": "", "voxels": int(gt_sizes[g]), "error": ""} for g in c["fn"]]
+    ids = [int(i) for i in lesion_ids] if lesion_ids is not None else [int(i) for i in np.unique(labels) if i > 0]
+    sizes = lesion_sizes(labels, ids)
     feats = lesion_features(model, prepared, labels, ids, settings, device=device, progress=progress)
     rows = []
     for lid in ids:
-        kind = kinds.get(int(lid), "")
-        row = {"case": case, "lesion_id": int(lid), "kind": kind, "label": {"TP": 1, "FP": 0}.get(kind, ""),
-               "voxels": int((labels == lid).sum()), "error": ""}
-        f = feats[int(lid)]
+        kind = kinds.get(lid, "")
+        row = {"case": case, "lesion_id": lid, "kind": kind, "label": {"TP": 1, "FP": 0}.get(kind, ""), "voxels": int(sizes[lid]), "error": ""}
+        f = feats[lid]
         if isinstance(f, Exception):
             row["error"] = str(f)
         else:
@@ -199,9 +207,15 @@ def read_feature_rows(path) -> list[dict]:
     return rows
 
 
+def split_scored(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The predicted lesions (TP/FP rows) with features, and those without (their `error` says why)."""
+    predicted = [r for r in rows if r["kind"] in ("TP", "FP")]
+    return [r for r in predicted if not r.get("error")], [r for r in predicted if r.get("error")]
+
+
 def labelled_matrix(rows: list[dict], feature_names: list):
     """(X, y, usable rows) of the TP/FP rows that have features."""
-    usable = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
+    usable, _ = split_scored(rows)
     if not usable:
         raise InputError("the feature table has no TP/FP lesions with features (was it made with a ground truth?)")
     X = np.array([[float(r[n]) for n in feature_names] for r in usable])
@@ -216,8 +230,7 @@ def evaluate_classifier(classifier: TPClassifier, rows: list[dict], *, threshold
     threshold; and "lesions", the per-lesion probabilities. Lesions without features are kept."""
     from .radiomics import bootstrap_detection, roc_auc_with_ci, threshold_sweep
 
-    scored = [r for r in rows if r["kind"] in ("TP", "FP") and not r.get("error")]
-    unscored = [r for r in rows if r["kind"] in ("TP", "FP") and r.get("error")]
+    scored, unscored = split_scored(rows)
     n_fn = sum(r["kind"] == "FN" for r in rows)
     p = classifier.predict_proba(classifier.features_to_matrix(scored))[:, 1] if scored else np.zeros(0)
     scored_tp = np.array([r["kind"] == "TP" for r in scored], bool)
@@ -274,8 +287,8 @@ def phantom_feature_table(model, patients, out_csv, settings: dict, *, seed_base
         rows = case_feature_rows(model, res.prepared, res.labels, case, settings, gt, lesion_ids=ids, device=device,
                                  progress=ProgressBar(label=f"{case}: {len(ids)} lesions, backward passes"))
         if max_tp_per_case is not None:  # record the TPs left out so counts stay honest
+            sizes = lesion_sizes(res.labels)
             for lid in sorted(set(c["tp"]) - set(ids)):
-                rows.append({"case": case, "lesion_id": int(lid), "kind": "TP", "label": 1, "voxels": int((res.labels == lid).sum()),
-                             "error": "not sampled"})
+                rows.append({"case": case, "lesion_id": int(lid), "kind": "TP", "label": 1, "voxels": int(sizes[lid]), "error": "not sampled"})
         write_feature_rows(rows, out_csv, names, append=True)
     return Path(out_csv)
