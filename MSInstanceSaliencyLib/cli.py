@@ -43,6 +43,18 @@ def _add_saliency_args(p):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network")
 
 
+def _add_one_lesion_check_args(q, default_lesion: str):
+    """Arguments of the sanity checks that work on one TP lesion of one case."""
+    _add_case_args(q)
+    q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
+    q.add_argument("--lesion", type=int, default=None, help=f"TP lesion id (default: {default_lesion} of at most --max-voxels)")
+    q.add_argument("--max-voxels", type=int, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
+    q.add_argument("--samples", type=int, default=50)
+    q.add_argument("--noise-seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    _add_model_args(q)
+
+
 def _add_case_args(p):
     p.add_argument("--flair", default=None, help="FLAIR file (default: phantom cases)")
     p.add_argument("--mprage", default=None)
@@ -139,25 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sanity", help="sanity checks of the saliency maps")
     sanity = p.add_subparsers(dest="sanity_command", required=True)
-    q = sanity.add_parser("control-regions", help="maps of a healthy white-matter sphere and of one voxel at a TP lesion's centre, against the lesion's")
-    _add_case_args(q)
-    q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
-    q.add_argument("--lesion", type=int, default=None, help="TP lesion id (default: the largest TP of at most --max-voxels)")
-    q.add_argument("--max-voxels", type=int, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
-    q.add_argument("--samples", type=int, default=50)
-    q.add_argument("--noise-seed", type=int, default=0)
-    q.add_argument("--out", required=True)
-    _add_model_args(q)
-
-    q = sanity.add_parser("synthetic-lesion", help="copy a TP lesion into white matter, into the background, and into the background with 3 mm of its surroundings")
-    _add_case_args(q)
-    q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
-    q.add_argument("--lesion", type=int, default=None, help="TP lesion id (default: the largest clearly visible TP of at most --max-voxels)")
-    q.add_argument("--max-voxels", type=int, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
-    q.add_argument("--samples", type=int, default=50)
-    q.add_argument("--noise-seed", type=int, default=0)
-    q.add_argument("--out", required=True)
-    _add_model_args(q)
+    _add_one_lesion_check_args(sanity.add_parser(
+        "control-regions", help="maps of a healthy white-matter sphere and of one voxel at a TP lesion's centre, against the lesion's"),
+        default_lesion="the largest TP")
+    _add_one_lesion_check_args(sanity.add_parser(
+        "synthetic-lesion", help="copy a TP lesion into white matter, into the background, and into the background with 3 mm of its surroundings"),
+        default_lesion="the largest clearly visible TP")
 
     p = sub.add_parser("stats", help="statistics over cases")
     stats = p.add_subparsers(dest="stats_command", required=True)
@@ -255,7 +254,7 @@ def _score_lesions(model, dev, result, args, out) -> dict:
         raise InputError("--prune-below must be a probability between 0 and 1")
     clf = load_classifier(args.classifier)
     ids = [r["lesion_id"] for r in result.table]
-    warn = lambda lid, msg: print(f"msis: warning: {msg} (no TP probability for lesion {lid})", file=sys.stderr)  # noqa: E731
+    warn = lambda lid, msg: _warn(f"{msg} (no TP probability for lesion {lid})")  # noqa: E731
     probs = tp_probabilities(model, result.prepared, result.labels, ids, clf, device=dev, on_error=warn,
                              progress=ProgressBar(label=f"TP probability of {len(ids)} lesions (SmoothGrad N={clf.saliency.get('n_samples')}), backward passes"))
     for r in result.table:
@@ -426,7 +425,7 @@ def cmd_features(args) -> int:
     import numpy as np
 
     from .radiomics import default_feature_names
-    from .scoring import case_feature_rows, phantom_feature_table, saliency_settings, write_feature_rows
+    from .scoring import case_feature_rows, phantom_feature_table, saliency_settings, write_feature_rows, write_table_manifest
     from .volumes import array_from_image, read_image, same_grid
 
     settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context,
@@ -456,8 +455,6 @@ def cmd_features(args) -> int:
     case = args.case or Path(args.flair).name.split(".")[0]
     rows = case_feature_rows(model, result.prepared, result.labels, case, settings, gt, device=dev, progress=ProgressBar(label="lesion features, backward passes"))
     write_feature_rows(rows, out_path, default_feature_names())
-    from .scoring import write_table_manifest
-
     write_table_manifest(out_path, settings, model=model.spec.name, case=case)
     bad = [r for r in rows if r.get("error")]
     for r in bad:
