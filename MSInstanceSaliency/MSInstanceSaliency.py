@@ -341,7 +341,6 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._models = {}
         self._prepared = {}
-        self._tpCache = {}
         self._lastExplanation = None  # (lesion id, Explanation) of the last SmoothGrad of a lesion
 
     def getParameterNode(self):
@@ -430,7 +429,6 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
             p.lesionTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "MS lesions")
         mrml.fill_lesion_table(p.lesionTable, rows)
         p.selectedLesion = 0
-        self._tpCache = {}
         self._lastExplanation = None  # lesion ids now name other lesions
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=None, label=None, fit=True)
         return rows
@@ -522,7 +520,14 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         return self._classifier
 
     def knownTpProbability(self, p, lesionId):
-        return self._tpCache.get(int(lesionId))
+        """The lesion's TP probability as the table holds it (also after reopening a scene), or None."""
+        if not p.lesionTable:
+            return None
+        for row in mrml.lesion_table_rows(p.lesionTable):
+            if int(row["Lesion"]) == int(lesionId):
+                value = row["TP probability"]
+                return None if value != value else value  # NaN: not computed
+        return None
 
     def tpProbabilityOfSelected(self, p):
         """From the map just computed when its settings are the classifier's, otherwise computed anew."""
@@ -540,7 +545,6 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
                 return None
         if prob is None:
             return self.scoreLesions(p, [lid]).get(lid)
-        self._tpCache[lid] = prob
         mrml.set_tp_probability(p.lesionTable, lid, prob)
         return prob
 
@@ -552,7 +556,6 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
                                  progress=progress, on_error=lambda lid, msg: logging.warning(msg))
         for lid, prob in probs.items():
             if prob is not None:
-                self._tpCache[int(lid)] = prob
                 mrml.set_tp_probability(p.lesionTable, lid, prob)
         return probs
 
@@ -653,7 +656,7 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         p.method, p.nSamples, p.sigma, p.context, p.maxOmegaVoxels = "SmoothGrad max", s["n_samples"], s["sigma"], s["context"], s["max_omega_voxels"]
         logic.explain(p)
         reused = logic.tpProbabilityOfSelected(p)
-        logic._lastExplanation, logic._tpCache = None, {}
+        logic._lastExplanation = None
         fresh = logic.scoreLesions(p, [lesion])[lesion]
         self.assertAlmostEqual(reused, fresh, places=6)
 
