@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class Cancelled(RuntimeError):
     """Raised when a progress callback asks to stop long work."""
+
+
+class WorkerError(RuntimeError):
+    """The worker process failed: it crashed, stopped answering, or a request failed inside it."""

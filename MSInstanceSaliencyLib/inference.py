@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .progress import report
 
 
 def predict_probability(model, image: np.ndarray, *, device="auto", sw_batch_size: int = 1, progress=None) -> np.ndarray:
     """Lesion probability (X, Y, Z) float32: sliding window over the spec's roi, Gaussian blending, Softmax.
+
+    progress(done, total) is called before each window; returning False stops with errors.Cancelled.
 
     model: a LoadedModel; image: (C, X, Y, Z) float32 prepared for the network.
     """
@@ -26,11 +29,11 @@ def predict_probability(model, image: np.ndarray, *, device="auto", sw_batch_siz
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(dev)
 
     calls = {"n": 0}
+    n_windows = _n_windows(image.shape[1:], spec.roi_size, spec.overlap, sw_batch_size)
 
     def predictor(patch):
         calls["n"] += 1
-        if progress is not None:
-            progress(calls["n"], _n_windows(image.shape[1:], spec.roi_size, spec.overlap, sw_batch_size))
+        report(progress, calls["n"], n_windows)  # False from the callback stops inference (Cancelled)
         return net(patch)
 
     with torch.no_grad():

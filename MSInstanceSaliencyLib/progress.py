@@ -5,6 +5,14 @@ from __future__ import annotations
 import sys
 import time
 
+from .errors import Cancelled
+
+
+def report(progress, done, total) -> None:
+    """Call a (done, total) progress callback; its answer False stops the work with Cancelled."""
+    if progress is not None and progress(done, total) is False:
+        raise Cancelled("cancelled by the progress callback")
+
 
 class ProgressBar:
     """Callable (done, total) that draws `label [#####.....] done/total eta` on a terminal.

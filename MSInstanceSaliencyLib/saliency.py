@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Cancelled, InputError
+from .errors import InputError
+from .progress import report
 
 DEFAULT_ROI = (96, 96, 96)
 
@@ -165,11 +166,6 @@ def _autocast(device, precision):
     if dtype is None:
         raise InputError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _report(progress, done, total):
-    if progress is not None and progress(done, total) is False:
-        raise Cancelled("cancelled by the progress callback")
 
 
 # ----------------------------------------------------------------------------- chunk sizing
@@ -339,7 +335,7 @@ def smoothgrad(
                 (g,) = torch.autograd.grad(selected.mean(), x)
                 acc += g
                 done += 1
-                _report(progress, done, total)
+                report(progress, done, total)
                 continue
             best, done, chunk = _signed_max_over_omega(selected, x, chunk, progress, done, total)
             acc += best
@@ -384,7 +380,7 @@ def _signed_max_over_omega(selected, x, chunk, progress, done, total):
         del grads, cand, cand_abs, update
         start += k
         done += k
-        _report(progress, done, total)
+        report(progress, done, total)
     return best, done, chunk
 
 

@@ -35,18 +35,19 @@ def saliency_settings(**overrides) -> dict:
     return s
 
 
-def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: dict, *, device="auto", progress=None, on_error=None) -> dict:
-    """{lesion_id: features dict} (or {lesion_id: FeatureError} for lesions pyradiomics cannot handle).
+def iter_lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: dict, *, device="auto", progress=None, on_error=None):
+    """Yields (lesion_id, features dict or FeatureError) lesion by lesion, so a caller keeps what is
+    done when the work is cancelled (errors.Cancelled from the progress callback) or stopped.
 
     progress(done, total) counts backward passes over all the lesions (N x |Ω|, or N x the sample
     for the max), so it runs in step with time also through a large lesion; returning False cancels.
-    A lesion that fails is reported through on_error(id, message) and skipped, never failing the case.
+    A lesion that fails is reported through on_error(id, message) and yielded as a FeatureError,
+    never failing the case.
     """
     from .saliency import smoothgrad
 
     channel = prepared.channels.index(settings.get("channel", "flair"))
     extractor = make_extractor()
-    out = {}
     ids = [int(i) for i in lesion_ids]
     work = _backward_passes(lesion_sizes(labels, ids), ids, settings)
     total, done = sum(work.values()), 0
@@ -58,14 +59,20 @@ def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: d
                               sigma_mode=settings["sigma_mode"], aggregation=settings["aggregation"], context=settings["context"],
                               seed=int(settings.get("seed", 0)), max_omega_voxels=settings.get("max_omega_voxels"), device=device,
                               progress=report)
-            out[lid] = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
+            result = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
         except (FeatureError, InputError) as exc:
-            out[lid] = FeatureError(f"lesion {lid}: {exc}")
-            (on_error or (lambda _i, m: log.warning(m)))(lid, str(out[lid]))
+            result = FeatureError(f"lesion {lid}: {exc}")
+            (on_error or (lambda _i, m: log.warning(m)))(lid, str(result))
         done += work[lid]
+        yield lid, result
         if progress is not None and progress(done, total) is False:
             raise Cancelled("cancelled")
-    return out
+
+
+def lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settings: dict, *, device="auto", progress=None, on_error=None) -> dict:
+    """{lesion_id: features dict} (or {lesion_id: FeatureError} for lesions pyradiomics cannot handle);
+    see iter_lesion_features."""
+    return dict(iter_lesion_features(model, prepared, labels, lesion_ids, settings, device=device, progress=progress, on_error=on_error))
 
 
 def lesion_sizes(labels: np.ndarray, ids=()) -> np.ndarray:
@@ -94,14 +101,16 @@ def classifier_settings(classifier: TPClassifier) -> dict:
     return {**DEFAULT_SETTINGS, **classifier.saliency}
 
 
+def iter_tp_probabilities(model, prepared, labels, lesion_ids, classifier: TPClassifier, *, device="auto", progress=None, on_error=None):
+    """Yields (lesion_id, P(TP) or None where features could not be computed), lesion by lesion."""
+    for lid, f in iter_lesion_features(model, prepared, labels, lesion_ids, classifier_settings(classifier), device=device,
+                                       progress=progress, on_error=on_error):
+        yield lid, None if isinstance(f, Exception) else float(classifier.predict_proba(classifier.features_to_matrix([f]))[0, 1])
+
+
 def tp_probabilities(model, prepared, labels, lesion_ids, classifier: TPClassifier, *, device="auto", progress=None, on_error=None) -> dict:
     """{lesion_id: P(TP)} (None where features could not be computed)."""
-    feats = lesion_features(model, prepared, labels, lesion_ids, classifier_settings(classifier), device=device, progress=progress,
-                            on_error=on_error)
-    probs = {}
-    for lid, f in feats.items():
-        probs[lid] = None if isinstance(f, Exception) else float(classifier.predict_proba(classifier.features_to_matrix([f]))[0, 1])
-    return probs
+    return dict(iter_tp_probabilities(model, prepared, labels, lesion_ids, classifier, device=device, progress=progress, on_error=on_error))
 
 
 def tp_probability_of_explanation(classifier: TPClassifier, explanation, spacing):

@@ -1,0 +1,370 @@
+"""A long-lived worker process that holds a model and a prepared case and runs the heavy work:
+segmentation, saliency maps and TP probabilities.
+
+The Slicer module starts it with Slicer's own Python (PythonSlicer) so that the GUI stays responsive,
+Cancel really stops the work, and a crash of torch cannot take Slicer down; any Python can run it:
+
+    python -m MSInstanceSaliencyLib.worker --workdir DIR
+
+Protocol: one JSON object per line. Requests arrive on stdin as {"id": n, "cmd": name, ...arguments};
+{"cmd": "cancel", "id": n} stops request n at its next progress step. Every answer on stdout carries
+the request's id and a type: "progress" (done, total), "lesion" (one scored lesion, streamed),
+"result" (the request's answer) or "error" (kind: input | cancelled | internal, message). Arrays go
+through files in the work folder (.npy for arrays, NRRD for images with their geometry), never
+through the pipe. Nothing else is written to stdout: library prints go to stderr, the log.
+See worker_client.WorkerClient for the other end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+
+PROGRESS_INTERVAL_S = 0.1  # progress messages at most this often (backward passes can be thousands)
+
+
+def save_array(path: str | os.PathLike, array: np.ndarray) -> str:
+    """Write an array so that a reader never sees a partial file (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def load_array(path: str | os.PathLike, remove: bool = False) -> np.ndarray:
+    a = np.load(str(path), allow_pickle=False)
+    if remove:
+        os.unlink(path)
+    return a
+
+
+def environment_info(device: str = "auto") -> dict:
+    """What the worker sees: the torch build, the GPUs and the packages (GPU-not-detected is the most
+    common trouble with AI extensions, so say exactly why)."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    info = {"msis": __version__, "python": platform.python_version(), "executable": sys.executable, "pid": os.getpid(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": bool(torch.cuda.is_available()),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+            "threads": torch.get_num_threads()}
+    try:
+        import monai
+
+        info["monai"] = monai.__version__
+    except ImportError as exc:
+        info["monai"] = None
+        info["monai_error"] = str(exc)
+    info["radiomics"] = radiomics_version()
+    if info["cuda_available"]:
+        info["device_note"] = f"GPU: {', '.join(info['gpus'])}"
+    elif info["torch_cuda"] is None:
+        info["device_note"] = "this torch is a CPU-only build: work runs on the CPU (install a CUDA build of torch to use a GPU)"
+    else:
+        info["device_note"] = (f"torch is built for CUDA {info['torch_cuda']} but sees no GPU (driver missing or too old, "
+                               "or CUDA_VISIBLE_DEVICES hides it): work runs on the CPU")
+    try:
+        from .model import resolve_device
+
+        info["device"] = str(resolve_device(device))
+    except InputError as exc:
+        info["device"] = None
+        info["device_error"] = str(exc)
+    return info
+
+
+def radiomics_version() -> str | None:
+    """pyradiomics' version, or None when it cannot be imported (in Slicer: the SlicerRadiomics extension)."""
+    try:
+        from .radiomics import _quiet_radiomics
+
+        return str(_quiet_radiomics().__version__)
+    except Exception:  # ImportError, or a broken build
+        return None
+
+
+class Worker:
+    """The request handlers and the state they share (model, prepared case, lesion labels)."""
+
+    def __init__(self, workdir, send):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.send = send
+        self.cancel_event = threading.Event()
+        self.model = None
+        self.model_key = None
+        self.device = "auto"
+        self.case = None
+        self.labels = None
+        self._classifier = None
+
+    # -- plumbing
+
+    def progress_callback(self, rid):
+        last = [0.0]
+
+        def callback(done, total):
+            if self.cancel_event.is_set():
+                return False
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S or done >= total:
+                last[0] = now
+                self.send({"id": rid, "type": "progress", "done": int(done), "total": int(total)})
+            return True
+
+        return callback
+
+    def out_path(self, rid, name) -> Path:
+        return self.workdir / f"r{rid}_{name}.npy"
+
+    def need(self, what):
+        if what == "model" and self.model is None:
+            raise InputError("no model loaded: send load_model first")
+        if what == "case" and self.case is None:
+            raise InputError("no case prepared: send prepare first")
+        if what == "labels" and self.labels is None:
+            raise InputError("no lesion labels: segment first (or send set_labels)")
+
+    def classifier(self):
+        from .scoring import load_classifier
+
+        if radiomics_version() is None:
+            raise InputError("the TP probability needs pyradiomics, which is not installed: in 3D Slicer install the "
+                             "SlicerRadiomics extension (Extensions Manager) and restart Slicer; elsewhere "
+                             "`pip install --no-build-isolation pyradiomics`")
+        if self._classifier is None:
+            self._classifier = load_classifier()
+        return self._classifier
+
+    # -- requests
+
+    def handle(self, request: dict):
+        cmd = request.get("cmd")
+        handler = getattr(self, f"cmd_{cmd}", None) if isinstance(cmd, str) else None
+        if handler is None:
+            raise InputError(f"unknown worker command {cmd!r}")
+        args = {k: v for k, v in request.items() if k not in ("id", "cmd")}
+        return handler(request.get("id"), **args)
+
+    def cmd_ping(self, rid):
+        return {"pid": os.getpid()}
+
+    def cmd_info(self, rid, device="auto"):
+        return environment_info(device)
+
+    def cmd_load_model(self, rid, model=None, device="auto"):
+        from .model import load_model, resolve_device
+        from .saliency import list_layers
+
+        dev = resolve_device(device)
+        key = (model or None, str(dev))
+        if key != self.model_key:
+            self.model, self.model_key = None, None
+            self.model = load_model(model or None, device=dev)
+            self.model_key, self.device = key, str(dev)
+            self.case = self.labels = None  # prepared for another model's channels and normalisation
+        spec = self.model.spec
+        return {"name": spec.name, "version": spec.version, "input_channels": list(spec.input_channels),
+                "roi_size": list(spec.roi_size), "threshold": spec.threshold, "min_lesion_mm3": spec.min_lesion_mm3,
+                "gradcam_layer": spec.gradcam_layer, "layers": [name for name, _kind in list_layers(self.model)],
+                "device": self.device, "path": str(self.model.path) if self.model.path else None}
+
+    def cmd_prepare(self, rid, flair, mprage, register=False, n4=False):
+        from .preprocessing import prepare_case
+        from .volumes import read_image
+
+        self.need("model")
+        self.case = self.labels = None
+        self.case = prepare_case(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), self.model.spec, register=register, n4=n4)
+        return {"shape": list(self.case.image.shape[1:]), "spacing": list(self.case.spacing), "channels": self.case.channels,
+                "steps": self.case.steps}
+
+    def cmd_set_labels(self, rid, path):
+        self.need("case")
+        labels = load_array(path)
+        if labels.shape != self.case.image.shape[1:]:
+            raise InputError(f"the lesion labels have shape {labels.shape}, the case {self.case.image.shape[1:]}")
+        self.labels = labels.astype(np.int32, copy=False)
+        return {"n_lesions": int(np.count_nonzero(np.unique(self.labels)))}
+
+    def cmd_segment(self, rid, threshold=None, min_volume_mm3=None):
+        from .inference import predict_probability
+        from .instances import label_instances, lesion_table
+
+        self.need("case")
+        spec = self.model.spec
+        thr = spec.threshold if threshold is None else float(threshold)
+        min_vol = spec.min_lesion_mm3 if min_volume_mm3 is None else float(min_volume_mm3)
+        if not 0.0 < thr < 1.0:
+            raise InputError(f"threshold must be between 0 and 1, got {thr}")
+        if not min_vol >= 0.0:
+            raise InputError(f"minimum lesion volume must be >= 0 mm^3, got {min_vol}")
+        prob = predict_probability(self.model, self.case.image, device=self.device, progress=self.progress_callback(rid))
+        labels = label_instances(prob > thr, spacing=self.case.spacing, min_volume_mm3=min_vol)
+        self.labels = labels.astype(np.int32, copy=False)
+        return {"probability": save_array(self.out_path(rid, "probability"), prob.astype(np.float32)),
+                "labels": save_array(self.out_path(rid, "labels"), self.labels),
+                "table": lesion_table(labels, self.case.reference, prob), "threshold": thr, "min_volume_mm3": min_vol}
+
+    def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", n_samples=50, sigma=0.05, sigma_mode="range",
+                    aggregation="max", context="patch", seed=0, layer=None, max_omega_voxels=None, precision="fp32"):
+        from .explain import explain, omega_from_lesion
+
+        self.need("case")
+        if mask is not None:
+            omega = load_array(mask).astype(bool)
+            if omega.shape != self.case.image.shape[1:] or not omega.any():
+                raise InputError("the region to explain is empty or not on the MPRAGE grid")
+            label = "region"
+        else:
+            self.need("labels")
+            omega, label = omega_from_lesion(self.labels, int(lesion_id)), f"lesion{int(lesion_id)}"
+        exp = explain(self.model, self.case.image, omega, method, label=label, channels=self.case.channels, n_samples=int(n_samples),
+                      sigma=float(sigma), sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=int(seed),
+                      layer=layer or None, device=self.device, progress=self.progress_callback(rid), precision=precision,
+                      max_omega_voxels=int(max_omega_voxels) if max_omega_voxels else None)
+        maps = {name: save_array(self.out_path(rid, f"map_{name}"), m.astype(np.float32)) for name, m in exp.maps.items()}
+        result = {"maps": maps, "params": exp.params, "method": exp.method, "tp_probability": None, "tp_note": ""}
+        if method == "smoothgrad" and mask is None:
+            result["tp_probability"], result["tp_note"] = self._tp_probability_of(exp)
+        return result
+
+    def _tp_probability_of(self, exp):
+        """P(TP) from this explanation when it was made with the classifier's settings; else a note why not."""
+        from .scoring import classifier_settings, tp_probability_of_explanation
+
+        try:
+            clf = self.classifier()
+        except InputError as exc:
+            return None, str(exc)
+        p = tp_probability_of_explanation(clf, exp, self.case.spacing)
+        if p is None:
+            s = classifier_settings(clf)
+            return None, (f"the TP probability needs a map made with the classifier's settings (SmoothGrad max of FLAIR, "
+                          f"N = {s['n_samples']}, sigma = {s['sigma']}, context {s['context']}, at most {s['max_omega_voxels']} "
+                          "lesion voxels): press Score to compute it")
+        return p, ""
+
+    def cmd_score(self, rid, lesion_ids):
+        """TP probability of each lesion, streamed: a cancelled run keeps the lesions already sent."""
+        from .scoring import iter_tp_probabilities
+
+        self.need("labels")
+        clf = self.classifier()
+        errors = {}
+        n = 0
+        for lid, p in iter_tp_probabilities(self.model, self.case, self.labels, [int(i) for i in lesion_ids], clf, device=self.device,
+                                            progress=self.progress_callback(rid), on_error=lambda i, m: errors.__setitem__(i, m)):
+            self.send({"id": rid, "type": "lesion", "lesion_id": int(lid), "tp_probability": p, "error": errors.get(lid, "")})
+            n += 1
+        return {"scored": n}
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def serve(workdir, stdin=None, stdout=None) -> int:
+    """Answer requests until stdin closes or a shutdown request arrives."""
+    stdin = stdin or sys.stdin
+    out = stdout or sys.stdout
+    lock = threading.Lock()
+
+    def send(msg: dict) -> None:
+        line = json.dumps(msg, default=_json_default)
+        with lock:
+            out.write(line + "\n")
+            out.flush()
+
+    worker = Worker(workdir, send)
+    requests: queue.Queue = queue.Queue()
+    current = {"id": None}
+    cancelled_ids = set()  # a cancel may overtake its request while that still waits in the queue
+
+    def read_requests():
+        # A thread of its own, so that a cancel arrives while the main thread computes.
+        for line in stdin:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError as exc:
+                send({"id": None, "type": "error", "kind": "input", "message": f"not a JSON request: {exc}"})
+                continue
+            if msg.get("cmd") == "cancel":
+                cancelled_ids.add(msg.get("id"))
+                if msg.get("id") in (None, current["id"]):
+                    worker.cancel_event.set()
+                continue
+            requests.put(msg)
+        worker.cancel_event.set()  # the client is gone: stop what runs, then leave
+        requests.put(None)
+
+    threading.Thread(target=read_requests, name="msis-worker-stdin", daemon=True).start()
+    send({"id": None, "type": "ready", "pid": os.getpid()})
+    while True:
+        msg = requests.get()
+        if msg is None or msg.get("cmd") == "shutdown":
+            if msg is not None:
+                send({"id": msg.get("id"), "type": "result"})
+            return 0
+        rid = msg.get("id")
+        current["id"] = rid
+        worker.cancel_event.clear()
+        if rid in cancelled_ids:
+            worker.cancel_event.set()
+        try:
+            result = worker.handle(msg)
+            send({"id": rid, "type": "result", **(result or {})})
+        except Cancelled:
+            send({"id": rid, "type": "error", "kind": "cancelled", "message": "cancelled"})
+        except InputError as exc:
+            send({"id": rid, "type": "error", "kind": "input", "message": str(exc)})
+        except Exception as exc:  # the worker survives whatever one request does
+            send({"id": rid, "type": "error", "kind": "internal", "message": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()})
+        finally:
+            current["id"] = None
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MSInstanceSaliencyLib.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="folder for the arrays exchanged with the client")
+    args = parser.parse_args(argv)
+    # stdout carries the protocol only: keep a private copy of it and send everything else to stderr
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    from .pipeline import env_threads
+
+    env_threads()
+    return serve(args.workdir, stdout=protocol)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
