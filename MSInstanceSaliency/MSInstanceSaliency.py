@@ -1,9 +1,12 @@
-import contextlib
 import logging
 import os
+import shutil
 import sys
+import traceback
 from typing import Annotated
 
+import ctk
+import qt
 import vtk
 
 import slicer
@@ -34,9 +37,8 @@ METHODS = ["SmoothGrad max", "SmoothGrad mean", "Grad-CAM++"]
 CHANNELS = ["FLAIR", "MPRAGE"]
 DEVICES = ["auto", "cuda", "cpu"]
 CONTEXTS = ["patch", "full"]
-# Python packages the module needs besides what Slicer ships (numpy, SimpleITK, vtk).
-REQUIRED_PACKAGES = {"monai": "monai>=1.3", "sklearn": "scikit-learn>=1.3", "scipy": "scipy", "nibabel": "nibabel",
-                     "nilearn": "nilearn", "matplotlib": "matplotlib", "radiomics": "pyradiomics"}
+from MSInstanceSaliencyLib import dependencies  # noqa: E402  (no heavy imports: torch and monai load in the worker)
+from MSInstanceSaliencyLib.errors import Cancelled  # noqa: E402
 
 
 #
@@ -59,7 +61,9 @@ click the lesion in any slice view. The slice views jump to its centre and it be
 explained (&Omega;). Any segment drawn with the Segment Editor can be used as &Omega; instead
 (<i>Custom region</i>), for example a lesion the model missed.<br>
 <b>Explain</b> computes the map (GPU when available) and shows it over the FLAIR in blue (negative)
-to red (positive), symmetric around 0.<br>
+to red (positive), symmetric around 0 and transparent near 0.<br>
+The work runs in a separate Python process (the worker), so Slicer stays responsive and Cancel
+stops it; the worker keeps the model and the case loaded between clicks.<br>
 The bundled model is a demonstration model trained on synthetic phantoms: not for clinical use.
 See <a href="https://github.com/MSInstanceSaliency/MSInstanceSaliency#use-in-3d-slicer">the documentation</a>.
 """)
@@ -101,7 +105,7 @@ class MSInstanceSaliencyParameterNode:
     sigma: Annotated[float, WithinRange(0.0, 1.0)] = 0.05
     displayChannel: Annotated[str, Choice(CHANNELS)] = "FLAIR"
     context: Annotated[str, Choice(CONTEXTS)] = "patch"
-    gradcamLayer: str = ""
+    gradcamLayer: str = ""  # empty: the model's default layer
     keepEarlierMaps: bool = True
     saliencyVolume: vtkMRMLScalarVolumeNode
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -120,7 +124,10 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._pickObservers = []
+        self._pickNode = None
+        self._shownTableID = None
+        self._taskRunning = False
+        self._cancelRequested = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -129,40 +136,48 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MSInstanceSaliencyLogic()
+        self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Readable
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.explainButton.connect("clicked(bool)", self.onExplain)
+        self.ui.scoreLesionButton.connect("clicked(bool)", self.onScoreLesion)
         self.ui.scoreAllButton.connect("clicked(bool)", self.onScoreAll)
         self.ui.removeBelowButton.connect("clicked(bool)", self.onRemoveBelow)
         self.ui.refreshLayersButton.connect("clicked(bool)", self.onRefreshLayers)
+        self.ui.restartWorkerButton.connect("clicked(bool)", self.onRestartWorker)
         self.ui.pickLesionButton.connect("toggled(bool)", self.onPickToggled)
         self.ui.lesionTableView.connect("selectionChanged()", self.onTableSelection)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.customRegionSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onCustomRegionChanged)
         self.ui.customRegionSelector.connect("currentSegmentChanged(QString)", self.onCustomRegionChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
-        self.ui.layerComboBox.connect("currentTextChanged(QString)", self.onLayerChanged)
+        self.ui.layerComboBox.connect("currentIndexChanged(int)", self.onLayerChanged)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self.onPickToggled(False)
+        self._stopPicking()
         self.removeObservers()
+        if self.logic:
+            self.logic.shutdown()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.onPickToggled(False)
+        self.ui.pickLesionButton.checked = False  # no click picking behind the user's back in other modules
+        self._stopPicking()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRequested = True  # a task still running stops at its next progress step
+        self.ui.pickLesionButton.checked = False
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -180,51 +195,148 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
-            self._updateGUI()
+        self._updateGUI()
 
     def _updateGUI(self, caller=None, event=None) -> None:
         p = self._parameterNode
         if not p:
+            self._showTable(None)
             return
-        self.ui.segmentButton.enabled = bool(p.flairVolume and p.mprageVolume)
-        hasLesions = bool(p.lesionLabels)
-        self.ui.lesionTableView.setMRMLTableNode(p.lesionTable)
+        idle = not self._taskRunning
+        inputs = bool(p.flairVolume and p.mprageVolume)
+        hasLesions = bool(p.lesionLabels and p.lesionTable)
         customReady = bool(p.useCustomRegion and p.customRegionSegmentation and p.customRegionSegmentId)
-        self.ui.explainButton.enabled = bool(p.flairVolume and p.mprageVolume) and (customReady or (hasLesions and p.selectedLesion > 0))
-        self.ui.scoreAllButton.enabled = hasLesions
-        self.ui.removeBelowButton.enabled = hasLesions
+        radiomics = dependencies.has_radiomics()
+        self.ui.segmentButton.enabled = idle and inputs
+        self.ui.explainButton.enabled = idle and inputs and (customReady or (hasLesions and p.selectedLesion > 0))
+        self.ui.scoreLesionButton.enabled = idle and radiomics and hasLesions and p.selectedLesion > 0
+        self.ui.scoreAllButton.enabled = idle and radiomics and hasLesions
+        self.ui.removeBelowButton.enabled = idle and hasLesions
         self.ui.pickLesionButton.enabled = hasLesions
+        self.ui.refreshLayersButton.enabled = idle
+        self.ui.restartWorkerButton.enabled = idle
+        for button in (self.ui.scoreLesionButton, self.ui.scoreAllButton):
+            button.toolTip = "" if radiomics else dependencies.RADIOMICS_HINT
         self.ui.selectedLesionLabel.text = _("Lesion {id}").format(id=p.selectedLesion) if p.selectedLesion else _("none")
+        self._showTable(p.lesionTable)
         if self.ui.modelPathLineEdit.currentPath != p.modelPath:
             self.ui.modelPathLineEdit.currentPath = p.modelPath
+        self._showCustomRegion(p)
+        self._showLayer(p.gradcamLayer)
 
-    # -- actions (each wrapped so errors reach the user as a message, not a traceback)
+    def _showTable(self, tableNode) -> None:
+        # qMRMLTableView.setMRMLTableNode always emits selectionChanged: call it only for another node
+        newID = tableNode.GetID() if tableNode else None
+        if newID != self._shownTableID:
+            self._shownTableID = newID
+            self.ui.lesionTableView.setMRMLTableNode(tableNode)
 
-    def onSegment(self) -> None:
+    def _showCustomRegion(self, p) -> None:
+        """The segment selector has no parameter-node connector: restore it from the node (scene reload)."""
+        selector = self.ui.customRegionSelector
+        current = selector.currentNode()
+        if p.customRegionSegmentation and (current is None or current.GetID() != p.customRegionSegmentation.GetID()):
+            selector.setCurrentNode(p.customRegionSegmentation)
+        if p.customRegionSegmentId and selector.currentSegmentID() != p.customRegionSegmentId:
+            selector.setCurrentSegmentID(p.customRegionSegmentId)
+
+    def _showLayer(self, layer) -> None:
+        """Item 0 is the model's default layer (gradcamLayer empty); a layer restored from a scene is
+        shown even before the list is filled from the model."""
+        combo = self.ui.layerComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            if combo.count == 0:
+                combo.addItem(_("(model default)"), "")
+            index = combo.findData(layer) if layer else 0
+            if index < 0:
+                combo.addItem(layer, layer)
+                index = combo.count - 1
+            combo.currentIndex = index
+        finally:
+            combo.blockSignals(wasBlocked)
+
+    # -- running work in the worker, with a modal progress dialog
+
+    def _runTask(self, title, failureMessage, task):
+        """task(progress) with the action buttons disabled and a modal progress dialog whose Cancel stops
+        the worker; returns the task's result, or None when cancelled."""
+        if self._taskRunning or not self._parameterNode:
+            return None
         if not self.logic.ensureDependencies():
-            return
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True), self._progress(_("Segmenting lesions")) as progress:
-            self.logic.segment(self._parameterNode, progress=progress)
-            self.ui.tpProbabilityLabel.text = ""
+            return None
+        self._taskRunning, self._cancelRequested = True, False
+        self._updateGUI()
+        dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), windowTitle=title, labelText=title, maximum=0,
+                                                  windowModality=qt.Qt.ApplicationModal)
+
+        def progress(done, total):
+            if done is not None and total:
+                dialog.maximum = 100
+                dialog.value = int(100 * done / total)
+                dialog.labelText = f"{title}: {done} / {total}"
+            slicer.app.processEvents()
+            return not (dialog.wasCanceled or self._cancelRequested)
+
+        try:
+            with slicer.util.tryWithErrorDisplay(failureMessage):
+                try:
+                    return task(progress)
+                except Cancelled:
+                    slicer.util.showStatusMessage(_("Cancelled."), 5000)
+                    return None
+        finally:
+            dialog.close()
+            self._taskRunning = False
+            self._showWorkerStatus()
             self._updateGUI()
 
-    def onExplain(self) -> None:
-        if not self.logic.ensureDependencies():
+    def _showWorkerStatus(self) -> None:
+        info = self.logic.workerInfo(start=False) if self.logic else None
+        if not info:
+            self.ui.workerStatusLabel.text = _("Worker: not started")
             return
-        with slicer.util.tryWithErrorDisplay(_("Explaining the lesion failed."), waitCursor=True):
-            with self._progress(_("Computing the saliency map")) as progress:
-                node = self.logic.explain(self._parameterNode, progress=progress)
-            if node is None:
-                return
-            self.logic.showOverlay(self._parameterNode, node)
-            if self._parameterNode.method != "Grad-CAM++" and not self._parameterNode.useCustomRegion:
-                self._showTpProbability(self.logic.tpProbabilityOfSelected(self._parameterNode))
+        parts = [f"torch {info['torch']}", info.get("device_note", "")]
+        parts.append(f"pyradiomics {info['radiomics']}" if info.get("radiomics") else _("no pyradiomics (TP probability off)"))
+        self.ui.workerStatusLabel.text = _("Worker (pid {pid}): ").format(pid=info["pid"]) + "; ".join(x for x in parts if x)
+
+    # -- actions
+
+    def onSegment(self) -> None:
+        p = self._parameterNode
+        self.ui.lesionTableView.clearSelection()
+        if self._runTask(_("Segmenting lesions"), _("Segmentation failed."), lambda progress: self.logic.segment(p, progress=progress)) is not None:
+            self.ui.tpProbabilityLabel.text = ""
+
+    def onExplain(self) -> None:
+        p = self._parameterNode
+        result = self._runTask(_("Computing the saliency map"), _("Explaining the lesion failed."),
+                               lambda progress: self.logic.explain(p, progress=progress))
+        if result is None:
+            return
+        self.logic.showOverlay(p, result["node"])
+        if result["tp_probability"] is not None:
+            self._showTpProbability(result["tp_probability"])
+        elif p.method != "Grad-CAM++" and not p.useCustomRegion:
+            known = self.logic.knownTpProbability(p, p.selectedLesion)
+            if known is not None:
+                self._showTpProbability(known)
+            else:
+                self.ui.tpProbabilityLabel.text = _("TP probability: not computed. ") + result["tp_note"]
+
+    def onScoreLesion(self) -> None:
+        p = self._parameterNode
+        lesionId = int(p.selectedLesion)
+        probs = self._runTask(_("TP probability of lesion {id}").format(id=lesionId), _("Scoring the lesion failed."),
+                              lambda progress: self.logic.scoreLesions(p, [lesionId], progress=progress))
+        if probs is not None:
+            self._showTpProbability(probs.get(lesionId))
 
     def onScoreAll(self) -> None:
-        if not self.logic.ensureDependencies():
-            return
-        with slicer.util.tryWithErrorDisplay(_("Scoring the lesions failed."), waitCursor=True), self._progress(_("TP probability of every lesion")) as progress:
-            self.logic.scoreAllLesions(self._parameterNode, progress=progress)
+        p = self._parameterNode
+        # lesions scored before a Cancel keep their probability: the table is filled lesion by lesion
+        self._runTask(_("TP probability of every lesion"), _("Scoring the lesions failed."),
+                      lambda progress: self.logic.scoreAllLesions(p, progress=progress))
 
     def onRemoveBelow(self) -> None:
         p = self._parameterNode
@@ -232,28 +344,49 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if not ids:
             slicer.util.infoDisplay(_("No scored lesion has a TP probability below {p:.2f}. Score the lesions first.").format(p=p.pruneBelow))
             return
-        if not slicer.util.confirmOkCancelDisplay(_("Remove {n} lesion segments with TP probability below {p:.2f}?").format(n=len(ids), p=p.pruneBelow)):
+        if not slicer.util.confirmOkCancelDisplay(_("Remove {n} lesions with TP probability below {p:.2f}: their segments, "
+                                                    "table rows and label-map voxels?").format(n=len(ids), p=p.pruneBelow)):
             return
         with slicer.util.tryWithErrorDisplay(_("Removing lesions failed."), waitCursor=True):
             self.logic.removeLesions(p, ids)
+
+    def onRefreshLayers(self) -> None:
+        p = self._parameterNode
+        found = self._runTask(_("Loading the model"), _("Listing the model's layers failed."), lambda progress: self.logic.layerNames(p, progress))
+        if found is None:
+            return
+        layers, default = found
+        combo = self.ui.layerComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("(model default: {layer})").format(layer=default), "")
+        for name in layers:
+            combo.addItem(name, name)
+        combo.blockSignals(wasBlocked)
+        self._showLayer(p.gradcamLayer)
+
+    def onRestartWorker(self) -> None:
+        self.logic.shutdown()
+        self._runTask(_("Starting the worker"), _("The worker could not start."), lambda progress: self.logic.workerInfo(p=self._parameterNode, progress=progress))
 
     def onTableSelection(self) -> None:
         view, p = self.ui.lesionTableView, self._parameterNode
         indexes = view.selectionModel().selectedIndexes() if view.selectionModel() else []
         if not indexes or not p or not p.lesionTable:
             return
-        row = view.tableModel().mrmlTableRowIndex(view.sortFilterProxyModel().mapToSource(indexes[0]))
-        if row < 0:
-            return
-        self._selectLesion(int(p.lesionTable.GetTable().GetValue(row, 0).ToInt()))
+        # qMRMLTableModel.mrmlTableRowIndex is not reachable from Python: map the proxy index ourselves
+        index = view.sortFilterProxyModel().mapToSource(indexes[0])
+        row = mrml.table_row_of_model_index(p.lesionTable, index.row(), index.column(), view.transposed)
+        if 0 <= row < p.lesionTable.GetNumberOfRows():
+            self._selectLesion(int(p.lesionTable.GetTable().GetValue(row, 0).ToInt()))
 
     def onModelPathChanged(self, path) -> None:
         if self._parameterNode and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
 
-    def onLayerChanged(self, name) -> None:
-        if self._parameterNode and name:
-            self._parameterNode.gradcamLayer = name
+    def onLayerChanged(self, index) -> None:
+        if self._parameterNode:
+            self._parameterNode.gradcamLayer = self.ui.layerComboBox.itemData(index) or ""
 
     def onCustomRegionChanged(self, *_args) -> None:
         p = self._parameterNode
@@ -267,65 +400,69 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.logic.selectLesion(self._parameterNode, lesionId)
             self._showTpProbability(self.logic.knownTpProbability(self._parameterNode, lesionId))
 
-    def onPickToggled(self, on) -> None:
-        """While on, a click in a slice view (crosshair position) picks the lesion under it."""
-        for interactor, tag in self._pickObservers:
-            interactor.RemoveObserver(tag)
-        self._pickObservers = []
-        if not on:
-            return
-        lm = slicer.app.layoutManager()
-        for name in lm.sliceViewNames():
-            interactor = lm.sliceWidget(name).sliceView().interactorStyle().GetInteractor()
-            tag = interactor.AddObserver(vtk.vtkCommand.LeftButtonReleaseEvent, lambda caller, event, n=name: self._onSliceClick(n))
-            self._pickObservers.append((interactor, tag))
+    # -- picking a lesion with a click in a slice view: a markups point in persistent place mode, so that
+    # the click is not taken for window/level and lightbox panes are handled by Slicer itself
 
-    def _onSliceClick(self, viewName) -> None:
-        p = self._parameterNode
-        if not p or not p.lesionLabels:
+    def onPickToggled(self, on) -> None:
+        self._stopPicking()
+        if on:
+            self._startPicking()
+
+    def _startPicking(self) -> None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MS lesion pick")
+        node.SetHideFromEditors(True)
+        node.SetSaveWithScene(False)
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetPointLabelsVisibility(False)
+        self._pickNode = node
+        self.addObserver(node, node.PointPositionDefinedEvent, self._onPointPlaced)
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(node)
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        markupsLogic.StartPlaceMode(True, interactionNode)
+        self.addObserver(interactionNode, interactionNode.EndPlacementEvent, self._onPlacementEnded)
+
+    def _stopPicking(self) -> None:
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode() if slicer.app.applicationLogic() else None
+        if interactionNode:
+            self.removeObserver(interactionNode, interactionNode.EndPlacementEvent, self._onPlacementEnded)
+        node, self._pickNode = self._pickNode, None
+        if node is None:
             return
-        sliceWidget = slicer.app.layoutManager().sliceWidget(viewName)
-        xy = sliceWidget.sliceView().interactorStyle().GetInteractor().GetEventPosition()
-        ras = sliceWidget.sliceLogic().GetSliceNode().GetXYToRAS().MultiplyPoint([xy[0], xy[1], 0, 1])[:3]
-        lesionId = mrml.lesion_id_at_ras(p.lesionLabels, ras)
+        self.removeObserver(node, node.PointPositionDefinedEvent, self._onPointPlaced)
+        if interactionNode and interactionNode.GetCurrentInteractionMode() == interactionNode.Place:
+            interactionNode.SwitchToViewTransformMode()
+        if node.GetScene():
+            slicer.mrmlScene.RemoveNode(node)
+
+    def _onPointPlaced(self, caller, event) -> None:
+        n = caller.GetNumberOfControlPoints()
+        if n == 0:
+            return
+        ras = [0.0, 0.0, 0.0]
+        caller.GetNthControlPointPositionWorld(n - 1, ras)
+        qt.QTimer.singleShot(0, caller.RemoveAllControlPoints)  # not from inside the markups event
+        p = self._parameterNode
+        lesionId = mrml.lesion_id_at_ras(p.lesionLabels, ras) if p and p.lesionLabels else None
         if lesionId:
             self._selectLesion(lesionId)
+        else:
+            slicer.util.showStatusMessage(_("No lesion at that point."), 3000)
+
+    def _onPlacementEnded(self, caller, event) -> None:
+        # the user left place mode (Escape, another mouse mode): the button follows
+        self.ui.pickLesionButton.checked = False
 
     def onOpacityChanged(self, value) -> None:
-        for name in slicer.app.layoutManager().sliceViewNames():
-            slicer.app.layoutManager().sliceWidget(name).sliceLogic().GetSliceCompositeNode().SetForegroundOpacity(value)
-
-    def onRefreshLayers(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Listing the model's layers failed."), waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
-            layers = self.logic.layerNames(self._parameterNode)
-            self.ui.layerComboBox.clear()
-            self.ui.layerComboBox.addItems(layers)
+        slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
     def _showTpProbability(self, probability) -> None:
         if probability is None:
-            self.ui.tpProbabilityLabel.text = _("TP probability: not computed (press Explain with SmoothGrad, or Score all lesions)")
+            self.ui.tpProbabilityLabel.text = (_("TP probability: not computed (press Score selected lesion)") if dependencies.has_radiomics()
+                                               else dependencies.RADIOMICS_HINT)
             return
         verdict = _("likely true lesion") if probability >= 0.5 else _("possible false positive")
         self.ui.tpProbabilityLabel.text = _("TP probability: {p:.2f} ({v})").format(p=probability, v=verdict)
-
-    @contextlib.contextmanager
-    def _progress(self, title):
-        """A progress dialog with Cancel for the duration; yields the Lib's (done, total) callback,
-        which returns False once the user cancels."""
-        dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=100)
-
-        def callback(done, total):
-            dialog.setValue(int(100 * done / max(total, 1)))
-            dialog.labelText = f"{title}: {done} / {total}"
-            slicer.app.processEvents()
-            return not dialog.wasCanceled
-
-        try:
-            yield callback
-        finally:
-            dialog.close()
 
 
 #
@@ -334,102 +471,78 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
 
 class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
-    """All processing, callable without the GUI. Numerics live in MSInstanceSaliencyLib; MRML in
-    MSInstanceSaliencyMRML."""
+    """Processing callable without the GUI. The heavy work runs in a worker process (MSInstanceSaliencyLib.worker);
+    this class moves volumes to it and results back into MRML (MSInstanceSaliencyMRML)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._models = {}
-        self._prepared = {}
-        self._lastExplanation = None  # (lesion id, Explanation) of the last SmoothGrad of a lesion
+        self._session = None
 
     def getParameterNode(self):
         return MSInstanceSaliencyParameterNode(super().getParameterNode())
 
-    # -- dependencies
-
-    @staticmethod
-    def missingPackages():
-        import importlib.util
-
-        missing = [] if importlib.util.find_spec("torch") else ["torch"]
-        return missing + [pip for mod, pip in REQUIRED_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    # -- dependencies: torch through PyTorch Utils, MONAI without touching what Slicer ships
 
     def ensureDependencies(self, askConfirmation=True) -> bool:
-        """One confirmation, then torch via PyTorchUtils (right CUDA build) and the rest with pip."""
-        missing = self.missingPackages()
+        missing = dependencies.missing_packages()
         if not missing:
             return True
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("MS Instance Saliency needs these Python packages, which are not installed yet:\n{p}\n\n"
+                _("MS Instance Saliency needs these Python packages, which are not installed yet: {p}.\n\n"
+                  "PyTorch is installed by the PyTorch extension (the build that fits your GPU), MONAI with pip.\n"
                   "Install them now? This can take several minutes.").format(p=", ".join(missing))):
             slicer.util.warningDisplay(_("Segmentation and saliency need {p}. Install them from this module when you are ready.").format(p=", ".join(missing)))
             return False
+        try:
+            with slicer.util.WaitCursor():
+                self.installDependencies(missing)
+        except Exception as exc:
+            slicer.util.errorDisplay(_("Installing the Python packages failed: {e}").format(e=exc), detailedText=traceback.format_exc())
+            return False
+        return not dependencies.missing_packages()
+
+    @staticmethod
+    def installDependencies(missing):
         if "torch" in missing:
             try:
                 import PyTorchUtils
             except ImportError:
-                slicer.util.errorDisplay(_("Install the PyTorch extension (Extensions Manager) first: it provides the torch build for your GPU."))
-                return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.2") is None:
-                slicer.util.errorDisplay(_("PyTorch could not be installed; see the Python console."))
-                return False
-        others = [p for p in missing if p not in ("torch", "pyradiomics")]
-        if others:
-            slicer.util.pip_install(others)
-        if "pyradiomics" in missing:
-            slicer.util.pip_install(["versioneer"])
-            slicer.util.pip_install(["--no-build-isolation", "pyradiomics"])  # builds against Slicer's numpy
-        return not self.missingPackages()
+                raise RuntimeError(_("Install the PyTorch extension (View > Extensions Manager) and restart Slicer: it installs "
+                                     "the torch build for your GPU.")) from None
+            # raises when the installation fails; None only when a confirmation was declined
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:
+                raise RuntimeError(_("PyTorch was not installed."))
+        if "monai" in missing:
+            import importlib.metadata
 
-    # -- model and inputs
+            # --no-deps: pip must not replace torch, numpy, SimpleITK, requests or packaging in Slicer's Python
+            slicer.util.pip_install(["--no-deps", dependencies.monai_requirement(importlib.metadata.version("torch"))])
 
-    def model(self, p):
-        from MSInstanceSaliencyLib.model import load_model, resolve_device
+    # -- the worker process (MSInstanceSaliencyMRML.worker_session moves the data; this adds the views)
 
-        key = (p.modelPath or "", p.device)
-        if key not in self._models:
-            self._models[key] = load_model(p.modelPath or None, device=resolve_device(p.device))
-        return self._models[key]
+    def session(self):
+        from MSInstanceSaliencyMRML.worker_session import WorkerSession
 
-    def prepared(self, p):
-        from MSInstanceSaliencyLib.preprocessing import prepare_case
+        if self._session is None:
+            python = shutil.which("PythonSlicer")
+            if python is None:
+                raise RuntimeError(_("PythonSlicer (Slicer's Python) was not found; it is needed to run the worker process."))
+            self._session = WorkerSession(python=python, env=slicer.util.startupEnvironment())
+        return self._session
 
-        if not p.flairVolume or not p.mprageVolume:
-            raise ValueError(_("Select the FLAIR and MPRAGE volumes."))
-        key = (p.flairVolume.GetID(), p.mprageVolume.GetID(), p.flairVolume.GetMTime(), p.mprageVolume.GetMTime(), p.modelPath)
-        if key not in self._prepared:
-            self._prepared = {key: prepare_case(mrml.image_from_volume_node(p.flairVolume), mrml.image_from_volume_node(p.mprageVolume),
-                                                self.model(p).spec)}
-        return self._prepared[key]
+    def shutdown(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
-    # -- segmentation
+    def workerInfo(self, p=None, start=True, progress=None):
+        """What the worker sees (torch build, GPU, pyradiomics); None when none runs and start is False."""
+        if not start:
+            return self._session.last_info() if self._session else None
+        return self.session().info(p.device if p else "auto", progress)
 
     def segment(self, p, progress=None):
-        from MSInstanceSaliencyLib.instances import label_instances, lesion_table
-        from MSInstanceSaliencyLib.inference import predict_probability
-
-        model = self.model(p)
-        case = self.prepared(p)
-        prob = predict_probability(model, case.image, device=p.device, progress=progress)
-        labels = label_instances(prob > p.threshold, spacing=case.spacing, min_volume_mm3=p.minLesionVolume)
-        rows = lesion_table(labels, case.reference, prob)
-        ref = p.mprageVolume
-        if p.lesionLabels:
-            mrml.set_volume_from_array(p.lesionLabels, labels.astype("int32"), ref)
-        else:
-            # kept (and saved with the scene) to map a clicked RAS point to its lesion id
-            p.lesionLabels = mrml.add_volume(labels.astype("int32"), ref, "MS lesion labels", "vtkMRMLLabelMapVolumeNode")
-        if p.probabilityVolume:
-            mrml.set_volume_from_array(p.probabilityVolume, prob, ref)
-        else:
-            p.probabilityVolume = mrml.add_volume(prob, ref, "MS lesion probability")
-        p.lesionSegmentation = mrml.labels_to_segmentation(labels, ref, p.lesionSegmentation)
-        if not p.lesionTable:
-            p.lesionTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "MS lesions")
-        mrml.fill_lesion_table(p.lesionTable, rows)
-        p.selectedLesion = 0
-        self._lastExplanation = None  # lesion ids now name other lesions
+        rows = self.session().segment(p, progress)
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=None, label=None, fit=True)
         return rows
 
@@ -454,49 +567,11 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
                 display.SetSegmentOpacity2DFill(other, 0.8 if other == sid else 0.15)
         return centre
 
-    def omega(self, p):
-        """Ω as an (x, y, z) mask on the MPRAGE grid, and its name for node names."""
-        if p.useCustomRegion:
-            if not p.customRegionSegmentation or not p.customRegionSegmentId:
-                raise ValueError(_("Choose the segment to explain in 'Custom region'."))
-            mask = mrml.segment_mask(p.customRegionSegmentation, p.customRegionSegmentId, p.mprageVolume)
-            name = p.customRegionSegmentation.GetSegmentation().GetSegment(p.customRegionSegmentId).GetName()
-        else:
-            if not p.selectedLesion:
-                raise ValueError(_("Pick a lesion first (table row or click in a view)."))
-            mask = mrml.array_from_volume_node(p.lesionLabels) == p.selectedLesion
-            name = f"Lesion {p.selectedLesion}"
-        if not mask.any():
-            raise ValueError(_("The region to explain is empty on the MPRAGE grid."))
-        return mask, name
-
     # -- saliency
 
     def explain(self, p, progress=None):
-        from MSInstanceSaliencyLib.errors import Cancelled
-        from MSInstanceSaliencyLib.explain import explain
-
-        model, case = self.model(p), self.prepared(p)
-        mask, name = self.omega(p)
-        gradcam = p.method == "Grad-CAM++"
-        try:
-            exp = explain(model, case.image, mask, "gradcampp" if gradcam else "smoothgrad", channels=case.channels,
-                          n_samples=p.nSamples, sigma=p.sigma, aggregation="max" if p.method == "SmoothGrad max" else "mean",
-                          context=p.context, layer=p.gradcamLayer or None, device=p.device, progress=progress,
-                          max_omega_voxels=p.maxOmegaVoxels or None)
-        except Cancelled:
-            logging.info("Saliency computation cancelled")
-            return None
-        if gradcam:
-            arr, title = exp.maps["gradcampp"], f"{name} Grad-CAM++"
-        else:
-            arr, title = exp.maps[p.displayChannel.lower()], f"{name} SmoothGrad {p.displayChannel}"
-        # kept so that the TP probability can reuse it when it was made with the classifier's settings
-        self._lastExplanation = None if gradcam or p.useCustomRegion else (int(p.selectedLesion), exp)
-        replace = None if p.keepEarlierMaps or not p.saliencyVolume else p.saliencyVolume
-        node = mrml.add_saliency_volume(arr, p.mprageVolume, title, replace=replace)
-        p.saliencyVolume = node
-        return node
+        """{"node": the map as a volume, "tp_probability": when made with the classifier's settings, "tp_note": why not}"""
+        return self.session().explain(p, progress)
 
     def showOverlay(self, p, node):
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=node, foregroundOpacity=p.overlayOpacity)
@@ -505,59 +580,22 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         except Exception as exc:  # the legend is a convenience; the overlay is what matters
             logging.warning(f"No colour legend: {exc}")
 
-    def layerNames(self, p):
-        from MSInstanceSaliencyLib.saliency import list_layers
-
-        return [name for name, _kind in list_layers(self.model(p))]
+    def layerNames(self, p, progress=None):
+        """(Grad-CAM++ layer names of the model, its default layer)"""
+        return self.session().layers(p, progress)
 
     # -- TP probability
 
-    def classifier(self):
-        from MSInstanceSaliencyLib.scoring import load_classifier
-
-        if not hasattr(self, "_classifier"):
-            self._classifier = load_classifier()
-        return self._classifier
-
     def knownTpProbability(self, p, lesionId):
-        """The lesion's TP probability as the table holds it (also after reopening a scene), or None."""
-        if not p.lesionTable:
-            return None
-        for row in mrml.lesion_table_rows(p.lesionTable):
-            if int(row["Lesion"]) == int(lesionId):
-                value = row["TP probability"]
-                return None if value != value else value  # NaN: not computed
-        return None
+        from MSInstanceSaliencyMRML.worker_session import known_tp_probability
 
-    def tpProbabilityOfSelected(self, p):
-        """From the map just computed when its settings are the classifier's, otherwise computed anew."""
-        from MSInstanceSaliencyLib.radiomics import FeatureError
-        from MSInstanceSaliencyLib.scoring import tp_probability_of_explanation
-
-        lid = int(p.selectedLesion)
-        last = self._lastExplanation
-        prob = None
-        if last and last[0] == lid:
-            try:
-                prob = tp_probability_of_explanation(self.classifier(), last[1], self.prepared(p).spacing)
-            except FeatureError as exc:
-                logging.warning(str(exc))
-                return None
-        if prob is None:
-            return self.scoreLesions(p, [lid]).get(lid)
-        mrml.set_tp_probability(p.lesionTable, lid, prob)
-        return prob
+        return known_tp_probability(p.lesionTable, lesionId)
 
     def scoreLesions(self, p, lesionIds, progress=None):
-        from MSInstanceSaliencyLib.scoring import tp_probabilities
-
-        labels = mrml.array_from_volume_node(p.lesionLabels)
-        probs = tp_probabilities(self.model(p), self.prepared(p), labels, lesionIds, self.classifier(), device=p.device,
-                                 progress=progress, on_error=lambda lid, msg: logging.warning(msg))
-        for lid, prob in probs.items():
-            if prob is not None:
-                mrml.set_tp_probability(p.lesionTable, lid, prob)
-        return probs
+        """{lesion id: P(TP)}, written into the table lesion by lesion (a cancelled run keeps what was done)."""
+        if not dependencies.has_radiomics():
+            raise ValueError(dependencies.RADIOMICS_HINT)
+        return self.session().score(p, lesionIds, progress)
 
     def scoreAllLesions(self, p, progress=None):
         ids = [int(r["Lesion"]) for r in mrml.lesion_table_rows(p.lesionTable)]
@@ -568,7 +606,12 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
                 if r["TP probability"] == r["TP probability"] and r["TP probability"] < threshold]
 
     def removeLesions(self, p, lesionIds):
-        return mrml.remove_lesion_segments(p.lesionSegmentation, lesionIds)
+        """Segments, table rows and label voxels; the worker gets the new labels before its next use."""
+        removed = mrml.remove_lesions(lesionIds, p.lesionSegmentation, p.lesionTable, p.lesionLabels)
+        if int(p.selectedLesion) in {int(i) for i in lesionIds}:
+            p.selectedLesion = 0
+        return removed
+
 
 
 #
@@ -577,98 +620,185 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
 
 
 class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
-    """Each test_* stands alone (ctest runs them one by one): a phantom from the Lib, the demo model on CPU."""
+    """Each test_* stands alone (ctest runs them one by one; Reload and Test runs them all through the
+    base class's runTest). The light tests need no torch: a small synthetic case in the scene. The
+    heavy ones run the demo model in the worker on the CPU and skip, with a message, when torch,
+    MONAI or the phantom's template (nilearn) are not installed: tests never install packages."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
-    def runTest(self):
-        for name in sorted(n for n in dir(self) if n.startswith("test_")):
-            self.setUp()
-            getattr(self, name)()
+    def tearDown(self):
+        if getattr(self, "_logic", None):
+            self._logic.shutdown()  # the worker process of this test
 
-    def _phantomCase(self):
-        self.assertTrue(MSInstanceSaliencyLogic().ensureDependencies(askConfirmation=False), "required Python packages are missing")
-        from MSInstanceSaliencyLib.phantom import make_phantom
-        from MSInstanceSaliencyLib.volumes import array_from_image
+    # -- light: a synthetic case with three lesions, no model
 
-        ph = make_phantom(11800, patient=18)
-        flair = mrml.add_volume(array_from_image(ph.flair), ph.flair, "FLAIR")
-        mprage = mrml.add_volume(array_from_image(ph.mprage), ph.mprage, "MPRAGE")
-        logic = MSInstanceSaliencyLogic()
+    def _syntheticCase(self):
+        import numpy as np
+
+        from MSInstanceSaliencyLib.instances import label_instances, lesion_table
+        from MSInstanceSaliencyLib.volumes import image_from_array
+
+        shape = (40, 44, 36)
+        flair = np.random.default_rng(0).normal(100, 5, shape).astype("float32")
+        lesions = np.zeros(shape, bool)
+        for (i, j, k), r in (((10, 12, 10), 3), ((28, 30, 20), 2), ((20, 22, 28), 2)):
+            x, y, z = np.ogrid[:shape[0], :shape[1], :shape[2]]
+            lesions |= (x - i) ** 2 + (y - j) ** 2 + (z - k) ** 2 <= r * r
+        flair[lesions] += 60
+        image = image_from_array(flair, spacing=(1.0, 1.0, 1.2))
+        labels = label_instances(lesions, spacing=image.GetSpacing(), min_volume_mm3=0)
+        logic = self._logic = MSInstanceSaliencyLogic()
         p = logic.getParameterNode()
-        p.flairVolume, p.mprageVolume, p.device = flair, mprage, "cpu"
-        return logic, p, ph
+        p.flairVolume = mrml.add_volume(flair, image, "FLAIR")
+        p.mprageVolume = mrml.add_volume(200 - flair, image, "MPRAGE")
+        p.lesionLabels = mrml.add_volume(labels.astype("int32"), p.mprageVolume, "MS lesion labels", "vtkMRMLLabelMapVolumeNode")
+        p.lesionSegmentation = mrml.labels_to_segmentation(labels, p.mprageVolume)
+        p.lesionTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "MS lesions")
+        mrml.fill_lesion_table(p.lesionTable, lesion_table(labels, image))
+        return logic, p, labels
 
-    def _segmented(self):
-        logic, p, ph = self._phantomCase()
-        rows = logic.segment(p)
-        self.assertGreater(len(rows), 0)
-        return logic, p, rows
+    def _moduleWidget(self):
+        slicer.util.selectModule("MSInstanceSaliency")
+        return slicer.util.getModuleWidget("MSInstanceSaliency")
 
-    def test_segment_table_and_segments(self):
-        logic, p, rows = self._segmented()
-        table = mrml.lesion_table_rows(p.lesionTable)
-        self.assertEqual([int(r["Lesion"]) for r in table], [r["lesion_id"] for r in rows])
-        self.assertEqual(p.lesionSegmentation.GetSegmentation().GetNumberOfSegments(), len(rows))
-        self.assertTrue(all(0.3 < r["Max probability"] <= 1.0 for r in table))
+    def test_widget_table_row_picks_its_lesion(self):
+        logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()
+        widget.setParameterNode(p)
+        view = widget.ui.lesionTableView
+        ids = [int(r["Lesion"]) for r in mrml.lesion_table_rows(p.lesionTable)]
+        view.selectRow(1)
+        self.assertEqual(p.selectedLesion, ids[1])
+        self.assertEqual(widget.ui.selectedLesionLabel.text, f"Lesion {ids[1]}")
+        # a parameter change must not re-pick the highlighted row (it did: the custom-region box never stayed ticked)
+        p.useCustomRegion = True
+        p.nSamples = 7
+        self.assertTrue(p.useCustomRegion)
+        self.assertTrue(widget.ui.useCustomRegionCheckBox.checked)
+        view.selectRow(2)
+        self.assertEqual(p.selectedLesion, ids[2])
 
-    def test_select_by_row_and_by_ras(self):
-        logic, p, rows = self._segmented()
-        logic.selectLesion(p, rows[0]["lesion_id"])
-        self.assertEqual(p.selectedLesion, rows[0]["lesion_id"])
-        target = rows[-1]
-        labels = mrml.array_from_volume_node(p.lesionLabels)
+    def test_widget_pick_button_is_released_on_exit(self):
+        logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()
+        widget.setParameterNode(p)
+        widget.ui.pickLesionButton.checked = True
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+        widget.exit()
+        self.assertFalse(widget.ui.pickLesionButton.checked)
+        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.ViewTransform)
+        self.assertEqual(slicer.mrmlScene.GetNodesByName("MS lesion pick").GetNumberOfItems(), 0)
+
+    def test_remove_lesions_everywhere(self):
         import numpy as np
 
-        i, j, k = np.argwhere(labels == target["lesion_id"])[0]
-        ras = mrml.ijk_to_ras(p.lesionLabels) @ np.array([i, j, k, 1.0])
-        self.assertEqual(mrml.lesion_id_at_ras(p.lesionLabels, ras[:3]), target["lesion_id"])
-
-    def test_smoothgrad_and_gradcampp_overlay(self):
-        import numpy as np
-
-        logic, p, rows = self._segmented()
-        logic.selectLesion(p, min(rows, key=lambda r: r["voxels"])["lesion_id"])
-        p.method, p.nSamples, p.maxOmegaVoxels = "SmoothGrad max", 2, 3
-        node = logic.explain(p)
-        np.testing.assert_allclose(mrml.ijk_to_ras(node), mrml.ijk_to_ras(p.mprageVolume))
-        d = node.GetDisplayNode()
-        self.assertEqual(d.GetColorNodeID(), mrml.DIVERGING_COLOR_NODE_ID)
-        self.assertAlmostEqual(d.GetWindowLevelMin(), -d.GetWindowLevelMax())
-        p.method = "Grad-CAM++"
-        cam = logic.explain(p)
-        self.assertGreaterEqual(float(mrml.array_from_volume_node(cam).min()), 0.0)
-
-    def test_tp_probability_range(self):
-        logic, p, rows = self._segmented()
-        lesion = min(rows, key=lambda r: r["voxels"])["lesion_id"]
-        probs = logic.scoreLesions(p, [lesion])  # the bundled classifier
-        self.assertTrue(0.0 <= probs[lesion] <= 1.0)
-        shown = {int(r["Lesion"]): r["TP probability"] for r in mrml.lesion_table_rows(p.lesionTable)}
-        self.assertAlmostEqual(shown[lesion], probs[lesion], places=5)
-
-    def test_tp_probability_reuses_an_explanation_made_with_the_classifier_settings(self):
-        logic, p, rows = self._segmented()
-        lesion = min(rows, key=lambda r: r["voxels"])["lesion_id"]
-        logic.selectLesion(p, lesion)
-        s = logic.classifier().saliency
-        p.method, p.nSamples, p.sigma, p.context, p.maxOmegaVoxels = "SmoothGrad max", s["n_samples"], s["sigma"], s["context"], s["max_omega_voxels"]
-        logic.explain(p)
-        reused = logic.tpProbabilityOfSelected(p)
-        logic._lastExplanation = None
-        fresh = logic.scoreLesions(p, [lesion])[lesion]
-        self.assertAlmostEqual(reused, fresh, places=6)
+        logic, p, labels = self._syntheticCase()
+        mrml.set_tp_probability(p.lesionTable, 2, 0.2)
+        mrml.set_tp_probability(p.lesionTable, 3, 0.9)
+        self.assertEqual(logic.lesionsBelow(p, 0.5), [2])
+        p.selectedLesion = 2
+        logic.removeLesions(p, [2])
+        self.assertEqual([int(r["Lesion"]) for r in mrml.lesion_table_rows(p.lesionTable)], [1, 3])
+        self.assertFalse(np.any(mrml.array_from_volume_node(p.lesionLabels) == 2))
+        self.assertIsNone(mrml.segment_id_of_lesion(p.lesionSegmentation, 2))
+        self.assertEqual(p.selectedLesion, 0)
+        self.assertEqual(logic.lesionsBelow(p, 0.5), [])
 
     def test_parameter_node_survives_scene_save_and_reload(self):
         import tempfile
 
-        logic, p, ph = self._phantomCase()
-        p.nSamples, p.method, p.context, p.maxOmegaVoxels = 7, "SmoothGrad mean", "full", 128
+        logic, p, labels = self._syntheticCase()
+        p.nSamples, p.method, p.context, p.maxOmegaVoxels, p.gradcamLayer = 7, "SmoothGrad mean", "full", 128, "model.1.submodule.0"
+        p.customRegionSegmentation, p.customRegionSegmentId = p.lesionSegmentation, mrml.segment_id_of_lesion(p.lesionSegmentation, 2)
         path = os.path.join(tempfile.mkdtemp(), "scene.mrb")
         self.assertTrue(slicer.util.saveScene(path))
         slicer.mrmlScene.Clear()
         slicer.util.loadScene(path)
         q = MSInstanceSaliencyLogic().getParameterNode()
-        self.assertEqual((q.nSamples, q.method, q.context, q.maxOmegaVoxels), (7, "SmoothGrad mean", "full", 128))
+        self.assertEqual((q.nSamples, q.method, q.context, q.maxOmegaVoxels, q.gradcamLayer),
+                         (7, "SmoothGrad mean", "full", 128, "model.1.submodule.0"))
         self.assertIsNotNone(q.flairVolume)
+        widget = self._moduleWidget()
+        widget.setParameterNode(q)
+        self.assertEqual(widget.ui.customRegionSelector.currentSegmentID(), q.customRegionSegmentId)
+        self.assertEqual(widget.ui.layerComboBox.currentText, "model.1.submodule.0")
+
+    # -- heavy: the demo model in the worker
+
+    def _heavyReady(self):
+        missing = dependencies.missing_packages()
+        import importlib.util
+
+        if importlib.util.find_spec("nilearn") is None:
+            missing.append("nilearn (for the phantom)")
+        if missing:
+            self.delayDisplay(f"Skipped: needs {', '.join(missing)} (install them from the module, or pip_install('nilearn'))")
+            return False
+        return True
+
+    def _segmentedPhantom(self):
+        from MSInstanceSaliencyLib.phantom import make_phantom
+        from MSInstanceSaliencyLib.volumes import array_from_image
+
+        ph = make_phantom(11800, patient=18, voxel_size=2.0)
+        logic = self._logic = MSInstanceSaliencyLogic()
+        p = logic.getParameterNode()
+        p.flairVolume = mrml.add_volume(array_from_image(ph.flair), ph.flair, "FLAIR")
+        p.mprageVolume = mrml.add_volume(array_from_image(ph.mprage), ph.mprage, "MPRAGE")
+        p.device = "cpu"
+        rows = logic.segment(p)
+        self.assertGreater(len(rows), 0)
+        return logic, p, rows
+
+    def test_segment_explain_and_cancel_in_the_worker(self):
+        if not self._heavyReady():
+            return
+        import numpy as np
+
+        logic, p, rows = self._segmentedPhantom()
+        table = mrml.lesion_table_rows(p.lesionTable)
+        self.assertEqual([int(r["Lesion"]) for r in table], [r["lesion_id"] for r in rows])
+        self.assertEqual(p.lesionSegmentation.GetSegmentation().GetNumberOfSegments(), len(rows))
+        info = logic.workerInfo(p)
+        self.assertNotEqual(info["pid"], os.getpid())  # the work ran in another process
+        small = min(rows, key=lambda r: r["voxels"])["lesion_id"]
+        logic.selectLesion(p, small)
+        p.method, p.nSamples, p.maxOmegaVoxels = "SmoothGrad max", 2, 3
+        node = logic.explain(p)["node"]
+        np.testing.assert_allclose(mrml.ijk_to_ras(node), mrml.ijk_to_ras(p.mprageVolume))
+        self.assertAlmostEqual(node.GetDisplayNode().GetWindowLevelMin(), -node.GetDisplayNode().GetWindowLevelMax())
+        # Cancel in the middle of a long SmoothGrad: the worker stops and stays
+        p.nSamples, p.maxOmegaVoxels = 500, 0
+        with self.assertRaises(Cancelled):
+            logic.explain(p, progress=lambda done, total: done is None)
+        self.assertEqual(logic.workerInfo(p)["pid"], info["pid"])
+        p.method = "Grad-CAM++"
+        cam = logic.explain(p)["node"]
+        self.assertGreaterEqual(float(mrml.array_from_volume_node(cam).min()), 0.0)
+
+    def test_tp_probability_in_the_worker(self):
+        if not self._heavyReady():
+            return
+        if not dependencies.has_radiomics():
+            self.delayDisplay("Skipped: " + dependencies.RADIOMICS_HINT)
+            return
+        logic, p, rows = self._segmentedPhantom()
+        lesion = min(rows, key=lambda r: r["voxels"])["lesion_id"]
+        probs = logic.scoreLesions(p, [lesion])
+        self.assertTrue(0.0 <= probs[lesion] <= 1.0)
+        self.assertAlmostEqual(logic.knownTpProbability(p, lesion), probs[lesion], places=5)
+        # an explanation made with the classifier's settings gives the same probability, without a second map
+        from MSInstanceSaliencyLib.scoring import DEFAULT_SETTINGS
+
+        logic.selectLesion(p, lesion)
+        p.method, p.nSamples, p.sigma, p.context, p.maxOmegaVoxels = ("SmoothGrad max", DEFAULT_SETTINGS["n_samples"], DEFAULT_SETTINGS["sigma"],
+                                                                     DEFAULT_SETTINGS["context"], DEFAULT_SETTINGS["max_omega_voxels"])
+        self.assertAlmostEqual(logic.explain(p)["tp_probability"], probs[lesion], places=6)
+        # with other settings there is no silent second SmoothGrad: no probability, and a note saying why
+        p.nSamples = 3
+        result = logic.explain(p)
+        self.assertIsNone(result["tp_probability"])
+        self.assertIn("Score", result["tp_note"])

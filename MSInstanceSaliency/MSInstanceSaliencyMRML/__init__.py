@@ -155,13 +155,30 @@ def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarr
         scene.RemoveNode(label_node)
 
 
-def remove_lesion_segments(segmentation_node, lesion_ids) -> int:
+def remove_lesions(lesion_ids, segmentation_node=None, table_node=None, label_node=None) -> int:
+    """Remove lesions everywhere the module keeps them: their segments, their table rows and their
+    voxels in the label map (set to 0), so a removed lesion can be neither picked, nor scored, nor
+    counted again. Returns how many segments were removed."""
+    ids = {int(i) for i in lesion_ids}
     removed = 0
-    for lid in lesion_ids:
-        sid = segment_id_of_lesion(segmentation_node, lid)
-        if sid is not None:
-            segmentation_node.GetSegmentation().RemoveSegment(sid)
-            removed += 1
+    if segmentation_node is not None:
+        for lid in ids:
+            sid = segment_id_of_lesion(segmentation_node, lid)
+            if sid is not None:
+                segmentation_node.GetSegmentation().RemoveSegment(sid)
+                removed += 1
+    if table_node is not None:
+        table = table_node.GetTable()
+        id_column = table.GetColumnByName(TABLE_COLUMNS[0])
+        for r in reversed(range(table.GetNumberOfRows())):
+            if int(id_column.GetValue(r)) in ids:
+                table.RemoveRow(r)
+        table.Modified()
+        table_node.Modified()
+    if label_node is not None and ids:
+        kji = slicer.util.arrayFromVolume(label_node)
+        kji[np.isin(kji, list(ids))] = 0
+        slicer.util.arrayFromVolumeModified(label_node)
     return removed
 
 
@@ -186,6 +203,16 @@ def fill_lesion_table(table_node, rows: list[dict]) -> None:
     table_node.Modified()
 
 
+def table_row_of_model_index(table_node, row: int, column: int, transposed: bool = False) -> int:
+    """The vtkTable row shown at a (source) model index of a qMRMLTableView.
+
+    qMRMLTableModel::mrmlTableRowIndex does this in C++ but is not exposed to Python (a plain public
+    method); this follows qMRMLTableModel.cxx: with column titles as header the model row is the
+    table row, otherwise model row 0 holds the editable column names; transposed views swap axes."""
+    model_row = column if transposed else row
+    return model_row if table_node.GetUseColumnTitleAsColumnHeader() else model_row - 1
+
+
 def lesion_table_rows(table_node) -> list[dict]:
     """Read back the table as {column title: value}."""
     table = table_node.GetTable()
@@ -207,11 +234,14 @@ def set_tp_probability(table_node, lesion_id: int, probability: float) -> None:
 # ----------------------------------------------------------------------------- saliency overlay
 
 def show_saliency(node, window_max: float | None = None) -> float:
-    """Diverging blue-white-red colours, window symmetric around 0 (±max |value| by default)."""
+    """Diverging blue-white-red colours, transparent around 0 (colors.py: a whole-volume foreground must
+    not wash out the background), window symmetric around 0 (±max |value| by default)."""
+    from .colors import saliency_color_node
+
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(DIVERGING_COLOR_NODE_ID)
+    display.SetAndObserveColorNodeID(saliency_color_node(node.GetScene()).GetID())
     m = float(window_max) if window_max else float(np.abs(slicer.util.arrayFromVolume(node)).max())
     m = m if m > 0 else 1.0
     display.AutoWindowLevelOff()

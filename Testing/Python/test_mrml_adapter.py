@@ -80,7 +80,36 @@ def test_labels_to_one_segment_per_lesion(scene):
         r = rows[lid]
         assert np.linalg.norm(np.array(centre) - [r["centroid_r"], r["centroid_a"], r["centroid_s"]]) < 3.0
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
-    assert mrml.remove_lesion_segments(seg, [2]) == 1 and s.GetNumberOfSegments() == 2
+
+
+def test_removed_lesions_are_gone_from_segments_table_and_labels(scene):
+    img = oblique_image()
+    ref = mrml.add_volume(array_from_image(img), img, "ref")
+    labels = _lesions(img)
+    seg = mrml.labels_to_segmentation(labels, ref)
+    label_node = mrml.add_volume(labels.astype(np.int32), ref, "labels", "vtkMRMLLabelMapVolumeNode")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.fill_lesion_table(table, lesion_table(labels, img))
+    voxel = np.argwhere(labels == 2)[0]
+    ras = mrml.ijk_to_ras(label_node) @ np.array([*voxel, 1.0])
+    assert mrml.lesion_id_at_ras(label_node, ras[:3]) == 2
+    assert mrml.remove_lesions([2], seg, table, label_node) == 1
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2 and mrml.segment_id_of_lesion(seg, 2) is None
+    assert [int(r["Lesion"]) for r in mrml.lesion_table_rows(table)] == [1, 3]
+    after = mrml.array_from_volume_node(label_node)
+    assert not (after == 2).any()
+    np.testing.assert_array_equal(after[labels != 2], labels[labels != 2])  # the others untouched
+    assert mrml.lesion_id_at_ras(label_node, ras[:3]) is None  # no longer pickable
+
+
+def test_table_row_of_model_index_follows_qmrmltablemodel(scene):
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.fill_lesion_table(table, [{"lesion_id": i} for i in (4, 7, 9)])
+    assert table.GetUseColumnTitleAsColumnHeader()  # fill_lesion_table shows titles as the header
+    assert [mrml.table_row_of_model_index(table, r, 0) for r in range(3)] == [0, 1, 2]
+    assert mrml.table_row_of_model_index(table, 0, 2, transposed=True) == 2
+    table.SetUseColumnTitleAsColumnHeader(False)  # then model row 0 holds the editable column names
+    assert mrml.table_row_of_model_index(table, 1, 0) == 0
 
 
 def test_lesion_table_columns_and_values(scene):
