@@ -5,7 +5,6 @@ import sys
 import traceback
 from typing import Annotated
 
-import ctk
 import qt
 import vtk
 
@@ -136,7 +135,6 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MSInstanceSaliencyLogic()
-        self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Readable
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
