@@ -557,12 +557,7 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         p.useCustomRegion = False
         centre = p.lesionSegmentation.GetSegmentCenterRAS(sid)
         slicer.modules.markups.logic().JumpSlicesToLocation(centre[0], centre[1], centre[2], True)
-        display = p.lesionSegmentation.GetDisplayNode()
-        if display:  # highlight: the picked lesion opaque, the others faint
-            seg = p.lesionSegmentation.GetSegmentation()
-            for i in range(seg.GetNumberOfSegments()):
-                other = seg.GetNthSegmentID(i)
-                display.SetSegmentOpacity2DFill(other, 0.8 if other == sid else 0.15)
+        mrml.highlight_lesion(p.lesionSegmentation, lesionId)
         return centre
 
     # -- saliency
@@ -573,6 +568,8 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
 
     def showOverlay(self, p, node):
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=node, foregroundOpacity=p.overlayOpacity)
+        if p.lesionSegmentation and p.selectedLesion and not p.useCustomRegion:
+            mrml.highlight_lesion(p.lesionSegmentation, p.selectedLesion, overlay_shown=True)
         try:
             slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
         except Exception as exc:  # the legend is a convenience; the overlay is what matters

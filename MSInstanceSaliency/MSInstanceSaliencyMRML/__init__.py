@@ -14,8 +14,6 @@ import numpy as np
 import slicer
 import vtk
 
-# Slicer's diverging blue-white-red colour table (the node ID, not its name)
-DIVERGING_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
 LESION_ID_TAG = "MSInstanceSaliency.LesionId"
 TABLE_COLUMNS = ("Lesion", "Volume (mm3)", "R", "A", "S", "Max probability", "TP probability")
 
@@ -153,6 +151,22 @@ def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarr
         return array_from_volume_node(label_node) > 0
     finally:
         scene.RemoveNode(label_node)
+
+
+PICKED_FILL, OTHER_FILL = 0.8, 0.15
+
+
+def highlight_lesion(segmentation_node, lesion_id, overlay_shown: bool = False):
+    """The picked lesion stands out, the others are faint. While a saliency map is shown the picked
+    lesion keeps only its outline: a filled segment would hide the map inside it. Returns its segment id."""
+    sid = segment_id_of_lesion(segmentation_node, lesion_id)
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        seg = segmentation_node.GetSegmentation()
+        for i in range(seg.GetNumberOfSegments()):
+            other = seg.GetNthSegmentID(i)
+            display.SetSegmentOpacity2DFill(other, (0.0 if overlay_shown else PICKED_FILL) if other == sid else OTHER_FILL)
+    return sid
 
 
 def remove_lesions(lesion_ids, segmentation_node=None, table_node=None, label_node=None) -> int:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import slicer
 import vtk
 
-SALIENCY_COLOR_NODE_NAME = "MSInstanceSaliency BlueRed (transparent 0)"
+SALIENCY_COLOR_NODE_NAME = "MSInstanceSaliency BlueRed (transparent near 0)"
 SALIENCY_COLOR_ATTRIBUTE = "MSInstanceSaliency.SaliencyColorTable"
 SALIENCY_COLOR_VERSION = "2"  # bump when the table below changes: older copies in a scene are rebuilt
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
 
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
+from MSInstanceSaliencyMRML.colors import saliency_color_node  # noqa: E402
 
 from MSInstanceSaliencyLib.instances import label_instances, lesion_table  # noqa: E402
 from MSInstanceSaliencyLib.volumes import array_from_image  # noqa: E402
@@ -141,7 +142,7 @@ def test_saliency_node_display(scene):
     assert node.GetName() == "Lesion 3 SmoothGrad FLAIR"
     np.testing.assert_allclose(mrml.ijk_to_ras(node), mrml.ijk_to_ras(ref))
     d = node.GetDisplayNode()
-    assert d.GetColorNodeID() == mrml.DIVERGING_COLOR_NODE_ID
+    assert d.GetColorNodeID() == saliency_color_node(scene).GetID()  # transparent near 0 (test_rendering.py)
     assert not d.GetAutoWindowLevel()
     assert d.GetWindowLevelMin() == pytest.approx(-2.5) and d.GetWindowLevelMax() == pytest.approx(2.5)
     # replacing the overlay keeps one node
