@@ -229,6 +229,8 @@ def cmd_segment(args) -> int:
     model, dev = _load(args)
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
                      register=args.register, n4=args.n4, progress=ProgressBar(label="segmenting windows"))
+    for warning in result.prepared.warnings:
+        _warn(warning)
     extra = {}
     if args.tp_probability or args.prune_below is not None:
         extra = _score_lesions(model, dev, result, args, out)
@@ -379,6 +381,8 @@ def cmd_explain(args) -> int:
             result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume)
             prepared, labels = result.prepared, result.labels
         omega, label = omega_from_lesion(labels, args.lesion), f"lesion{args.lesion}"
+    for warning in prepared.warnings:
+        _warn(warning)
     exp, paths = _explain_and_write(model, dev, prepared, omega, label, args, out)
     out.close(command="explain", method=args.method, label=label, omega_voxels=int(omega.sum()), params=exp.params, model=str(model.path))
     for k, v in paths.items():

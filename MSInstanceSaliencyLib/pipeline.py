@@ -56,7 +56,7 @@ def segment(flair: sitk.Image, mprage: sitk.Image, model, *, device="auto", thre
     prepared = prepare_case(flair, mprage, spec, register=register, n4=n4)
     t["prepare_s"] = time.time() - t0
     t0 = time.time()
-    prob = predict_probability(model, prepared.image, device=device, progress=progress)
+    prob = prepared.only_where_valid(predict_probability(model, prepared.image, device=device, progress=progress))
     t["inference_s"] = time.time() - t0
     thr = spec.threshold if threshold is None else float(threshold)
     if not 0.0 < thr < 1.0:

@@ -193,7 +193,7 @@ class Worker:
         self.case = self.labels = None
         self.case = prepare_case(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), self.model.spec, register=register, n4=n4)
         return {"shape": list(self.case.image.shape[1:]), "spacing": list(self.case.spacing), "channels": self.case.channels,
-                "steps": self.case.steps}
+                "steps": self.case.steps, "warnings": self.case.warnings}
 
     def cmd_set_labels(self, rid, path):
         self.need("case")
@@ -215,7 +215,8 @@ class Worker:
             raise InputError(f"threshold must be between 0 and 1, got {thr}")
         if not min_vol >= 0.0:
             raise InputError(f"minimum lesion volume must be >= 0 mm^3, got {min_vol}")
-        prob = predict_probability(self.model, self.case.image, device=self.device, progress=self.progress_callback(rid))
+        prob = self.case.only_where_valid(predict_probability(self.model, self.case.image, device=self.device,
+                                                              progress=self.progress_callback(rid)))
         labels = label_instances(prob > thr, spacing=self.case.spacing, min_volume_mm3=min_vol)
         self.labels = labels.astype(np.int32, copy=False)
         return {"probability": save_array(self.out_path(rid, "probability"), prob.astype(np.float32)),

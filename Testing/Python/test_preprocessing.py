@@ -79,3 +79,74 @@ def test_n4_reduces_a_bias_field(small_phantom):
     before = abs(np.log(left_right_ratio(array_from_image(biased))))
     after = abs(np.log(left_right_ratio(array_from_image(n4_correct(biased, shrink=2)))))
     assert after < 0.5 * before
+
+
+def _zero_padded(img, pad=(30, 12, 20)):
+    """img inside a larger grid of zeros (same spacing, direction and voxel positions)."""
+    a = sitk.GetArrayFromImage(img)  # (z, y, x)
+    out = np.zeros(tuple(n + p for n, p in zip(a.shape, pad[::-1])), a.dtype)
+    out[: a.shape[0], : a.shape[1], : a.shape[2]] = a
+    padded = sitk.GetImageFromArray(out)
+    padded.SetSpacing(img.GetSpacing())
+    padded.SetOrigin(img.GetOrigin())
+    padded.SetDirection(img.GetDirection())
+    return padded
+
+
+def test_zero_padding_does_not_change_the_network_input(small_phantom):
+    """Zero padding is not data: the z-score ignores it, so where there is data the input is the same
+    (it was not: the whole volume was z-scored, and a phantom padded to 256^3 gave 180 lesions instead of 30)."""
+    plain = prepare_case(small_phantom.flair, small_phantom.mprage)
+    padded = prepare_case(_zero_padded(small_phantom.flair), _zero_padded(small_phantom.mprage))
+    nx, ny, nz = small_phantom.flair.GetSize()
+    np.testing.assert_allclose(padded.image[:, :nx, :ny, :nz], plain.image, rtol=1e-5, atol=1e-5)
+    # the padding gets the value a 0 would get: background, not data
+    for c in range(2):
+        zero_value = (0 - small_phantom_mean(small_phantom, c)) / small_phantom_std(small_phantom, c)
+        assert padded.image[c, nx + 1, 0, 0] == pytest.approx(zero_value, rel=1e-4)
+    assert padded.valid is None and not padded.warnings
+
+
+def small_phantom_mean(ph, c):
+    return float(array_from_image([ph.flair, ph.mprage][c]).mean())
+
+
+def small_phantom_std(ph, c):
+    return float(array_from_image([ph.flair, ph.mprage][c]).std())
+
+
+def test_zero_padding_keeps_the_lesions_of_the_demo_model(small_phantom):
+    from MSInstanceSaliencyLib.evaluation import evaluate_case
+    from MSInstanceSaliencyLib.model import load_model
+    from MSInstanceSaliencyLib.pipeline import segment
+
+    model = load_model(device="cpu")
+    plain = segment(small_phantom.flair, small_phantom.mprage, model, device="cpu")
+    padded = segment(_zero_padded(small_phantom.flair), _zero_padded(small_phantom.mprage), model, device="cpu")
+    nx, ny, nz = small_phantom.flair.GetSize()
+    assert not padded.labels[nx:].any() and not padded.labels[:, ny:].any() and not padded.labels[:, :, nz:].any()
+    m = evaluate_case(padded.labels[:nx, :ny, :nz], plain.labels > 0)  # the unpadded result as the reference
+    assert m["fp"] <= 1 and m["fn"] <= 1 and m["dice"] > 0.95, m
+
+
+def test_a_flair_slab_is_missing_data_outside_its_coverage(small_phantom):
+    """A FLAIR that covers 70% of the MPRAGE: statistics over the covered voxels, no lesion outside or at
+    the slab's edge, and a warning with the covered fraction (it was z-scored with the empty part as data,
+    and the artificial edge gave 16 lesions along its plane)."""
+    from MSInstanceSaliencyLib.model import load_model
+    from MSInstanceSaliencyLib.pipeline import segment
+    from MSInstanceSaliencyLib.preprocessing import EDGE_MARGIN_VOXELS
+
+    nz = small_phantom.flair.GetSize()[2]
+    start, depth = int(nz * 0.15), int(nz * 0.7)
+    slab = small_phantom.flair[:, :, start: start + depth]
+    p = prepare_case(slab, small_phantom.mprage)
+    assert len(p.warnings) == 1 and f"{depth / nz:.1%}" in p.warnings[0]
+    covered = np.zeros(p.image.shape[1:], bool)
+    covered[:, :, start: start + depth] = True
+    flair = p.image[0]
+    assert abs(flair[covered].mean()) < 1e-3 and abs(flair[covered].std() - 1) < 1e-3  # z-scored over the slab only
+    assert not p.valid[~covered].any()
+    assert not p.valid[:, :, start: start + EDGE_MARGIN_VOXELS].any() and p.valid[:, :, start + depth // 2].all()
+    result = segment(slab, small_phantom.mprage, load_model(device="cpu"), device="cpu")
+    assert not result.labels[~p.valid].any() and not result.probability[~p.valid].any()
