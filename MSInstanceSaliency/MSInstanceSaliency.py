@@ -305,6 +305,9 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.lesionTableView.clearSelection()
         if self._runTask(_("Segmenting lesions"), _("Segmentation failed."), lambda progress: self.logic.segment(p, progress=progress)) is not None:
             self.ui.tpProbabilityLabel.text = ""
+            warnings = self.logic.session().case_warnings()
+            if warnings:
+                slicer.util.warningDisplay("\n".join(warnings), windowTitle=_("MS Instance Saliency: inputs"))
 
     def onExplain(self) -> None:
         p = self._parameterNode

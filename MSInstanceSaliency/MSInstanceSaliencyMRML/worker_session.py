@@ -66,6 +66,10 @@ class WorkerSession:
             client.synced["info"] = self.request("info", progress, device=device)
         return client.synced["info"]
 
+    def case_warnings(self) -> list:
+        """What the user must know about the inputs the worker holds (e.g. a FLAIR covering part of the MPRAGE)."""
+        return self._client.synced.get("case_warnings", []) if self.running else []
+
     def last_info(self):
         return self._client.synced.get("info") if self.running else None
 
@@ -97,7 +101,7 @@ class WorkerSession:
             for name, node in (("flair", p.flairVolume), ("mprage", p.mprageVolume)):
                 files[name] = client.path(f"{name}.nrrd")
                 sitk.WriteImage(image_from_volume_node(node), files[name])
-            self.request("prepare", progress, **files)
+            synced["case_warnings"] = self.request("prepare", progress, **files).get("warnings", [])
             synced["case"] = key
         if labels and p.lesionLabels and synced.get("labels") != volume_key(p.lesionLabels):
             path = save_array(client.path("labels.npy"), array_from_volume_node(p.lesionLabels).astype("int32"))

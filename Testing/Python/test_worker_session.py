@@ -61,6 +61,16 @@ def test_segment_fills_the_nodes_like_the_library(session, case):
         [r["lesion_id"] for r in expected.table]
     assert p.lesionSegmentation.GetSegmentation().GetNumberOfSegments() == len(rows)
     assert session.last_info()["device"] == "cpu"
+    assert session.case_warnings() == []
+
+
+def test_a_flair_slab_is_reported(session, scene, small_phantom):  # noqa: F811
+    nz = small_phantom.flair.GetSize()[2]
+    slab = small_phantom.flair[:, :, nz // 8: nz // 8 + (7 * nz) // 10]
+    p = parameters(mrml.add_volume(array_from_image(slab), slab, "FLAIR slab"),
+                   mrml.add_volume(array_from_image(small_phantom.mprage), small_phantom.mprage, "MPRAGE"))
+    session.segment(p)
+    assert len(session.case_warnings()) == 1 and "covers" in session.case_warnings()[0]
 
 
 def test_explain_a_lesion_and_a_custom_region(session, case):
