@@ -201,6 +201,7 @@ def _feature_table(path, n_samples=1, cases=("c0", "c1", "c2")):
     return path
 
 
+@pytest.mark.needs_radiomics
 def test_train_and_evaluate_classifier_commands(tmp_path):
     feats = _feature_table(tmp_path / "features.csv")
     res = msis("train-classifier", feats, "--out", tmp_path / "clf.json")
@@ -240,6 +241,7 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
     assert_clean_error(msis("train-classifier", feats, "--class-weight", "1,x", "--out", tmp_path / "clf4.json"), "FP,TP")
 
 
+@pytest.mark.needs_radiomics
 def test_segment_with_tp_probability_and_pruning(tmp_path):
     """The bundled demo model on a 1 mm phantom with two small lesions, a classifier trained with N = 1."""
     from MSInstanceSaliencyLib.phantom import make_phantom, patient_mask_path
@@ -318,6 +320,7 @@ def test_stats_peaks_command_on_a_phantom(tmp_path):
         assert (out / name).is_file()
 
 
+@pytest.mark.needs_radiomics
 def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
     from MSInstanceSaliencyLib.scoring import phantom_feature_table, saliency_settings
 
@@ -329,6 +332,7 @@ def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
 
 
 
+@pytest.mark.needs_radiomics
 def test_bundled_classifier_is_reproduced_from_the_committed_feature_tables(tmp_path):
     """The shipped tp_classifier.json is what `train-classifier` makes of docs/classifier's training
     table, uses the pipeline's saliency settings, and gives the model card's test results."""

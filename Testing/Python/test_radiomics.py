@@ -25,6 +25,7 @@ def lesion_map(seed, positive=True, shape=(24, 24, 24)):
     return m.astype(np.float32), les
 
 
+@pytest.mark.needs_radiomics
 def test_93_features_with_pyradiomics_names():
     m, les = lesion_map(0)
     f = saliency_features(m, les, spacing=(1.0, 1.0, 1.0))
@@ -36,6 +37,7 @@ def test_93_features_with_pyradiomics_names():
     assert all(np.isfinite(v) for v in f.values())
 
 
+@pytest.mark.needs_radiomics
 def test_equals_a_direct_pyradiomics_call():
     import radiomics
     from radiomics import featureextractor, imageoperations
@@ -61,6 +63,7 @@ def test_equals_a_direct_pyradiomics_call():
         assert ours[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-9), k
 
 
+@pytest.mark.needs_radiomics
 def test_degenerate_inputs_give_a_feature_error():
     m, les = lesion_map(2)
     with pytest.raises(FeatureError, match="empty"):
@@ -90,6 +93,7 @@ def fitted():
     return clf, X, y, names
 
 
+@pytest.mark.needs_radiomics
 def test_classifier_separates_and_matches_sklearn(fitted):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -108,6 +112,7 @@ def test_classifier_separates_and_matches_sklearn(fitted):
     np.testing.assert_allclose(p, lr.predict_proba(sc.transform(X))[:, 1], rtol=1e-10)
 
 
+@pytest.mark.needs_radiomics
 def test_scaler_is_not_refitted_on_new_data(fitted):
     clf, X, y, _ = fitted
     single = clf.predict_proba(X[:1])[0, 1]
@@ -115,6 +120,7 @@ def test_scaler_is_not_refitted_on_new_data(fitted):
     assert single == pytest.approx(batch)  # a lesion's probability does not depend on the others
 
 
+@pytest.mark.needs_radiomics
 def test_round_trip_identical_probabilities(fitted, tmp_path):
     clf, X, _, _ = fitted
     path = clf.save(tmp_path / "clf.json")
@@ -125,6 +131,7 @@ def test_round_trip_identical_probabilities(fitted, tmp_path):
     assert back.saliency == clf.saliency
 
 
+@pytest.mark.needs_radiomics
 def test_mismatched_files_are_refused(fitted, tmp_path):
     clf, _, _, _ = fitted
     d = clf.to_dict()
@@ -143,6 +150,7 @@ def test_mismatched_files_are_refused(fitted, tmp_path):
         TPClassifier.load(tmp_path / "pickle.json")
 
 
+@pytest.mark.needs_radiomics
 def test_other_saliency_settings_are_refused(fitted):
     clf, _, _, _ = fitted
     clf.check_settings(n_samples=10, context="patch")
@@ -170,6 +178,7 @@ def test_bootstrap_contains_point_and_is_reproducible():
     assert bootstrap_detection(is_tp, keep, 15, n_boot=300, seed=8) != a
 
 
+@pytest.mark.needs_radiomics
 def test_importance_plot(fitted, tmp_path):
     clf, _, _, _ = fitted
     imp = clf.importance()
@@ -178,6 +187,7 @@ def test_importance_plot(fitted, tmp_path):
     assert p.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.needs_radiomics
 def test_files_without_omega_cap_refuse_capped_maps(fitted):
     clf, _, _, _ = fitted  # trained without max_omega_voxels: on maps over all of Ω
     clf.check_settings(max_omega_voxels=None)
@@ -185,6 +195,7 @@ def test_files_without_omega_cap_refuse_capped_maps(fitted):
         clf.check_settings(max_omega_voxels=256)
 
 
+@pytest.mark.needs_radiomics
 def test_tp_probability_reuses_an_explanation_only_with_the_classifier_settings(fitted):
     from MSInstanceSaliencyLib.explain import Explanation
     from MSInstanceSaliencyLib.scoring import tp_probability_of_explanation
@@ -230,6 +241,7 @@ def test_threshold_sweep_runs_from_the_network_alone_to_nothing_kept():
     assert (rows[3]["tp"], rows[3]["fp"], rows[3]["fn"]) == (1, 1, 6)  # only the unscored lesions are left
 
 
+@pytest.mark.needs_radiomics
 def test_lesion_features_progress_counts_backward_passes_and_cancels():
     import types
 

@@ -106,8 +106,8 @@ def test_bad_requests_are_input_errors_and_the_worker_stays(client):
     assert client.pid == pid
 
 
+@pytest.mark.needs_radiomics
 def test_score_streams_lesions_and_a_cancel_keeps_those_done(client, segmented):
-    pytest.importorskip("radiomics", reason="the TP probability needs pyradiomics")
     ids = [r["lesion_id"] for r in sorted(segmented[0]["table"], key=lambda r: r["voxels"])[:3]]
     got = []
     client.request("score", lesion_ids=ids, on_message=got.append)

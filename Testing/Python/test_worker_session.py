@@ -117,8 +117,8 @@ def test_removed_lesions_reach_the_worker_and_a_killed_worker_gets_everything_ag
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.needs_radiomics
 def test_score_fills_the_table(session, case):
-    pytest.importorskip("radiomics", reason="the TP probability needs pyradiomics")
     p = case
     rows = session.segment(p)
     ids = [r["lesion_id"] for r in sorted(rows, key=lambda r: r["voxels"])[:2]]
