@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Set up the environments if needed, then run the whole test suite twice (extra arguments go to
+# Set up the environments if needed, then run the tests in two environments (extra arguments go to
 # pytest both times):
 #   1. in .venv (Python 3.11, every dependency including pyradiomics; no test may be skipped for
 #      a missing pyradiomics: MSIS_REQUIRE_RADIOMICS=1);
-#   2. in .venv-slicer, pinned like the Python of 3D Slicer 5.10 (scripts/test_slicer_python.sh);
-#      the tests that need pyradiomics are skipped there.
+#   2. in .venv-slicer, pinned like the Python of 3D Slicer 5.10 (scripts/test_slicer_python.sh):
+#      the tests of what runs inside Slicer; those that need pyradiomics are skipped there.
 # Fails if either run fails; pytest's "no tests collected" (exit code 5) counts as a failure.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
