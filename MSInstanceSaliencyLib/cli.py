@@ -8,145 +8,233 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from .errors import Cancelled, InputError
-from .pipeline import OutputFolder
+
+# SmoothGrad work this tool starts without being told how to bound it: backward passes (N x |Ω| for
+# the max over Ω, N x K with --max-omega-voxels K, N for the mean). 10^6 passes of the demo model on
+# a CPU are days of work; every paper setting (N = 50, lesions of thousands of voxels) stays below.
+MAX_BACKWARD_PASSES = 10**6
+N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
+
+
+def OutputFolder(*args, **kwargs):  # noqa: N802 - the class, imported when used so that `msis` starts light
+    from .pipeline import OutputFolder as _OutputFolder
+
+    return _OutputFolder(*args, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `msis: error: <message> (see msis <command> --help)`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"msis: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
+def _real(lo=None, hi=None, *, lo_open=False, hi_open=False):
+    """argparse type: a finite number in [lo, hi] (ends excluded where *_open); NaN and Inf are refused."""
+    if lo is not None and hi is not None:
+        bounds = f"between {lo:g} and {hi:g}" + (" (both excluded)" if lo_open and hi_open else " (excluded)" if lo_open or hi_open else "")
+    elif lo is not None:
+        bounds = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        bounds = ""
+
+    def number(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text!r}")
+        return v
+
+    return number
+
+
+def _int(lo=None, hi=None):
+    """argparse type: an integer in [lo, hi]."""
+    bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else ""
+
+    def integer(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer{' ' + bounds if bounds else ''}, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
+        return v
+
+    return integer
+
+
+def _path(text):
+    """argparse type: a file or folder name; an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a file or folder name")
+    return text
+
+
+def _patients(text):
+    """argparse type: phantom patients as 17-22, 17,19 or 1-4,9; every range ascending, each patient 1..22."""
+    try:
+        _parse_patients(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _class_weight_arg(text):
+    try:
+        _class_weight(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--class-weight: ", "").replace("--class-weight ", "")) from None
+    return text
+
+
+_SAMPLES = _int(1, MAX_BACKWARD_PASSES)
+_SEED = _int(0)
+_COUNT = _int(1)
 
 
 def _add_model_args(p):
-    p.add_argument("--model", default=None, help="model folder (model.json + weights); default: the bundled demo model")
+    p.add_argument("--model", type=_path, default=None, help="model folder (model.json + weights); default: the bundled demo model")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run the network (default auto: GPU if available)")
 
 
 def _add_segment_args(p):
     _add_model_args(p)
-    p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's, 0.3)")
-    p.add_argument("--min-volume", type=float, default=None, help="minimum lesion volume in mm^3; smaller or equal components are dropped (default: the model's, 5)")
+    p.add_argument("--threshold", type=_real(0, 1, lo_open=True, hi_open=True), default=None, help="probability threshold (default: the model's, 0.3)")
+    p.add_argument("--min-volume", type=_real(0), default=None, help="minimum lesion volume in mm^3; smaller or equal components are dropped (default: the model's, 5)")
 
 
 def _add_saliency_args(p):
-    p.add_argument("--samples", type=int, default=50, help="SmoothGrad noisy copies N (default 50)")
-    p.add_argument("--sigma", type=float, default=0.05, help="noise: fraction of the FLAIR input range (default 0.05), or absolute with --sigma-mode absolute")
+    p.add_argument("--samples", type=_SAMPLES, default=50, help="SmoothGrad noisy copies N (default 50)")
+    p.add_argument("--sigma", type=_real(0), default=0.05, help="noise: fraction of the FLAIR input range (default 0.05), or absolute with --sigma-mode absolute")
     p.add_argument("--sigma-mode", default="range", choices=["range", "absolute"])
     p.add_argument("--aggregation", default="max", choices=["max", "mean"], help="max: Eq. 3 (signed maximum), mean: Eq. 2")
     p.add_argument("--context", default="patch", choices=["patch", "full"], help="network input: the model's roi around the lesion, or the whole volume")
-    p.add_argument("--noise-seed", type=int, default=0, help="SmoothGrad noise seed (same seed, same map)")
-    p.add_argument("--max-omega-voxels", type=int, default=None,
+    p.add_argument("--noise-seed", type=_SEED, default=0, help="SmoothGrad noise seed (same seed, same map)")
+    p.add_argument("--max-omega-voxels", type=_COUNT, default=None,
                    help="SmoothGrad max: the max over a seeded random sample of this many lesion voxels (bounded cost for large "
                         "lesions, but a different map when the lesion is much larger; default: all voxels)")
     p.add_argument("--layer", default=None, help="Grad-CAM++ layer (default: the model's)")
     p.add_argument("--alpha", default="paper", choices=["paper", "monai", "layercam"], help="Grad-CAM++ weights")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision of the network (SmoothGrad only)")
 
 
 def _add_one_lesion_check_args(q, default_lesion: str):
     """Arguments of the sanity checks that work on one TP lesion of one case."""
     _add_case_args(q)
-    q.add_argument("--wm", default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
-    q.add_argument("--lesion", type=int, default=None, help=f"TP lesion id (default: {default_lesion} of at most --max-voxels)")
-    q.add_argument("--max-voxels", type=int, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
-    q.add_argument("--samples", type=int, default=50)
-    q.add_argument("--noise-seed", type=int, default=0)
-    q.add_argument("--out", required=True)
+    q.add_argument("--wm", type=_path, default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
+    q.add_argument("--lesion", type=_COUNT, default=None, help=f"TP lesion id (default: {default_lesion} of at most --max-voxels)")
+    q.add_argument("--max-voxels", type=_COUNT, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
+    q.add_argument("--samples", type=_SAMPLES, default=50)
+    q.add_argument("--noise-seed", type=_SEED, default=0)
+    q.add_argument("--out", type=_path, required=True)
     _add_model_args(q)
 
 
 def _add_case_args(p):
-    p.add_argument("--flair", default=None, help="FLAIR file (default: phantom cases)")
-    p.add_argument("--mprage", default=None)
-    p.add_argument("--gt", default=None, help="ground-truth lesion mask on the MPRAGE grid (needed with files: TP lesions are chosen from it)")
-    p.add_argument("--phantom-patients", default="17", help="phantom cases (validation seeds) when no files are given, e.g. 17-19")
+    p.add_argument("--flair", type=_path, default=None, help="FLAIR file (default: phantom cases)")
+    p.add_argument("--mprage", type=_path, default=None)
+    p.add_argument("--gt", type=_path, default=None, help="ground-truth lesion mask on the MPRAGE grid (needed with files: TP lesions are chosen from it)")
+    p.add_argument("--phantom-patients", type=_patients, default="17", help="phantom cases (validation seeds) when no files are given, e.g. 17-19")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msis", description="Instance-level saliency for MS lesion segmentation.")
+    parser = _Parser(prog="msis", description="Instance-level saliency for MS lesion segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment lesions in a FLAIR + MPRAGE pair")
-    p.add_argument("flair", help="FLAIR volume (NIfTI or NRRD)")
-    p.add_argument("mprage", help="MPRAGE / T1w volume (NIfTI or NRRD); outputs are written on its grid")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("flair", type=_path, help="FLAIR volume (NIfTI or NRRD)")
+    p.add_argument("mprage", type=_path, help="MPRAGE / T1w volume (NIfTI or NRRD); outputs are written on its grid")
+    p.add_argument("--out", type=_path, required=True, help="output folder")
     _add_segment_args(p)
     p.add_argument("--register", action="store_true", help="rigidly register FLAIR to MPRAGE first (Mattes MI)")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction of both images")
     p.add_argument("--tp-probability", action="store_true", help="score every lesion with the TP/FP classifier (one SmoothGrad map per lesion)")
-    p.add_argument("--classifier", default=None, help="classifier JSON (default: the one bundled with the demo model)")
-    p.add_argument("--prune-below", type=float, default=None, help="also write labels and table without lesions whose TP probability is below P")
+    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one bundled with the demo model)")
+    p.add_argument("--prune-below", type=_real(0, 1), default=None, help="also write labels and table without lesions whose TP probability is below P")
 
     p = sub.add_parser("explain", help="saliency map of one lesion (or any voxel set) of a case")
-    p.add_argument("flair")
-    p.add_argument("mprage")
+    p.add_argument("flair", type=_path)
+    p.add_argument("mprage", type=_path)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--lesion", type=int, help="lesion id as in the segment command's lesions.csv")
-    target.add_argument("--mask", help="a mask file whose non-zero voxels are Ω (e.g. a lesion the model missed)")
-    p.add_argument("--labels", default=None, help="lesion_labels.nii.gz from `msis segment` (default: segment again)")
-    p.add_argument("--out", required=True)
+    target.add_argument("--lesion", type=_COUNT, help="lesion id as in the segment command's lesions.csv")
+    target.add_argument("--mask", type=_path, help="a mask file whose non-zero voxels are Ω (e.g. a lesion the model missed)")
+    p.add_argument("--labels", type=_path, default=None, help="lesion_labels.nii.gz from `msis segment` (default: segment again)")
+    p.add_argument("--out", type=_path, required=True)
     p.add_argument("--method", default="smoothgrad", choices=["smoothgrad", "gradcampp"])
     _add_saliency_args(p)
     _add_segment_args(p)
 
     p = sub.add_parser("demo", help="generate a phantom case, segment it, explain one lesion and write the outputs")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--seed", type=int, default=2024, help="phantom seed")
-    p.add_argument("--patient", type=int, default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
-    p.add_argument("--lesion", type=int, default=None, help="lesion to explain (default: the one closest to 100 voxels)")
+    p.add_argument("--out", type=_path, default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--seed", type=_SEED, default=2024, help="phantom seed")
+    p.add_argument("--patient", type=_int(1, N_PATIENTS), default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
+    p.add_argument("--lesion", type=_COUNT, default=None, help="lesion to explain (default: the one closest to 100 voxels)")
     p.add_argument("--no-tp-probability", action="store_true", help="skip scoring every lesion with the TP/FP classifier")
-    p.add_argument("--classifier", default=None, help="classifier JSON (default: the one bundled with the demo model)")
+    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one bundled with the demo model)")
     _add_saliency_args(p)
     _add_segment_args(p)
 
     p = sub.add_parser("phantom", help="write a phantom case (flair, mprage, lesions, mimics) as NIfTI")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patient", type=int, default=None, help="lesion geometry of shared patient 1..22 (default: from the seed)")
-    p.add_argument("--lesion-mask", default=None, help="place exactly the lesions of this MNI-space mask instead")
-    p.add_argument("--voxel-size", type=float, default=1.0)
+    p.add_argument("--out", type=_path, required=True)
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--patient", type=_int(1, N_PATIENTS), default=None, help="lesion geometry of shared patient 1..22 (default: from the seed)")
+    p.add_argument("--lesion-mask", type=_path, default=None, help="place exactly the lesions of this MNI-space mask instead")
+    p.add_argument("--voxel-size", type=_real(0.5, 4.0), default=1.0, help="isotropic voxel size in mm, 0.5 to 4 (default 1, the template's)")
 
     p = sub.add_parser("evaluate", help="lesion-wise TP/FP/FN, F1, PPV, TPR, Dice, nDSC of a prediction")
-    p.add_argument("pred", help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
-    p.add_argument("gt", help="ground-truth lesion mask on the same grid")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("pred", type=_path, help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
+    p.add_argument("gt", type=_path, help="ground-truth lesion mask on the same grid (every non-zero voxel is lesion)")
+    p.add_argument("--json", type=_path, default=None, help="also write the metrics to this JSON file")
 
     p = sub.add_parser("features", help="the 93 saliency radiomic features of every lesion of a case (or of phantom cases)")
-    p.add_argument("flair", nargs="?")
-    p.add_argument("mprage", nargs="?")
-    p.add_argument("--gt", default=None, help="ground-truth lesion mask: labels lesions TP/FP and adds the missed ones as FN rows")
+    p.add_argument("flair", nargs="?", type=_path)
+    p.add_argument("mprage", nargs="?", type=_path)
+    p.add_argument("--gt", type=_path, default=None, help="ground-truth lesion mask: labels lesions TP/FP and adds the missed ones as FN rows")
     p.add_argument("--case", default=None, help="case name in the table (default: the FLAIR file name)")
-    p.add_argument("--phantom-patients", default=None, help="instead of files: phantom cases of these shared patients, e.g. 1-16")
-    p.add_argument("--phantom-seed-base", type=int, default=20_000, help="phantom seed = base + 100 * patient")
-    p.add_argument("--max-tp", type=int, default=None, help="phantoms: features of at most this many TPs per case (all FPs always)")
-    p.add_argument("--out", required=True, help="CSV to write (phantom tables are appended case by case and resume)")
-    p.add_argument("--samples", type=int, default=None, help="SmoothGrad N (default 10, as the bundled classifier)")
-    p.add_argument("--sigma", type=float, default=None)
+    p.add_argument("--phantom-patients", type=_patients, default=None, help="instead of files: phantom cases of these shared patients, e.g. 1-16")
+    p.add_argument("--phantom-seed-base", type=_SEED, default=20_000, help="phantom seed = base + 100 * patient")
+    p.add_argument("--max-tp", type=_int(0), default=None, help="phantoms: features of at most this many TPs per case (all FPs always)")
+    p.add_argument("--out", type=_path, required=True, help="CSV to write (phantom tables are appended case by case and resume)")
+    p.add_argument("--samples", type=_SAMPLES, default=None, help="SmoothGrad N (default 10, as the bundled classifier)")
+    p.add_argument("--sigma", type=_real(0), default=None)
     p.add_argument("--sigma-mode", default=None, choices=["range", "absolute"])
     p.add_argument("--context", default=None, choices=["patch", "full"])
-    p.add_argument("--max-omega-voxels", type=int, default=None,
+    p.add_argument("--max-omega-voxels", type=_int(0), default=None,
                    help="max over at most this many voxels of each lesion (default 256, as the bundled classifier; 0 = all)")
     _add_segment_args(p)
 
     p = sub.add_parser("train-classifier", help="train the TP/FP logistic regression on a feature table")
-    p.add_argument("features", nargs="+", help="CSV(s) from `msis features` with a ground truth, made with the same settings")
-    p.add_argument("--out", required=True, help="classifier JSON to write")
-    p.add_argument("--class-weight", default=None, metavar="FP,TP",
+    p.add_argument("features", nargs="+", type=_path, help="CSV(s) from `msis features` with a ground truth, made with the same settings")
+    p.add_argument("--out", type=_path, required=True, help="classifier JSON to write")
+    p.add_argument("--class-weight", type=_class_weight_arg, default=None, metavar="FP,TP",
                    help="class weights of the logistic regression (default 0.29,0.71, the paper's)")
 
     p = sub.add_parser("evaluate-classifier", help="TP, FP, FN, F1 and PPV before/after the classifier, bootstrap CIs, feature importance")
-    p.add_argument("classifier")
-    p.add_argument("features", nargs="+", help="test feature table(s) (with ground truth)")
-    p.add_argument("--out", required=True, help="folder for the JSON report and the importance plot")
-    p.add_argument("--threshold", type=float, default=0.5, help="lesions with P(TP) below this are removed")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("classifier", type=_path)
+    p.add_argument("features", nargs="+", type=_path, help="test feature table(s) (with ground truth)")
+    p.add_argument("--out", type=_path, required=True, help="folder for the JSON report and the importance plot")
+    p.add_argument("--threshold", type=_real(0, 1), default=0.5, help="lesions with P(TP) below this are removed")
+    p.add_argument("--n-boot", type=_int(1, 100_000), default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=_SEED, default=0)
 
     p = sub.add_parser("context", help="contextual-information experiment: lesion score as context is restored ring by ring")
     _add_case_args(p)
-    p.add_argument("--size-range", type=int, nargs=2, default=[90, 120], metavar=("MIN", "MAX"), help="TP lesions of this many voxels (default 90 120)")
-    p.add_argument("--steps", type=int, default=34, help="dilation iterations (default 34)")
-    p.add_argument("--out", required=True)
+    # patient 17 alone has no TP lesion of 90-120 voxels with the demo model; 17-22 have 12
+    p.set_defaults(phantom_patients="17-22")
+    p.add_argument("--size-range", type=_COUNT, nargs=2, default=[90, 120], metavar=("MIN", "MAX"), help="TP lesions of this many voxels (default 90 120)")
+    p.add_argument("--steps", type=_COUNT, default=34, help="dilation iterations (default 34)")
+    p.add_argument("--out", type=_path, required=True)
     _add_model_args(p)
 
     p = sub.add_parser("sanity", help="sanity checks of the saliency maps")
@@ -162,49 +250,59 @@ def build_parser() -> argparse.ArgumentParser:
     stats = p.add_subparsers(dest="stats_command", required=True)
     q = stats.add_parser("peaks", help="SmoothGrad peaks of TP, FP, FN lesions and TN spheres; Mann-Whitney U; FLAIR vs MPRAGE contribution")
     _add_case_args(q)
-    q.add_argument("--samples", type=int, default=50)
-    q.add_argument("--noise-seed", type=int, default=0)
-    q.add_argument("--max-per-group", type=int, default=None, help="at most this many lesions per group and case (seeded choice)")
-    q.add_argument("--tn-volume", type=float, default=None, help="TN sphere volume in mm^3 (default: the mean GT lesion volume of the cases)")
-    q.add_argument("--out", required=True)
+    q.add_argument("--samples", type=_SAMPLES, default=50)
+    q.add_argument("--noise-seed", type=_SEED, default=0)
+    q.add_argument("--max-per-group", type=_COUNT, default=None, help="at most this many lesions per group and case (seeded choice; default: all)")
+    q.add_argument("--tn-volume", type=_real(0, lo_open=True), default=None, help="TN sphere volume in mm^3 (default: the mean GT lesion volume of the cases)")
+    q.add_argument("--out", type=_path, required=True)
     _add_model_args(q)
 
     p = sub.add_parser("reproduce", help="run every experiment on a phantom cohort and write a Markdown report beside the paper's numbers")
-    p.add_argument("--out", required=True)
-    p.add_argument("--samples", type=int, default=20, help="SmoothGrad N for the sanity checks (peaks use --peak-samples)")
-    p.add_argument("--peak-samples", type=int, default=10)
-    p.add_argument("--peak-patients", default="17-18")
-    p.add_argument("--peak-max-per-group", type=int, default=8)
-    p.add_argument("--context-patients", default="17-22")
+    p.add_argument("--out", type=_path, required=True)
+    p.add_argument("--samples", type=_SAMPLES, default=20, help="SmoothGrad N for the sanity checks (peaks use --peak-samples)")
+    p.add_argument("--peak-samples", type=_SAMPLES, default=10)
+    p.add_argument("--peak-patients", type=_patients, default="17-18")
+    p.add_argument("--peak-max-per-group", type=_COUNT, default=8)
+    p.add_argument("--context-patients", type=_patients, default="17-22")
     _add_model_args(p)
 
     p = sub.add_parser("train", help="train a segmentation model on phantoms")
-    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--out", type=_path, required=True, help="model folder to write")
     p.add_argument("--config", default="demo", choices=["demo", "paper"])
-    p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--patch", type=int, default=None)
-    p.add_argument("--phantoms-per-patient", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=".cache/phantoms", help="folder caching prepared training phantoms")
+    p.add_argument("--iterations", type=_COUNT, default=None)
+    p.add_argument("--batch", type=_COUNT, default=None)
+    p.add_argument("--patch", type=_int(16), default=None)
+    p.add_argument("--phantoms-per-patient", type=_COUNT, default=2)
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--cache", type=_path, default=".cache/phantoms", help="folder caching prepared training phantoms")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
     p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)")
     _add_model_args(p)
-    p.add_argument("--patients", default="17-22", help="e.g. 17-22 or 17,19")
-    p.add_argument("--per-patient", type=int, default=1)
-    p.add_argument("--json", default=None, help="write per-case and total results here")
+    p.add_argument("--patients", type=_patients, default="17-22", help="e.g. 17-22 or 17,19")
+    p.add_argument("--per-patient", type=_COUNT, default=1, help="phantoms per patient (default 1)")
+    p.add_argument("--json", type=_path, default=None, help="write per-case and total results here")
     return parser
 
 
 def _parse_patients(text: str) -> list[int]:
+    """'17-22', '17,19' or '1-4,9' -> patient numbers; InputError for anything else (names, empty or
+    descending ranges, patients outside 1..22)."""
     out = []
-    for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        elif part.strip():
-            out.append(int(part))
+    try:
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            first, last = (int(a), int(b)) if sep else (int(part), int(part))
+            if first > last:
+                raise InputError(f"the range {part.strip()} is empty (descending); write it as {last}-{first}")
+            out.extend(range(first, last + 1))
+    except ValueError:
+        raise InputError(f"patients must be numbers and ranges such as 17-22 or 17,19, got {text!r}") from None
+    bad = [n for n in out if not 1 <= n <= N_PATIENTS]
+    if bad:
+        raise InputError(f"patients are numbered 1..{N_PATIENTS} (the shared lesion masks), got {bad[0]}")
+    if len(set(out)) != len(out):
+        raise InputError(f"a patient is listed twice in {text!r}")
     return out
 
 
@@ -225,7 +323,11 @@ def cmd_segment(args) -> int:
 
     flair = read_image(args.flair, "FLAIR")
     mprage = read_image(args.mprage, "MPRAGE")
-    out = OutputFolder(args.out, protected=[args.flair, args.mprage])
+    _check_register_size([("FLAIR", flair), ("MPRAGE", mprage)], args)
+    from .pipeline import SEGMENTATION_FILES
+
+    pruned = ("lesion_labels_pruned.nii.gz", "lesions_pruned.csv") if args.prune_below is not None else ()
+    out = OutputFolder(args.out, protected=[args.flair, args.mprage], names=SEGMENTATION_FILES + pruned)
     model, dev = _load(args)
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
                      register=args.register, n4=args.n4, progress=ProgressBar(label="segmenting windows"))
@@ -267,10 +369,12 @@ def _score_lesions(model, dev, result, args, out) -> dict:
         keep = [r for r in result.table if r["tp_probability"] is None or r["tp_probability"] >= args.prune_below]
         keep_ids = np.array([0] + [r["lesion_id"] for r in keep])
         pruned = np.where(np.isin(result.labels, keep_ids), result.labels, 0)
-        info["paths"] = {
-            "pruned_labels": write_image(image_from_array(pruned.astype(np.uint16), reference=result.reference), out.file("lesion_labels_pruned.nii.gz")),
-            "pruned_table": write_table(keep, out.file("lesions_pruned.csv")),
-        }
+        with out.writing():
+            info["paths"] = {
+                "pruned_labels": out.final(write_image(image_from_array(pruned.astype(np.uint16), reference=result.reference),
+                                                       out.file("lesion_labels_pruned.nii.gz"))),
+                "pruned_table": out.final(write_table(keep, out.file("lesions_pruned.csv"))),
+            }
         info["pruned"] = {"threshold": args.prune_below, "kept": len(keep), "removed": len(result.table) - len(keep)}
     return info
 
@@ -282,12 +386,15 @@ def cmd_demo(args) -> int:
     from .progress import ProgressBar
     from .volumes import write_image
 
+    from .pipeline import SEGMENTATION_FILES
+
     t0 = time.time()
-    out = OutputFolder(args.out)
+    out = OutputFolder(args.out, names=[f"phantom_{n}.nii.gz" for n in ("flair", "mprage", "lesions")] + list(SEGMENTATION_FILES))
     print(f"[1/5] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
     ph = make_phantom(args.seed, patient=args.patient)
-    for name in ("flair", "mprage", "lesions"):
-        write_image(getattr(ph, name), out.file(f"phantom_{name}.nii.gz"))
+    with out.writing():
+        for name in ("flair", "mprage", "lesions"):
+            write_image(getattr(ph, name), out.file(f"phantom_{name}.nii.gz"))
     print("[2/5] loading the model ...", file=sys.stderr)
     model, dev = _load(args)
     print(f"[3/5] segmenting on {dev} ...", file=sys.stderr)
@@ -300,9 +407,9 @@ def cmd_demo(args) -> int:
         scoring = _score_lesions(model, dev, result, args, out)
     paths = write_segmentation(result, out)
     from .evaluation import evaluate_case
-    from .volumes import array_from_image
+    from .volumes import mask_from_image
 
-    metrics = evaluate_case(result.labels, array_from_image(ph.lesions, dtype="uint8"))
+    metrics = evaluate_case(result.labels, mask_from_image(ph.lesions))
     print(format_table(result.table))
     saliency_paths = {}
     if result.table:
@@ -332,9 +439,9 @@ def _print_tp_probability_by_kind(result, phantom) -> None:
     import numpy as np
 
     from .evaluation import classify_lesions
-    from .volumes import array_from_image
+    from .volumes import mask_from_image
 
-    c = classify_lesions(result.labels, array_from_image(phantom.lesions, np.uint8))
+    c = classify_lesions(result.labels, mask_from_image(phantom.lesions))
     prob = {r["lesion_id"]: r["tp_probability"] for r in result.table}
     for kind in ("tp", "fp"):
         vals = [prob[i] for i in c[kind] if prob.get(i) is not None]
@@ -344,6 +451,7 @@ def _print_tp_probability_by_kind(result, phantom) -> None:
 
 
 def _explain_and_write(model, dev, prepared, omega, label, args, out):
+    _check_saliency_cost(args, omega)
     from .explain import explain, write_explanation
     from .progress import ProgressBar
 
@@ -351,7 +459,9 @@ def _explain_and_write(model, dev, prepared, omega, label, args, out):
                   sigma_mode=args.sigma_mode, aggregation=args.aggregation, context=args.context, seed=args.noise_seed, layer=args.layer,
                   alpha=args.alpha, device=dev, precision=args.precision, max_omega_voxels=args.max_omega_voxels,
                   progress=ProgressBar(label=f"{args.method} {label}"))
-    return exp, write_explanation(exp, prepared.reference, prepared.flair_on_reference, out)
+    with out.writing():
+        paths = write_explanation(exp, prepared.reference, prepared.flair_on_reference, out)
+    return exp, {k: out.final(v) for k, v in paths.items()}
 
 
 def cmd_explain(args) -> int:
@@ -365,7 +475,9 @@ def cmd_explain(args) -> int:
     flair = read_image(args.flair, "FLAIR")
     mprage = read_image(args.mprage, "MPRAGE")
     protected = [args.flair, args.mprage] + [p for p in (args.mask, args.labels) if p]
-    out = OutputFolder(args.out, protected=protected)
+    label = "mask" if args.mask else f"lesion{args.lesion}"
+    maps = ["gradcampp"] if args.method == "gradcampp" else ["smoothgrad_flair", "smoothgrad_mprage"]
+    out = OutputFolder(args.out, protected=protected, names=[f"saliency_{label}_{m}.nii.gz" for m in maps] + [f"saliency_{label}_{args.method}.png"])
     model, dev = _load(args)
     if args.mask:
         prepared = prepare_case(flair, mprage, model.spec)
@@ -393,13 +505,17 @@ def cmd_explain(args) -> int:
 def cmd_phantom(args) -> int:
     from .phantom import make_phantom
 
+    names = ("flair", "mprage", "lesions", "mimics")
+    out = OutputFolder(args.out, protected=[args.lesion_mask] if args.lesion_mask else [], names=[f"{n}.nii.gz" for n in names])
     ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size)
     from .volumes import write_image
 
-    out = OutputFolder(args.out)
-    for name in ("flair", "mprage", "lesions", "mimics"):
-        print(write_image(getattr(ph, name), out.file(f"{name}.nii.gz")))
+    with out.writing():
+        for name in names:
+            write_image(getattr(ph, name), out.file(f"{name}.nii.gz"))
     out.close(command="phantom", seed=args.seed, patient=ph.patient, **ph.info)
+    for name in names:
+        print(out.path / f"{name}.nii.gz")
     return 0
 
 
@@ -408,36 +524,63 @@ def cmd_evaluate(args) -> int:
 
     from .evaluation import evaluate_case
     from .instances import label_instances
-    from .volumes import array_from_image, read_image, same_grid
+    from .volumes import array_from_image, mask_from_image, read_image, same_grid
 
+    from .pipeline import check_output_file, write_json_output
+
+    if args.json:
+        check_output_file(args.json, "--json")
     pred_img = read_image(args.pred, "prediction")
     gt_img = read_image(args.gt, "ground truth")
     if not same_grid(pred_img, gt_img):
         raise InputError("prediction and ground truth are not on the same grid (size, spacing, origin, direction); resample one onto the other first")
-    pred = array_from_image(pred_img, np.int64)
-    if pred.max() <= 1:  # a binary mask: make instances
-        pred = label_instances(pred > 0, spacing=pred_img.GetSpacing(), min_volume_mm3=0.0)
-    m = evaluate_case(pred, array_from_image(gt_img, np.uint8))
+    pred = array_from_image(pred_img, None)  # as stored: a cast would turn 0.5 or 256 into 0
+    nonzero = pred[pred != 0]
+    labels_given = (nonzero.size and np.issubdtype(pred.dtype, np.integer) and nonzero.min() > 0 and nonzero.max() > nonzero.min())
+    if labels_given:  # instance labels 1..K
+        pred = pred.astype(np.int64)
+    else:  # a binary mask (one value, whatever it is): make instances
+        pred = label_instances(pred != 0, spacing=pred_img.GetSpacing(), min_volume_mm3=0.0)
+    m = evaluate_case(pred, mask_from_image(gt_img))  # every non-zero voxel is lesion
     print(f"TP {m['tp']}  FP {m['fp']}  FN {m['fn']}  (GT lesions {m['n_gt']}, detected {m['gt_detected']})")
     print(f"F1 {m['f1']:.4f}  PPV {m['ppv']:.4f}  TPR {m['tpr']:.4f}  Dice {m['dice']:.4f}  nDSC {m['ndsc']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(m, indent=2) + "\n")
+        write_json_output(args.json, m, "--json")
     return 0
 
 
-def cmd_features(args) -> int:
-    import numpy as np
+def _phantom_voxel_size() -> float:
+    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of `features --phantom-patients` phantoms (default 1,
+    the model's training phantoms; tests use 2 for small, fast cases). Recorded in the table's sidecar."""
+    text = os.environ.get("MSIS_PHANTOM_VOXEL_SIZE", "").strip()
+    if not text:
+        return 1.0
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.25 <= v <= 4.0:
+        raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between 0.25 and 4, got {text!r}")
+    return v
 
+
+def cmd_features(args) -> int:
     from .radiomics import default_feature_names
-    from .scoring import case_feature_rows, phantom_feature_table, saliency_settings, write_feature_rows, write_table_manifest
-    from .volumes import array_from_image, read_image, same_grid
+    from .scoring import (case_feature_rows, model_identity, phantom_feature_table, saliency_settings, table_lock, write_feature_rows,
+                          write_table_manifest)
+    from .volumes import mask_from_image, read_image, same_grid
 
     settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context,
                                  max_omega_voxels=args.max_omega_voxels)
+    voxel_size = _phantom_voxel_size() if args.phantom_patients else 1.0
     model, dev = _load(args)
     if args.phantom_patients:
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        if voxel_size != 1.0:
+            log(f"phantoms with {voxel_size:g} mm voxels (MSIS_PHANTOM_VOXEL_SIZE); the model's training phantoms have 1 mm")
         path = phantom_feature_table(model, _parse_patients(args.phantom_patients), args.out, settings, seed_base=args.phantom_seed_base,
-                                     max_tp_per_case=args.max_tp, device=dev, log=lambda m: print(m, file=sys.stderr))
+                                     max_tp_per_case=args.max_tp, threshold=args.threshold, min_volume_mm3=args.min_volume,
+                                     voxel_size=voxel_size, device=dev, log=log)
         print(f"features: {path}")
         return 0
     if not (args.flair and args.mprage):
@@ -448,6 +591,8 @@ def cmd_features(args) -> int:
     out_path = Path(args.out)
     if out_path.exists():
         raise InputError(f"{out_path} already exists; choose another --out")
+    if Path(f"{out_path}.json").exists():  # the table's sidecar: never over a file the user put there
+        raise InputError(f"{out_path}.json already exists; choose another --out or move it")
     flair, mprage = read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE")
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume)
     gt = None
@@ -455,11 +600,16 @@ def cmd_features(args) -> int:
         gt_img = read_image(args.gt, "ground truth")
         if not same_grid(gt_img, result.reference):
             raise InputError("--gt is not on the MPRAGE grid")
-        gt = array_from_image(gt_img, np.uint8)
+        gt = mask_from_image(gt_img)  # every non-zero voxel is lesion (labels of 256 or 0.5 too)
     case = args.case or Path(args.flair).name.split(".")[0]
     rows = case_feature_rows(model, result.prepared, result.labels, case, settings, gt, device=dev, progress=ProgressBar(label="lesion features, backward passes"))
-    write_feature_rows(rows, out_path, default_feature_names())
-    write_table_manifest(out_path, settings, model=model.spec.name, case=case)
+    with table_lock(out_path):  # refuses a second writer; the sidecar first, then the table, each atomically
+        if out_path.exists():
+            raise InputError(f"{out_path} already exists (written meanwhile by another msis process?); choose another --out")
+        write_table_manifest(out_path, settings, **model_identity(model), case=case,
+                             threshold=float(model.spec.threshold if args.threshold is None else args.threshold),
+                             min_volume_mm3=float(model.spec.min_lesion_mm3 if args.min_volume is None else args.min_volume))
+        write_feature_rows(rows, out_path, default_feature_names())
     bad = [r for r in rows if r.get("error")]
     for r in bad:
         print(f"msis: warning: {r['error']}", file=sys.stderr)
@@ -476,6 +626,7 @@ def cmd_train_classifier(args) -> int:
         raise InputError(f"{out} already exists; choose another --out")
     names = default_feature_names()
     rows, settings = read_feature_tables(args.features)
+    _check_feature_cells(rows, names)
     X, y, usable = labelled_matrix(rows, names)
     clf = TPClassifier(saliency=settings)
     if args.class_weight is not None:
@@ -483,7 +634,9 @@ def cmd_train_classifier(args) -> int:
     clf.fit(X, y, names)
     clf.training_info = {"features": [Path(f).name for f in args.features], "n_tp": int(y.sum()), "n_fp": int((y == 0).sum()),
                          "cases": sorted({r["case"] for r in usable})}
-    clf.save(out)
+    from .pipeline import write_output_file
+
+    write_output_file(out, "--out", clf.save, replace_own=False)
     nz = int((clf.coef_ != 0).sum())
     print(f"trained on {int(y.sum())} TP and {int((y == 0).sum())} FP lesions; {nz} of {len(names)} coefficients non-zero -> {out}")
     return 0
@@ -494,8 +647,8 @@ def _class_weight(text: str) -> dict:
         fp, tp = (float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"--class-weight wants two numbers FP,TP such as 0.29,0.71; got {text!r}") from None
-    if fp <= 0 or tp <= 0:
-        raise InputError(f"--class-weight: both weights must be positive, got {text!r}")
+    if not (math.isfinite(fp) and math.isfinite(tp) and fp > 0 and tp > 0):
+        raise InputError(f"--class-weight: both weights must be finite and positive, got {text!r}")
     return {0: fp, 1: tp}
 
 
@@ -506,19 +659,22 @@ def cmd_evaluate_classifier(args) -> int:
     clf = TPClassifier.load(args.classifier)
     rows, settings = read_feature_tables(args.features)
     clf.check_settings(**settings)
+    out = OutputFolder(args.out, protected=[args.classifier, *args.features],
+                       names=["classifier_evaluation.json", "feature_importance.png", "tp_probability.png", "threshold_sweep.png",
+                              "test_probabilities.csv"])
     rep = evaluate_classifier(clf, rows, threshold=args.threshold, n_boot=args.n_boot, seed=args.seed)
     if rep["n_unscored"]:
         print(f"msis: warning: {rep['n_unscored']} predicted lesions have no features and are kept as they are", file=sys.stderr)
     per_lesion = rep.pop("lesions")
     rep.update({"classifier": str(args.classifier), "features": [str(f) for f in args.features]})
-    out = OutputFolder(args.out)
-    (out.file("classifier_evaluation.json")).write_text(json.dumps(rep, indent=2) + "\n")
-    importance_figure(clf, out.file("feature_importance.png"))
-    probability_figure([r["tp_probability"] for r in per_lesion], [r["kind"] == "TP" for r in per_lesion],
-                       [float(r["voxels"]) for r in per_lesion], args.threshold, out.file("tp_probability.png"))
-    threshold_figure(rep["threshold_sweep"], args.threshold, out.file("threshold_sweep.png"))
-    if per_lesion:
-        _write_rows(out.file("test_probabilities.csv"), per_lesion)
+    with out.writing():
+        (out.file("classifier_evaluation.json")).write_text(json.dumps(rep, indent=2) + "\n")
+        importance_figure(clf, out.file("feature_importance.png"))
+        probability_figure([r["tp_probability"] for r in per_lesion], [r["kind"] == "TP" for r in per_lesion],
+                           [float(r["voxels"]) for r in per_lesion], args.threshold, out.file("tp_probability.png"))
+        threshold_figure(rep["threshold_sweep"], args.threshold, out.file("threshold_sweep.png"))
+        if per_lesion:
+            _write_rows(out.file("test_probabilities.csv"), per_lesion)
     out.close(command="evaluate-classifier")
     cb, ca = rep["counts_before"], rep["counts_after"]
     print(f"U-Net alone:      TP {cb['tp']}  FP {cb['fp']}  FN {cb['fn']}")
@@ -569,12 +725,13 @@ def cmd_context(args) -> int:
     from .experiments import context_figure, run_context
 
     model, dev = _load(args)
-    out = OutputFolder(args.out)
+    out = OutputFolder(args.out, names=["context_raw.csv", "context_summary.json", "context.png"])
     rows, summary = run_context(model, _cases(args, model, dev), tuple(args.size_range), n_steps=args.steps, device=dev,
                                 progress=_bars, warn=_warn)
-    _write_rows(out.file("context_raw.csv"), rows)
-    out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    context_figure(summary, out.file("context.png"))
+    with out.writing():
+        _write_rows(out.file("context_raw.csv"), rows)
+        out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        context_figure(summary, out.file("context.png"))
     out.close(command="context", size_range=list(args.size_range), steps=args.steps)
     print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
           f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
@@ -594,13 +751,15 @@ def _sanity_control_regions(args) -> int:
     from .experiments import control_regions_figure, run_control_regions
 
     model, dev = _load(args)
-    out = OutputFolder(args.out)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
+                       names=["control_regions.csv", "control_regions_summary.json", "control_regions.png"])
     case = next(_cases(args, model, dev))
     rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
                                                        seed=args.noise_seed, device=dev, progress=_bars)
-    _write_rows(out.file("control_regions.csv"), rows)
-    out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference, regions, maps, out.file("control_regions.png"))
+    with out.writing():
+        _write_rows(out.file("control_regions.csv"), rows)
+        out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference, regions, maps, out.file("control_regions.png"))
     out.close(command="sanity control-regions")
     print(json.dumps(summary, indent=2))
     return 0
@@ -610,13 +769,15 @@ def _sanity_synthetic_lesion(args) -> int:
     from .experiments import run_synthetic_lesion, synthetic_lesion_figure
 
     model, dev = _load(args)
-    out = OutputFolder(args.out)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
+                       names=["synthetic_lesion.csv", "synthetic_lesion_summary.json", "synthetic_lesion.png"])
     case = next(_cases(args, model, dev))
     rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
                                                  seed=args.noise_seed, device=dev, progress=_bars)
-    _write_rows(out.file("synthetic_lesion.csv"), rows)
-    out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    synthetic_lesion_figure(panels, out.file("synthetic_lesion.png"))
+    with out.writing():
+        _write_rows(out.file("synthetic_lesion.csv"), rows)
+        out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        synthetic_lesion_figure(panels, out.file("synthetic_lesion.png"))
     out.close(command="sanity synthetic-lesion")
     for r in rows:
         print(f"{r['variant']:<24} segmented {str(r['detected']):<5}  mean p {r['mean_probability']:.3f}  max p {r['max_probability']:.3f}  "
@@ -629,12 +790,14 @@ def cmd_stats(args) -> int:
     from .experiments import peaks_figures, run_peaks
 
     model, dev = _load(args)
-    out = OutputFolder(args.out)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
+                       names=["peaks.csv", "peaks_summary.json", "peaks_violin.png", "modality_contribution.png"])
     rows, summary = run_peaks(model, list(_cases(args, model, dev)), n_samples=args.samples, seed=args.noise_seed,
                               max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn)
-    _write_rows(out.file("peaks.csv"), rows)
-    out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
+    with out.writing():
+        _write_rows(out.file("peaks.csv"), rows)
+        out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
     out.close(command="stats peaks")
     for g in ("TN", "FN", "FP", "TP"):
         m = summary["medians_positive_peak"][g]
@@ -648,7 +811,7 @@ def cmd_stats(args) -> int:
 def cmd_reproduce(args) -> int:
     from .report import write_reproduction_report
 
-    out = OutputFolder(args.out)
+    out = OutputFolder(args.out, names=["REPORT.md"])
     common = ["--device", args.device] + (["--model", args.model] if args.model else [])
     runs = {
         "context": ["context", "--phantom-patients", args.context_patients],
@@ -663,7 +826,8 @@ def cmd_reproduce(args) -> int:
         t = time.time()
         status[name] = {"exit_code": main(argv + ["--out", str(out.path / name)] + common), "seconds": round(time.time() - t, 1),
                         "command": "msis " + " ".join(argv + ["--out", f"{name}"])}
-    report = write_reproduction_report(out.path, status, out.file("REPORT.md"))
+    with out.writing():
+        report = out.final(write_reproduction_report(out.path, status, out.file("REPORT.md")))
     out.close(command="reproduce", runs=status, total_s=round(time.time() - t0, 1))
     print(f"report: {report}")
     return 0 if all(v["exit_code"] == 0 for v in status.values()) else 1
@@ -672,20 +836,30 @@ def cmd_reproduce(args) -> int:
 def cmd_train(args) -> int:
     from .training import train
 
-    out = train(args.out, args.config, iterations=args.iterations, batch=args.batch, patch=args.patch,
-                phantoms_per_patient=args.phantoms_per_patient, seed=args.seed, cache_dir=args.cache, device=args.device)
-    print(f"model written to {out}")
+    from .model import SPEC_FILE, ModelSpec
+
+    names = [SPEC_FILE, ModelSpec().weights, "training_log.json"]
+    out = OutputFolder(args.out, names=names)
+    staged = [out.file(n) for n in names]
+    with out.writing():  # checkpoints and the log go to the staging folder, into place when training ends
+        train(staged[0].parent, args.config, iterations=args.iterations, batch=args.batch, patch=args.patch,
+              phantoms_per_patient=args.phantoms_per_patient, seed=args.seed, cache_dir=args.cache, device=args.device)
+    out.close(command="train", config=args.config, seed=args.seed)
+    print(f"model written to {out.path}")
     return 0
 
 
 def cmd_validate_model(args) -> int:
+    from .pipeline import check_output_file, write_json_output
     from .validation import format_validation, validate_model
 
+    if args.json:
+        check_output_file(args.json, "--json")
     model, dev = _load(args)
     res = validate_model(model, _parse_patients(args.patients), per_patient=args.per_patient, device=dev)
     print(format_validation(res))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json_output(args.json, res, "--json")
     return 0
 
 
@@ -697,12 +871,72 @@ COMMANDS = {
 }
 
 
+def _check_args(args) -> None:
+    """What argparse cannot check alone, before any work starts (InputError, one line)."""
+    if args.command == "explain" and args.method == "gradcampp" and args.precision != "fp32":
+        raise InputError(f"--precision {args.precision} applies to SmoothGrad only; Grad-CAM++ runs in fp32 (drop --precision)")
+    if args.command == "context" and args.size_range[0] > args.size_range[1]:
+        raise InputError(f"--size-range MIN MAX: MIN ({args.size_range[0]}) is larger than MAX ({args.size_range[1]})")
+    if args.command == "segment" and (args.tp_probability or args.prune_below is not None) or (
+            args.command == "demo" and not args.no_tp_probability and args.classifier):
+        try:
+            from .scoring import load_classifier
+
+            load_classifier(args.classifier)  # a broken classifier is refused now, not after the segmentation
+        except ImportError as exc:
+            raise InputError(f"the TP probability needs {exc.name or 'pyradiomics'}, which is not installed here "
+                             "(in 3D Slicer it comes with the SlicerRadiomics extension); run without --tp-probability (demo: with "
+                             "--no-tp-probability)") from None
+
+
+def _check_register_size(images, args) -> None:
+    """Registration (shrink factors 4, 2, 1 and 5% sampling) and N4 (on a 4x shrunk copy) fail inside
+    ITK on images this small; refuse them with the reason instead."""
+    flags = [f for f, on in (("--register", getattr(args, "register", False)), ("--n4", getattr(args, "n4", False))) if on]
+    if not flags:
+        return
+    for what, img in images:
+        if min(img.GetSize()[:3]) < MIN_SIZE_REGISTER_N4:
+            raise InputError(f"{' and '.join(flags)} need at least {MIN_SIZE_REGISTER_N4} voxels along each axis; {what} has size "
+                             f"{tuple(img.GetSize())}. Run without {' and '.join(flags)} or on the full volumes")
+
+
+def _check_saliency_cost(args, omega) -> None:
+    """Refuse SmoothGrad work above MAX_BACKWARD_PASSES before it starts, saying how to reduce it."""
+    if getattr(args, "method", "smoothgrad") != "smoothgrad":
+        return
+    n_omega = int(omega.sum())
+    cap = args.max_omega_voxels
+    per_copy = 1 if args.aggregation == "mean" else min(n_omega, cap) if cap else n_omega
+    passes = args.samples * per_copy
+    if passes > MAX_BACKWARD_PASSES:
+        raise InputError(
+            f"SmoothGrad ({args.aggregation}) of {n_omega} voxels with --samples {args.samples} needs {passes:,} backward passes, "
+            f"more than the {MAX_BACKWARD_PASSES:,} this tool starts (days of work or more); bound it with --max-omega-voxels K "
+            f"(the max over K sampled voxels: {args.samples} x K passes), use fewer --samples, --aggregation mean "
+            f"({args.samples} passes) or a smaller mask")
+
+
+def _check_feature_cells(rows, names) -> None:
+    """Every feature of every TP/FP row with features is a finite number (a clear error, not a crash in NumPy)."""
+    from .radiomics import feature_value
+
+    for r in rows:
+        if r.get("kind") in ("TP", "FP") and not r.get("error"):
+            for n in names:
+                feature_value(r, n)
+
+
+MIN_SIZE_REGISTER_N4 = 16
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        _check_args(args)
         return COMMANDS[args.command](args)
     except InputError as exc:
-        print(f"msis: error: {exc}", file=sys.stderr)
+        print(f"msis: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
     except Cancelled:
         print("msis: cancelled", file=sys.stderr)

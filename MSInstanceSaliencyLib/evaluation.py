@@ -52,7 +52,7 @@ class LesionCounts:
 def classify_lesions(pred_labels: np.ndarray, gt_mask: np.ndarray) -> dict:
     """Per-lesion categories: {'tp': [ids], 'fp': [ids], 'fn': [gt ids], 'gt_labels': array}."""
     pred_labels = np.asarray(pred_labels)
-    gt = np.asarray(gt_mask) > 0
+    gt = np.asarray(gt_mask) != 0  # every non-zero voxel is lesion, whatever its label or type
     if pred_labels.shape != gt.shape:
         from .errors import InputError
 
@@ -83,14 +83,14 @@ def lesion_counts(pred_labels: np.ndarray, gt_mask: np.ndarray) -> LesionCounts:
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
+    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
     d = p.sum() + g.sum()
     return float(2 * (p & g).sum() / d) if d else 1.0
 
 
 def normalized_dice(pred: np.ndarray, gt: np.ndarray, r: float = NDSC_REFERENCE_LOAD) -> float:
     """nDSC (Raina et al. 2023): Dice with FPs rescaled to a reference lesion load r."""
-    p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
+    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
     n_g = g.sum()
     if n_g == 0:
         return 1.0 if p.sum() == 0 else 0.0

@@ -389,7 +389,7 @@ def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
     from pathlib import Path
 
     from .pipeline import segment
-    from .volumes import array_from_image, read_image, same_grid
+    from .volumes import array_from_image, mask_from_image, read_image, same_grid
 
     res = segment(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), model, device=device)
     arrays = {}
@@ -398,8 +398,9 @@ def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
             img = read_image(path, key)
             if not same_grid(img, res.reference):
                 raise InputError(f"{path} is not on the MPRAGE grid")
-            arrays[key] = array_from_image(img)
-    return Case(Path(flair).name.split(".")[0], res, arrays["gt"].astype(np.uint8), arrays.get("wm"))
+            # the ground truth: every non-zero voxel is lesion (a cast would lose labels of 256 or 0.5)
+            arrays[key] = mask_from_image(img) if key == "gt" else array_from_image(img)
+    return Case(Path(flair).name.split(".")[0], res, arrays["gt"], arrays.get("wm"))
 
 
 def phantom_cases(model, patients, device="auto"):
@@ -407,12 +408,12 @@ def phantom_cases(model, patients, device="auto"):
     from .phantom import make_phantom
     from .pipeline import segment
     from .training import validation_seed
-    from .volumes import array_from_image
+    from .volumes import array_from_image, mask_from_image
 
     for pt in patients:
         ph = make_phantom(validation_seed(pt), patient=pt)
         res = segment(ph.flair, ph.mprage, model, device=device)
-        yield Case(f"phantom_p{int(pt):02d}", res, array_from_image(ph.lesions, np.uint8), array_from_image(ph.white_matter))
+        yield Case(f"phantom_p{int(pt):02d}", res, mask_from_image(ph.lesions), array_from_image(ph.white_matter))
 
 
 def _noop(*_a, **_k):

@@ -65,7 +65,7 @@ def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgr
 
 def write_explanation(exp: Explanation, reference: sitk.Image, flair_on_reference: sitk.Image, out) -> dict:
     """One NIfTI per map on the reference geometry, and the three-slice PNG of the FLAIR (or only) map."""
-    from .figures import saliency_figure
+    from .figures import colorbar_label, saliency_figure
 
     paths = {}
     for name, arr in exp.maps.items():
@@ -76,6 +76,7 @@ def write_explanation(exp: Explanation, reference: sitk.Image, flair_on_referenc
     png = out.file(f"saliency_{exp.label}_{exp.method}.png")
     omega_img = image_from_array(exp.omega.astype(np.uint8), reference=reference)
     title = f"{exp.label}: {exp.method}" + (f" ({exp.params.get('aggregation')}, N={exp.params.get('n_samples')}) w.r.t. {shown.upper()}" if exp.method == "smoothgrad" else "")
-    saliency_figure(flair_on_reference, image_from_array(exp.maps[shown], reference=reference), omega_img, png, title)
+    saliency_figure(flair_on_reference, image_from_array(exp.maps[shown], reference=reference), omega_img, png, title,
+                    label=colorbar_label(exp.method))
     paths["png"] = png
     return paths

@@ -13,8 +13,17 @@ def _lps(img: sitk.Image) -> np.ndarray:
     return array_from_image(sitk.DICOMOrient(img, "LPS"))
 
 
+SMOOTHGRAD_LABEL = "saliency (∂ logit / ∂ input)"
+GRADCAMPP_LABEL = "Grad-CAM++ (ReLU of the layer's weighted activations, upsampled)"
+
+
+def colorbar_label(method: str) -> str:
+    """What the colour bar of a map of this method shows."""
+    return GRADCAMPP_LABEL if method == "gradcampp" else SMOOTHGRAD_LABEL
+
+
 def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, path, title: str = "", vmax: float | None = None,
-                    fov_mm: float | None = 90.0):
+                    fov_mm: float | None = 90.0, label: str = SMOOTHGRAD_LABEL):
     """Axial, coronal and sagittal slices through Ω's centre: FLAIR in grey, the map in a diverging
     colormap symmetric around 0 (blue negative, red positive), Ω's outline, a colour bar. Radiological
     display (patient's right on the image's left); each view shows `fov_mm` around Ω (None: all)."""
@@ -61,7 +70,7 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
         ax.set_yticks([])
         im = ax
     sm = plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-vmax, vmax))
-    cb = fig.colorbar(sm, ax=axes, shrink=0.8, label="saliency (∂ logit / ∂ input)")
+    cb = fig.colorbar(sm, ax=axes, shrink=0.8, label=label)
     cb.ax.tick_params(labelsize=8)
     axes[0].text(0.01, 0.01, "R", color="w", transform=axes[0].transAxes)
     axes[0].text(0.97, 0.01, "L", color="w", transform=axes[0].transAxes)

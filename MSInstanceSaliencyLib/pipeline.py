@@ -1,14 +1,20 @@
 """Segmentation of one case end to end: prepare inputs, run the model, label instances, write outputs.
 
 Outputs go only into the output folder. A manifest (msis_run.json) lists what the tool wrote there,
-so a second run may replace its own earlier outputs but never a file the user put there.
+so a second run may replace its own earlier outputs but never a file the user put there. A run
+stages its files in a hidden folder inside the output folder and puts them in place only when all
+are complete, then writes the manifest last; one run at a time holds the folder (.msis.lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +27,10 @@ from .preprocessing import PreparedCase, prepare_case
 from .volumes import image_from_array, write_image
 
 MANIFEST = "msis_run.json"
+LOCK = ".msis.lock"
+STAGING_PREFIX = ".msis-staging-"
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+_OPEN_STAGING: set[str] = set()  # staging folders of this process's open OutputFolders
 
 
 @dataclass
@@ -70,42 +80,342 @@ def segment(flair: sitk.Image, mprage: sitk.Image, model, *, device="auto", thre
 
 
 class OutputFolder:
-    """Writes into one folder without ever replacing a file the tool did not write there itself."""
+    """Writes into one folder without ever replacing a file the tool did not write there itself.
 
-    def __init__(self, path, protected=()):
+    Created before the work: it makes the folder, refuses names it may not write (`names`: the outputs
+    a command knows it will write; a user's file there, an input file, a manifest msis did not write),
+    checks that the folder is writable by making a hidden staging folder in it, and takes the folder's
+    lock (a second run into it is refused). `file(name)` gives the staged path to write to; `close()`
+    checks every staged file (images: all the data their header promises), moves them into place and
+    writes msis_run.json last. A run that fails leaves nothing; a killed one leaves its staging folder,
+    which the next run into the folder removes.
+    """
+
+    def __init__(self, path, protected=(), names=()):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--out {self.path} exists and is not a folder")
         self.protected = {Path(p).resolve() for p in protected}
-        manifest = self.path / MANIFEST
-        self.record = json.loads(manifest.read_text()) if manifest.is_file() else {"files": []}
-        self.previous = set(self.record.get("files", []))
-        self.written = []
+        self.written: list[str] = []
+        self.staging: Path | None = None
+        self.record: dict = {}
+        self._prior: dict = {}  # the folder's msis_run.json before this run
+        self._run = _Run()
+        self._finalizer = weakref.finalize(self, self._run.abort)  # a run that ends without close() leaves nothing
+        try:
+            self._run.created = _make_folder(self.path)
+            self.previous = self._read_manifest()
+            self.declare(*names)
+            try:
+                self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.path))
+            except OSError as exc:
+                raise InputError(f"cannot write into --out {self.path}: {exc.strerror or exc}") from None
+            self._run.staging = self.staging
+            _OPEN_STAGING.add(str(self.staging))
+            self._run.lock = _lock_folder(self.path)
+            _remove_stale_staging(self.path)
+            self.previous = self._read_manifest()  # again, under the lock
+            self.declare(*names)
+        except BaseException:
+            self._finalizer()
+            raise
 
-    def file(self, name: str) -> Path:
+    def _read_manifest(self) -> set:
+        """Names msis wrote here earlier that are still there; InputError for a msis_run.json msis did not write."""
+        m = self.path / MANIFEST
+        if not (m.exists() or m.is_symlink()):
+            return set()
+        try:
+            data = json.loads(m.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if not is_manifest(data):
+            raise InputError(f"{m} already exists and was not written by msis; choose another --out or move it")
+        self._prior = data
+        return {n for n in data["files"] if _plain_name(n) and (self.path / n).exists()}
+
+    def _check(self, name: str) -> Path:
+        if not _plain_name(name) or name == MANIFEST or name.startswith(".msis"):
+            raise ValueError(f"not an output file name: {name!r}")
         target = self.path / name
         if target.resolve() in self.protected:
             raise InputError(f"output {target} would overwrite an input file; choose another --out")
-        if target.exists() and name not in self.previous and name not in self.written:
+        if (target.exists() or target.is_symlink()) and name not in self.previous:
             raise InputError(f"{target} already exists and was not written by msis; choose another --out or move it")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.written.append(name)
         return target
 
+    def declare(self, *names: str) -> None:
+        """Refuse now, before the work, the outputs this run will write that it may not write."""
+        for name in names:
+            self._check(name)
+
+    def file(self, name: str) -> Path:
+        """Where to write output `name`: a path in the staging folder, put in place by close()."""
+        self._check(name)
+        if name not in self.written:
+            self.written.append(name)
+        return self.staging / name
+
+    def final(self, path) -> Path:
+        """Where a staged file will be once the run is closed."""
+        p = Path(path)
+        return self.path / p.name if self.staging is not None and p.parent == self.staging else p
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Errors of writers in this block (OSError, and RuntimeErrors about writing, such as SimpleITK's or
+        torch's) end the run with one line naming the file."""
+        try:
+            yield
+        except InputError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            text = str(exc)
+            if isinstance(exc, RuntimeError) and "writ" not in text.lower() and str(self.staging) not in text:
+                raise
+            filename = getattr(exc, "filename", None)
+            target = self.final(filename) if filename else (self.path / self.written[-1] if self.written else self.path)
+            reason = getattr(exc, "strerror", None) or (text.strip().splitlines() or [type(exc).__name__])[-1][:200]
+            raise InputError(f"cannot write {target}: {reason}; the disk may be full. Nothing was changed in {self.path}") from None
+
     def close(self, **info) -> Path:
-        self.record = {"files": sorted(set(self.written) | self.previous), **info}
-        p = self.path / MANIFEST
-        p.write_text(json.dumps(self.record, indent=2, default=str) + "\n")
-        return p
+        """Check every staged file, put them in place, then write msis_run.json (last, atomically)."""
+        for name in self.written:
+            staged, target = self.staging / name, self._check(name)
+            if not staged.is_file() or staged.stat().st_size == 0:
+                raise InputError(f"cannot write {target}: the file was not written or is empty; the disk may be full. "
+                                 f"Nothing was changed in {self.path}")
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                from .volumes import verify_complete
+
+                try:
+                    verify_complete(staged, "output", shown=target)
+                except InputError as exc:
+                    raise InputError(f"{exc}; the disk may be full. Nothing was changed in {self.path}") from None
+        from . import __version__
+
+        files = sorted(set(self.written) | {n for n in self.previous if (self.path / n).exists()})
+        self.record = {"files": files, "written": sorted(self.written), "msis_version": __version__, **info}
+        try:
+            for name in self.written:
+                _fsync(self.staging / name)
+            # first the earlier record, listing the names about to be put in place too: were this run killed
+            # among the renames, its complete files there would still count as written by msis
+            interim = {**self._prior, "files": files, "msis_version": self._prior.get("msis_version", __version__),
+                       "publishing": {"pid": os.getpid(), "files": sorted(self.written),
+                                      "note": "a run was putting these files in place; if this is still here, it was stopped"}}
+            self._write_manifest(interim)
+            for name in self.written:
+                os.replace(self.staging / name, self.path / name)
+            self._write_manifest(self.record)
+        except OSError as exc:
+            raise InputError(f"cannot put the outputs in place in {self.path}: {exc.strerror or exc}; the disk may be full") from None
+        self._finalizer.detach()
+        self._run.finish()
+        return self.path / MANIFEST
+
+    def _write_manifest(self, record: dict) -> None:
+        tmp = self.staging / MANIFEST
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _fsync(tmp)
+        os.replace(tmp, self.path / MANIFEST)
+
+
+class _Run:
+    """What a run holds in its output folder (the staging folder, the lock, folders it made), so that a run
+    which ends without close() can leave nothing behind (the finalizer of an OutputFolder calls abort)."""
+
+    def __init__(self):
+        self.staging = None
+        self.lock = None
+        self.created: list[Path] = []
+
+    def finish(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            _OPEN_STAGING.discard(str(self.staging))
+            self.staging = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def abort(self) -> None:
+        if self.created and self.lock is not None:  # a folder this run made: remove it with its lock file if nothing else is there
+            folder = self.created[0]
+            with contextlib.suppress(OSError):
+                if self.staging is not None:
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                if os.listdir(folder) == [LOCK]:
+                    os.unlink(folder / LOCK)
+        self.finish()
+        for d in self.created:  # innermost first; stops at the first folder that is not empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def is_manifest(data) -> bool:
+    """Whether parsed JSON is an msis_run.json that msis wrote."""
+    return (isinstance(data, dict) and isinstance(data.get("files"), list) and all(isinstance(n, str) for n in data["files"])
+            and ("command" in data or "msis_version" in data))
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def _make_folder(path: Path) -> list[Path]:
+    """mkdir -p; the folders it made, innermost first."""
+    made, p = [], path
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        made.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write into --out {path}: {exc.strerror or exc}") from None
+    return made
+
+
+def _lock_folder(path: Path):
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pids = sorted({pid for pid in (_staging_pid(d) for d in path.glob(STAGING_PREFIX + "*")) if pid not in (None, os.getpid()) and _alive(pid)})
+        who = f" (process {', '.join(map(str, pids))})" if pids else ""
+        raise InputError(f"another msis run{who} is writing into --out {path}; wait for it to end or choose another --out") from None
+    except OSError as exc:
+        raise InputError(f"cannot write into --out {path}: {exc.strerror or exc}") from None
+    return lock
+
+
+def _staging_pid(folder: Path) -> int | None:
+    try:
+        return int(folder.name[len(STAGING_PREFIX):].split("-")[0])
+    except ValueError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Staging folders of runs that were killed (their process is gone); called while holding the lock."""
+    for d in path.glob(STAGING_PREFIX + "*"):
+        pid = _staging_pid(d)
+        if str(d) in _OPEN_STAGING or pid is None:
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def written_by_msis(path) -> bool:
+    """Whether a file is a JSON object with a top-level "msis_version", as the JSON files msis writes are."""
+    p = Path(path)
+    try:
+        if not p.is_file() or p.stat().st_size > 50_000_000:
+            return False
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "msis_version" in data
+
+
+def check_output_file(path, option: str, replace_own: bool = True) -> Path:
+    """Refuse, before the work, a single output file that exists and that msis may not replace (any file
+    with replace_own=False; else one msis did not write)."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{option} {p} is a folder; give a file name")
+    if (p.exists() or p.is_symlink()) and not (replace_own and written_by_msis(p)):
+        raise InputError(f"{p} already exists and was not written by msis; choose another {option} or move it")
+    return p
+
+
+def write_output_file(path, option: str, write, replace_own: bool = True) -> Path:
+    """write(tmp) into a temporary file beside `path`, then put it in place in one step: never a partial
+    file at `path`, never over a file msis may not replace (see check_output_file)."""
+    p = check_output_file(path, option, replace_own)
+    tmp = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.msis-", dir=p.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        write(tmp)
+        if tmp.stat().st_size == 0:
+            raise OSError(f"nothing was written to {p}")
+        _fsync(tmp)
+        check_output_file(p, option, replace_own)  # again: a file may have appeared meanwhile
+        try:
+            os.link(tmp, p)  # fails rather than replace a file that appears in between
+        except FileExistsError:
+            if not (replace_own and written_by_msis(p)):
+                raise InputError(f"{p} already exists and was not written by msis; choose another {option} or move it") from None
+            os.replace(tmp, p)
+        except OSError:  # no hard links on this file system
+            os.replace(tmp, p)
+    except InputError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        raise InputError(f"cannot write {p}: {reason}; the disk may be full") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return p
+
+
+def write_json_output(path, data: dict, option: str) -> Path:
+    """A JSON result file (marked with "msis_version", so that a later run may replace it), atomically."""
+    from . import __version__
+
+    text = json.dumps({"msis_version": __version__, **data}, indent=2, default=str) + "\n"
+    return write_output_file(path, option, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+SEGMENTATION_FILES = ("probability.nii.gz", "lesion_labels.nii.gz", "lesions.csv")
 
 
 def write_segmentation(result: SegmentationResult, out: OutputFolder) -> dict:
-    paths = {
-        "probability": write_image(result.probability_image(), out.file("probability.nii.gz")),
-        "labels": write_image(result.labels_image(), out.file("lesion_labels.nii.gz")),
-        "table": write_table(result.table, out.file("lesions.csv")),
-    }
-    return paths
+    """Stage the three outputs of a segmentation; the paths they will have once `out` is closed."""
+    with out.writing():
+        paths = {
+            "probability": write_image(result.probability_image(), out.file("probability.nii.gz")),
+            "labels": write_image(result.labels_image(), out.file("lesion_labels.nii.gz")),
+            "table": write_table(result.table, out.file("lesions.csv")),
+        }
+    return {k: out.final(v) for k, v in paths.items()}
 
 
 def run_info(model, result: SegmentationResult, **extra) -> dict:

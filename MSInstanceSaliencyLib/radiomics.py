@@ -99,6 +99,20 @@ def saliency_features(saliency_map: np.ndarray, lesion_mask: np.ndarray, spacing
     return feats
 
 
+def feature_value(row: dict, name: str) -> float:
+    """A row's feature as a finite float; InputError naming the lesion and the feature otherwise."""
+    v = row.get(name)
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = None
+    if x is None or not np.isfinite(x):
+        where = f"case {row['case']} lesion {row.get('lesion_id', '?')}" if "case" in row else "a lesion"
+        what = "missing" if v is None else f"{v!r}, not a finite number"
+        raise InputError(f"feature {name} of {where} is {what}; recompute that table with `msis features`")
+    return x
+
+
 # ----------------------------------------------------------------------------- classifier
 
 def l1_logistic_regression(C=1.0, class_weight=None, max_iter=10000, random_state=0):
@@ -189,7 +203,7 @@ class TPClassifier:
         missing = [n for n in self.feature_names_ if n not in rows[0]] if rows else []
         if missing:
             raise InputError(f"{len(missing)} features the classifier needs are missing, e.g. {missing[:3]}")
-        return np.array([[float(r[n]) for n in self.feature_names_] for r in rows], dtype=np.float64)
+        return np.array([[feature_value(r, n) for n in self.feature_names_] for r in rows], dtype=np.float64)
 
     def importance(self) -> dict:
         """Coefficients divided by the largest |coefficient| (the paper's feature importance)."""
@@ -225,31 +239,98 @@ class TPClassifier:
 
     @classmethod
     def load(cls, path, expected_features: list | None = None) -> "TPClassifier":
+        """Read a classifier JSON; InputError naming the first missing, mistyped or non-finite value."""
         p = Path(path)
         if not p.is_file():
             raise InputError(f"classifier file {p} does not exist")
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{p} is not a classifier JSON file: {exc}") from None
+            raise InputError(f"{p} is not a classifier JSON file (truncated or not JSON?): {exc}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise InputError(f"{p} is not a {FORMAT} file")
-        names = d.get("feature_names") or []
-        arrays = [d.get(k) for k in ("scaler_mean", "scaler_scale", "coef")]
-        if any(a is None or len(a) != len(names) for a in arrays):
+        missing = [k for k in ("feature_names", "scaler_mean", "scaler_scale", "coef", "intercept", "C", "class_weight", "max_iter")
+                   if k not in d]
+        if missing:
+            raise InputError(f"{p}: {missing[0]} is missing" + (f" (also {', '.join(missing[1:])})" if missing[1:] else "")
+                             + "; retrain it with `msis train-classifier`")
+        names = d["feature_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise InputError(f"{p}: feature_names must be a non-empty list of feature names")
+        arrays = [_finite_vector(d[k], k, p) for k in ("scaler_mean", "scaler_scale", "coef")]
+        if any(len(a) != len(names) for a in arrays):
             raise InputError(f"{p}: the feature names, scaler and coefficients have different lengths")
         expected = expected_features if expected_features is not None else default_feature_names()
         if expected is not None and list(names) != list(expected):
             raise InputError(f"{p}: its {len(names)} features do not match the {len(expected)} saliency features this tool computes "
                              "(names or order differ); retrain it with `msis train-classifier`")
-        clf = cls(C=float(d["C"]), class_weight={int(k): float(v) for k, v in d["class_weight"].items()}, max_iter=int(d["max_iter"]),
-                  saliency=dict(d.get("saliency", {})), versions=dict(d.get("versions", {})), training_info=dict(d.get("training", {})))
+        intercept = _finite_number(d["intercept"], "intercept", p)
+        C = _finite_number(d["C"], "C", p)
+        if C <= 0:
+            raise InputError(f"{p}: C must be positive, got {C}")
+        cw = d["class_weight"]
+        if not isinstance(cw, dict) or set(cw) != {"0", "1"}:
+            raise InputError(f"{p}: class_weight must be an object with the weights of classes \"0\" (FP) and \"1\" (TP)")
+        class_weight = {int(k): _finite_number(v, f"class_weight {k}", p) for k, v in cw.items()}
+        if min(class_weight.values()) <= 0:
+            raise InputError(f"{p}: class_weight values must be positive, got {cw}")
+        if not (isinstance(d["max_iter"], int) and not isinstance(d["max_iter"], bool) and d["max_iter"] >= 1):
+            raise InputError(f"{p}: max_iter must be a positive integer, got {d['max_iter']!r}")
+        for key in ("saliency", "versions", "training"):
+            if not isinstance(d.get(key, {}), dict):
+                raise InputError(f"{p}: {key} must be a JSON object")
+        saliency = dict(d.get("saliency", {}))
+        _check_saliency_settings(saliency, p)
+        clf = cls(C=C, class_weight=class_weight, max_iter=d["max_iter"], saliency=saliency, versions=dict(d.get("versions", {})),
+                  training_info=dict(d.get("training", {})))
         clf.feature_names_ = list(names)
-        clf.mean_, clf.scale_ = np.array(arrays[0], float), np.array(arrays[1], float)
-        clf.coef_, clf.intercept_ = np.array(arrays[2], float), float(d["intercept"])
+        clf.mean_, clf.scale_, clf.coef_ = arrays
+        clf.intercept_ = intercept
         if np.any(clf.scale_ <= 0):
-            raise InputError(f"{p}: scaler scales must be positive")
+            raise InputError(f"{p}: scaler_scale values must be positive")
         return clf
+
+
+def _finite_number(value, key, source) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{source}: {key} must be a number, got {json.dumps(value)[:60]}")
+    if not np.isfinite(value):
+        raise InputError(f"{source}: {key} is {value}; it must be a finite number (a classifier with NaN or Inf gives NaN probabilities)")
+    return float(value)
+
+
+def _finite_vector(values, key, source) -> np.ndarray:
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise InputError(f"{source}: {key} must be a list of numbers")
+    a = np.array(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise InputError(f"{source}: {key} has {bad.size} NaN or Inf values (first at index {bad[0]}); every value must be finite "
+                         "(a classifier with NaN or Inf gives NaN probabilities)")
+    return a
+
+
+_SALIENCY_CHOICES = {"method": ("smoothgrad",), "aggregation": ("max", "mean"), "channel": ("flair", "mprage"),
+                     "sigma_mode": ("range", "absolute"), "context": ("patch", "full")}
+
+
+def _check_saliency_settings(s: dict, source) -> None:
+    """The saliency settings a classifier records are the ones its features are recomputed with."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, choices in _SALIENCY_CHOICES.items():
+        if key in s and s[key] not in choices:
+            raise InputError(f"{source}: saliency {key} must be one of {list(choices)}, got {s[key]!r}")
+    if "n_samples" in s and not (is_int(s["n_samples"]) and s["n_samples"] >= 1):
+        raise InputError(f"{source}: saliency n_samples must be a positive integer, got {s['n_samples']!r}")
+    if "seed" in s and not (is_int(s["seed"]) and s["seed"] >= 0):
+        raise InputError(f"{source}: saliency seed must be an integer >= 0, got {s['seed']!r}")
+    if "sigma" in s and not (not isinstance(s["sigma"], bool) and isinstance(s["sigma"], (int, float)) and np.isfinite(s["sigma"])
+                             and s["sigma"] >= 0):
+        raise InputError(f"{source}: saliency sigma must be a finite number >= 0, got {s['sigma']!r}")
+    if s.get("max_omega_voxels") is not None and not (is_int(s["max_omega_voxels"]) and s["max_omega_voxels"] >= 1):
+        raise InputError(f"{source}: saliency max_omega_voxels must be a positive integer or null, got {s['max_omega_voxels']!r}")
 
 
 _FEATURE_NAMES_CACHE: list | None = None

@@ -8,7 +8,11 @@ so training and use see the same saliency definition.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,36 +158,235 @@ def case_feature_rows(model, prepared, labels, case: str, settings: dict, gt_mas
     return rows + fn_rows
 
 
-def write_feature_rows(rows: list[dict], path, feature_names: list, append: bool = False) -> Path:
+TABLE_FORMAT = 2
+# What a phantom table's sidecar records besides the saliency settings: everything that shapes its rows.
+# A resume must match all of them (scoring.phantom_feature_table).
+RESUME_KEYS = ("model", "model_version", "model_sha256", "phantom_seed_base", "max_tp_per_case", "threshold", "min_volume_mm3",
+               "phantom_voxel_size")
+
+
+def _atomic_write(path, data: bytes) -> Path:
+    """Write a file whole or not at all: a temporary file in the same folder, fsync, os.replace. A kill at
+    any moment leaves either the old file or the new one (and at worst a stale `.NAME.PID.tmp`)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    new = not (append and p.is_file())
-    with open(p, "a" if not new else "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=META_COLUMNS + list(feature_names), restval="")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow(r)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (not possible on every platform)
+        fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
     return p
 
 
-def write_table_manifest(path, settings: dict, **info) -> Path:
-    """The saliency settings of a feature table, beside it (FEATURES.csv.json)."""
-    import json
+def _csv_bytes(rows, fieldnames) -> bytes:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames, restval="")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue().encode("utf-8")
 
+
+def write_feature_rows(rows: list[dict], path, feature_names: list, append: bool = False) -> Path:
+    """Write a feature table atomically (the whole table, through a temporary file and os.replace);
+    append=True keeps the rows already there (they must have the same columns)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fields = META_COLUMNS + list(feature_names)
+    earlier = _resumable_rows(p, fields)[0] if append else []
+    return _atomic_write(p, _csv_bytes(earlier + list(rows), fields))
+
+
+def write_table_manifest(path, settings: dict, **info) -> Path:
+    """The saliency settings of a feature table and what else made it, beside it (FEATURES.csv.json),
+    written atomically."""
     side = Path(str(path) + ".json")
-    side.write_text(json.dumps({"saliency": settings, **info}, indent=2) + "\n")
+    _atomic_write(side, (json.dumps({"saliency": settings, **info}, indent=2) + "\n").encode("utf-8"))
     return side
+
+
+def table_manifest(path) -> dict | None:
+    """The sidecar FEATURES.csv.json of a feature table, or None when there is none."""
+    side = Path(str(path) + ".json")
+    if not side.is_file():
+        return None
+    try:
+        d = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{side} is not valid JSON ({exc}); it should hold the settings of {Path(path).name}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("saliency"), dict):
+        raise InputError(f"{side} has no saliency settings; it is not the sidecar of a feature table written by `msis features`")
+    return d
 
 
 def table_settings(path) -> dict:
     """Saliency settings of a feature table: from the manifest beside it, else the defaults."""
-    import json
+    d = table_manifest(path)
+    return d["saliency"] if d is not None else saliency_settings()
 
-    side = Path(str(path) + ".json")
-    if side.is_file():
-        return json.loads(side.read_text())["saliency"]
-    return saliency_settings()
+
+def model_identity(model) -> dict:
+    """Name, version and a SHA-256 of the spec and the weights (the state_dict's tensors, so the same
+    weights saved differently are the same model)."""
+    import torch
+
+    spec = model.spec
+    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode("utf-8"))
+    for k, t in sorted(model.network.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k} {t.dtype} {tuple(t.shape)}\n".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"model": spec.name, "model_version": spec.version, "model_sha256": h.hexdigest()}
+
+
+def table_lock(path):
+    """Context manager holding PATH.lock (filelock: an OS lock that dies with its process, so a kill
+    leaves no stale lock) while PATH is written. Non-blocking: a second writer is refused at once with
+    an InputError naming the first one's pid. Stale temporary files of killed writers are removed."""
+    return _TableLock(Path(path))
+
+
+class _TableLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = Path(str(path) + ".lock")
+
+    def __enter__(self):
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.lock_path))
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            pid = self._pid()
+            who = f" (pid {pid})" if pid else ""
+            raise InputError(f"{self.path} is being written by another msis process{who}; wait for it to end, or choose another --out") from None
+        try:
+            self._set_pid(os.getpid())
+            names = {f".{self.path.name}", f".{self.path.name}.json"}
+            for t in self.path.parent.glob(".*.tmp"):  # left by a writer killed while it wrote
+                stem, _, pid = t.name[:-len(".tmp")].rpartition(".")
+                if stem in names and pid.isdigit():
+                    t.unlink(missing_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._set_pid(None)
+        self.lock.release()
+        return False
+
+    def _pid(self):
+        try:
+            text = self.lock_path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
+
+    def _set_pid(self, pid):
+        """The holder's pid in the lock file, for the message to a second writer; only where the file is
+        empty or holds a pid (a lock file holding anything else belongs to filelock's fallback)."""
+        try:
+            text = self.lock_path.read_text().strip()
+            if text and not text.isdigit():
+                return
+            with open(self.lock_path, "r+") as f:
+                f.truncate(0)
+                if pid is not None:
+                    f.write(f"{pid}\n")
+        except (OSError, UnicodeDecodeError):
+            pass
+
+
+def _parse_table(p: Path):
+    """(header or None, [(line, record)], cut): the complete records of a CSV and whether its end is cut
+    off (the file does not end with a line break: a write was interrupted; that record is left out).
+    A record with another number of fields than the header anywhere else is refused."""
+    text = p.read_bytes().decode("utf-8", errors="replace")
+    if not text:
+        return None, [], False
+    cut = not text.endswith("\n")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, records, line, partial = None, [], 0, cut
+    try:
+        header = next(reader)
+        line = reader.line_num
+        for rec in reader:
+            start, line = line + 1, reader.line_num
+            if rec:
+                records.append((start, rec))
+    except csv.Error as exc:
+        if not cut:
+            raise InputError(f"{p} line {reader.line_num} cannot be read as CSV ({exc})") from None
+        partial = False  # the cut-off record is the one that failed: it is not among the records
+    if cut:
+        if header is None or (partial and not records):  # only (part of) the header
+            return None, [], True
+        if partial:
+            records.pop()
+    for start, rec in records:
+        if len(rec) != len(header):
+            raise InputError(f"{p} line {start} has {len(rec)} fields, the header {len(header)}: the table is damaged (a row cut off by "
+                             "an interrupted write, then appended to?); remove that case's rows or make the table again")
+    return header, records, cut
+
+
+def _first_duplicate(p: Path, header, records):
+    """InputError naming the first (case, lesion_id) that has two rows, else None."""
+    ci, li = header.index("case"), header.index("lesion_id")
+    seen = {}
+    for line, rec in records:
+        key = (rec[ci], rec[li])
+        if key in seen:
+            return InputError(f"{p} has two rows for case {key[0]}, lesion {key[1]} (lines {seen[key]} and {line}), as two `msis features` "
+                              "runs writing one table leave it; make the table again (or remove the repeated rows)")
+        seen[key] = line
+    return None
+
+
+def _resumable_rows(p: Path, fields, log=None) -> tuple[list[dict], str | None]:
+    """The rows of the complete cases of an existing table, for resuming it ([] where there is none, or
+    only an empty or header-only file: a kill at creation), and the case dropped from it, if any: a
+    table an older msis left with a cut-off last row loses the rows of the case it was appending (they
+    are computed again)."""
+    if not p.is_file():
+        return [], None
+    header, records, cut = _parse_table(p)
+    if not records:
+        expected = _csv_bytes([], fields).decode("utf-8")
+        text = p.read_bytes().decode("utf-8", errors="replace")
+        if header == list(fields) or (header is None and expected.startswith(text)):
+            return [], None
+        raise InputError(f"{p} is not a feature table written by `msis features`; choose another --out")
+    if header != list(fields):
+        extra, missing = [c for c in header if c not in fields], [c for c in fields if c not in header]
+        raise InputError(f"{p} has other columns than this msis writes (extra {extra[:3]}, missing {missing[:3]}); "
+                         "write a new table (another --out)")
+    last = None
+    if cut:  # only the last case can be incomplete: cases are appended whole, one after another
+        ci = header.index("case")
+        last = records[-1][1][ci]
+        records = [(line, rec) for line, rec in records if rec[ci] != last]
+        (log or (lambda m: None))(f"{p}: the rows of {last} were cut off by an interrupted write; that case is computed again")
+    dup = _first_duplicate(p, header, records)
+    if dup is not None:
+        raise dup
+    return [dict(zip(header, rec)) for _, rec in records], last
 
 
 def read_feature_tables(paths) -> tuple[list[dict], dict]:
@@ -206,14 +409,24 @@ def read_feature_tables(paths) -> tuple[list[dict], dict]:
 
 
 def read_feature_rows(path) -> list[dict]:
+    """The rows of a feature table; a table with a cut-off last row or with two rows for one
+    (case, lesion_id) is refused."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"feature table {p} does not exist")
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "kind" not in rows[0]:
-        raise InputError(f"{p} is not a feature table written by `msis features`")
-    return rows
+    header, records, cut = _parse_table(p)
+    if header is None or "kind" not in header or "case" not in header or "lesion_id" not in header:
+        raise InputError(f"{p} is not a feature table written by `msis features`" + (" (it is empty)" if header is None and not cut else ""))
+    if cut:
+        raise InputError(f"{p}: its last row is cut off, as an interrupted write leaves it; "
+                         "run the `msis features --phantom-patients ...` command that made it again with the same --out (it computes "
+                         "that case again), or make the table again")
+    if not records:
+        raise InputError(f"{p} has a header but no rows (was `msis features` stopped before its first case?)")
+    dup = _first_duplicate(p, header, records)
+    if dup is not None:
+        raise dup
+    return [dict(zip(header, rec)) for _, rec in records]
 
 
 def split_scored(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -256,48 +469,117 @@ def evaluate_classifier(classifier: TPClassifier, rows: list[dict], *, threshold
     return rep
 
 
+def phantom_table_info(model, settings: dict, *, seed_base: int, max_tp_per_case, threshold=None, min_volume_mm3=None,
+                       voxel_size: float = 1.0) -> dict:
+    """What a phantom table's sidecar records: the saliency settings and every RESUME_KEYS value."""
+    spec = model.spec
+    return {"saliency": settings, **model_identity(model), "phantom_seed_base": int(seed_base),
+            "max_tp_per_case": None if max_tp_per_case is None else int(max_tp_per_case),
+            "threshold": float(spec.threshold if threshold is None else threshold),
+            "min_volume_mm3": float(spec.min_lesion_mm3 if min_volume_mm3 is None else min_volume_mm3),
+            "phantom_voxel_size": float(voxel_size), "format": TABLE_FORMAT}
+
+
+def _show(v):
+    return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+def _check_saliency_on_resume(out: Path, settings: dict) -> dict:
+    """The sidecar of a table with rows, after checking it exists and has these saliency settings."""
+    earlier = table_manifest(out)
+    if earlier is None:
+        raise InputError(f"{out} has rows but no {out.name}.json beside it, so what made them is unknown; write a new table (another --out)")
+    if earlier["saliency"] != settings:
+        keys = [k for k in {**earlier["saliency"], **settings} if earlier["saliency"].get(k) != settings.get(k)]
+        diff = ", ".join(f"{k}={earlier['saliency'].get(k)!r} (table) vs {settings.get(k)!r} (now)" for k in keys)
+        raise InputError(f"{out} holds features made with other saliency settings ({diff}); resume with those or write a new table")
+    return earlier
+
+
+def _check_resume(out: Path, earlier: dict, now: dict, model) -> None:
+    """Refuse to resume a table with other settings than this run's, naming them. Keys an older sidecar
+    lacks: phantom_voxel_size, threshold and min_volume_mm3 had one value in older msis (1 mm, the model's);
+    the model's version and hash are unknown, and the error says how to go on."""
+    legacy = {"phantom_voxel_size": 1.0, "threshold": float(model.spec.threshold), "min_volume_mm3": float(model.spec.min_lesion_mm3)}
+    diffs, unknown = [], {}
+    for k in RESUME_KEYS:
+        if k in earlier:
+            if earlier[k] != now[k]:
+                diffs.append(f"{k} {_show(earlier[k])} (table) vs {_show(now[k])} (now)")
+        elif k in legacy:
+            if legacy[k] != now[k]:
+                diffs.append(f"{k} {_show(legacy[k])} (table: older msis, always so) vs {_show(now[k])} (now)")
+        else:
+            unknown[k] = now[k]
+    side = f"{out}.json"
+    if diffs:
+        raise InputError(f"{out} was made with other settings than this run: {'; '.join(diffs)}. Resume with the table's settings, "
+                         "or write a new table (another --out)")
+    if unknown:
+        raise InputError(f"{side} does not record {', '.join(unknown)} (written by an older msis), so this run cannot tell whether the rows "
+                         f"of {out.name} were made as it would make them. Write a new table (another --out), or, if you know they were made "
+                         f"with this very model and these settings, add {json.dumps(unknown)} to {side} and run again")
+
+
 def phantom_feature_table(model, patients, out_csv, settings: dict, *, seed_base: int = 20_000, max_tp_per_case: int | None = None,
+                          threshold: float | None = None, min_volume_mm3: float | None = None, voxel_size: float = 1.0,
                           device="auto", log=print) -> Path:
-    """Feature table of phantom cases (seed = seed_base + 100 * patient), one case at a time appended
-    to out_csv; cases already in the file are skipped, so an interrupted run resumes. With
-    max_tp_per_case, a seeded random subset of each case's TPs is kept (every FP always is)."""
+    """Feature table of phantom cases (seed = seed_base + 100 * patient), resumable case by case: an
+    interrupted run (also kill -9) goes on where it stopped when run again.
+
+    Each case is committed whole: the table is rewritten through a temporary file and os.replace after
+    every case, so it only ever holds complete cases. The sidecar (out_csv + ".json", atomic too) is
+    written once, before the first case, with the saliency settings and what else shapes the rows
+    (phantom_table_info); a resume with anything else is refused, naming it. A lock on out_csv + ".lock"
+    refuses a second writer. An empty or header-only CSV (a kill at creation) starts afresh. With
+    max_tp_per_case, a seeded random subset of each case's TPs is kept (every FP always is).
+    threshold and min_volume_mm3 default to the model's; voxel_size is the phantoms' (1 mm as the model's
+    training phantoms; 2 mm makes small, fast cases for tests)."""
     from .evaluation import classify_lesions
     from .phantom import make_phantom
     from .pipeline import segment
     from .progress import ProgressBar
     from .radiomics import default_feature_names
-    from .volumes import array_from_image
+    from .volumes import mask_from_image
 
     names = default_feature_names()
-    done = set()
-    if Path(out_csv).is_file():
-        done = {r["case"] for r in read_feature_rows(out_csv)}
-        earlier = table_settings(out_csv)
-        if earlier != settings:
-            raise InputError(f"{out_csv} holds features made with other saliency settings ({earlier}); "
-                             "resume with those or write a new table")
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    write_table_manifest(out_csv, settings, model=model.spec.name, phantom_seed_base=seed_base, max_tp_per_case=max_tp_per_case)
-    for p in patients:
-        seed = seed_base + 100 * int(p)
-        case = f"phantom_p{int(p):02d}_s{seed}"
-        if case in done:
-            log(f"{case}: already in {out_csv}, skipped")
-            continue
-        ph = make_phantom(seed, patient=int(p))
-        res = segment(ph.flair, ph.mprage, model, device=device)
-        gt = array_from_image(ph.lesions, np.uint8)
-        c = classify_lesions(res.labels, gt)
-        ids = sorted(c["fp"]) + sorted(c["tp"])
-        if max_tp_per_case is not None and len(c["tp"]) > max_tp_per_case:
-            rng = np.random.default_rng(seed)
-            ids = sorted(c["fp"]) + sorted(rng.choice(c["tp"], size=max_tp_per_case, replace=False).tolist())
-        log(f"{case}: {len(c['tp'])} TP, {len(c['fp'])} FP, {len(c['fn'])} FN; features of {len(ids)} lesions")
-        rows = case_feature_rows(model, res.prepared, res.labels, case, settings, gt, lesion_ids=ids, device=device,
-                                 progress=ProgressBar(label=f"{case}: {len(ids)} lesions, backward passes"))
-        if max_tp_per_case is not None:  # record the TPs left out so counts stay honest
-            sizes = lesion_sizes(res.labels)
-            for lid in sorted(set(c["tp"]) - set(ids)):
-                rows.append({"case": case, "lesion_id": int(lid), "kind": "TP", "label": 1, "voxels": int(sizes[lid]), "error": "not sampled"})
-        write_feature_rows(rows, out_csv, names, append=True)
-    return Path(out_csv)
+    out = Path(out_csv)
+    with table_lock(out):
+        rows, dropped = _resumable_rows(out, META_COLUMNS + names, log)
+        if rows or dropped:
+            earlier = _check_saliency_on_resume(out, settings)
+            _check_resume(out, earlier, phantom_table_info(model, settings, seed_base=seed_base, max_tp_per_case=max_tp_per_case,
+                                                           threshold=threshold, min_volume_mm3=min_volume_mm3, voxel_size=voxel_size), model)
+            if dropped:  # repaired at once, also when that case is not among the patients of this run
+                write_feature_rows(rows, out, names)
+        else:  # a new table, or one with no rows yet: its sidecar first, so every row ever committed has it
+            info = phantom_table_info(model, settings, seed_base=seed_base, max_tp_per_case=max_tp_per_case, threshold=threshold,
+                                      min_volume_mm3=min_volume_mm3, voxel_size=voxel_size)
+            write_table_manifest(out, info.pop("saliency"), **info)
+        done = {r["case"] for r in rows}
+        for p in patients:
+            seed = seed_base + 100 * int(p)
+            case = f"phantom_p{int(p):02d}_s{seed}"
+            if case in done:
+                log(f"{case}: already in {out_csv}, skipped")
+                continue
+            ph = make_phantom(seed, patient=int(p), voxel_size=voxel_size)
+            res = segment(ph.flair, ph.mprage, model, device=device, threshold=threshold, min_volume_mm3=min_volume_mm3)
+            gt = mask_from_image(ph.lesions)  # every non-zero voxel is lesion
+            c = classify_lesions(res.labels, gt)
+            ids = sorted(c["fp"]) + sorted(c["tp"])
+            if max_tp_per_case is not None and len(c["tp"]) > max_tp_per_case:
+                rng = np.random.default_rng(seed)
+                ids = sorted(c["fp"]) + sorted(rng.choice(c["tp"], size=max_tp_per_case, replace=False).tolist())
+            log(f"{case}: {len(c['tp'])} TP, {len(c['fp'])} FP, {len(c['fn'])} FN; features of {len(ids)} lesions")
+            case_rows = case_feature_rows(model, res.prepared, res.labels, case, settings, gt, lesion_ids=ids, device=device,
+                                          progress=ProgressBar(label=f"{case}: {len(ids)} lesions, backward passes"))
+            if max_tp_per_case is not None:  # record the TPs left out so counts stay honest
+                sizes = lesion_sizes(res.labels)
+                for lid in sorted(set(c["tp"]) - set(ids)):
+                    case_rows.append({"case": case, "lesion_id": int(lid), "kind": "TP", "label": 1, "voxels": int(sizes[lid]),
+                                      "error": "not sampled"})
+            write_feature_rows(rows + case_rows, out, names)  # the whole table, atomically: this case whole or not at all
+            rows += case_rows
+            done.add(case)
+    return out

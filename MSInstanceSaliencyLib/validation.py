@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .evaluation import evaluate_case, summarize
 from .progress import ProgressBar
 from .training import VAL_PATIENTS, validation_seed
@@ -15,7 +13,7 @@ def validate_model(model, patients=VAL_PATIENTS, per_patient: int = 1, device="a
     """Segment validation phantoms and score them lesion-wise; returns per-case rows and the totals."""
     from .phantom import make_phantom
     from .pipeline import segment
-    from .volumes import array_from_image
+    from .volumes import mask_from_image
 
     pairs = [(p, validation_seed(p, k)) for p in patients for k in range(per_patient)]
     bar = progress or ProgressBar(len(pairs), "validation phantoms")
@@ -24,7 +22,7 @@ def validate_model(model, patients=VAL_PATIENTS, per_patient: int = 1, device="a
     for i, (p, s) in enumerate(pairs):
         ph = make_phantom(s, patient=p)
         res = segment(ph.flair, ph.mprage, model, device=device)
-        m = evaluate_case(res.labels, array_from_image(ph.lesions, np.uint8))
+        m = evaluate_case(res.labels, mask_from_image(ph.lesions))
         cases.append({"patient": p, "seed": s, **m, "inference_s": round(res.timings["inference_s"], 2)})
         bar(i + 1, len(pairs))
     return {"cases": cases, "total": summarize(cases), "seconds": round(time.time() - t0, 1),
