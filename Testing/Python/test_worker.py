@@ -145,8 +145,13 @@ def test_a_worker_that_ignores_cancel_is_killed_after_the_grace_period(small_pha
         sitk.WriteImage(small_phantom.flair, c.path("flair.nrrd"))
         sitk.WriteImage(small_phantom.mprage, c.path("mprage.nrrd"))
         first = c.pid
-        # registration reports no progress, so only the kill can stop it
+
+        def hang_then_cancel(done, total):
+            os.kill(first, signal.SIGSTOP)  # a worker that no longer answers, whatever the machine's speed
+            return False
+
         with pytest.raises(Cancelled, match="restarted"):
-            c.request("prepare", flair=c.path("flair.nrrd"), mprage=c.path("mprage.nrrd"), register=True, progress=lambda d, t: False)
+            c.request("prepare", flair=c.path("flair.nrrd"), mprage=c.path("mprage.nrrd"), register=True, n4=True,
+                      progress=hang_then_cancel)
         assert not c.alive
         assert c.request("ping")["pid"] != first
