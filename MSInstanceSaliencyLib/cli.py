@@ -98,13 +98,30 @@ def _class_weight_arg(text):
     return text
 
 
+def _folds(text: str):
+    try:
+        folds = [int(f) if f.strip() != "all" else "all" for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"folds are numbers such as 0,1,2 (or all), got {text!r}") from None
+    if any(f != "all" and f < 0 for f in folds) or len(set(folds)) != len(folds):
+        raise argparse.ArgumentTypeError(f"folds are distinct numbers >= 0, got {text!r}")
+    return folds
+
+
 _SAMPLES = _int(1, MAX_BACKWARD_PASSES)
 _SEED = _int(0)
 _COUNT = _int(1)
 
 
 def _add_model_args(p):
-    p.add_argument("--model", type=_path, default=None, help="model folder (model.json + weights); default: the bundled demo model")
+    p.add_argument("--model", type=_path, default=None,
+                   help="model: a model.json folder (MONAI network), an nnU-Net v2 trained-model folder or LST-AI 2.x checkpoints "
+                        "(docs/MODELS.md); default: the bundled demo model")
+    p.add_argument("--folds", type=_folds, default=None, help="nnU-Net: folds to average, e.g. 0,1,2 (default: every fold present)")
+    p.add_argument("--no-mirroring", action="store_true", help="nnU-Net: no test-time mirroring (nnU-Net's default is on)")
+    p.add_argument("--model-channels", default=None,
+                   help="what the model's input channels are, in order, e.g. flair,mprage (default: from the model: model.json's "
+                        "input_channels, nnU-Net's dataset.json channel names, LST-AI's FLAIR,T1)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run the network (default auto: GPU if available)")
 
 
@@ -154,18 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment lesions in a FLAIR + MPRAGE pair")
     p.add_argument("flair", type=_path, help="FLAIR volume (NIfTI or NRRD)")
-    p.add_argument("mprage", type=_path, help="MPRAGE / T1w volume (NIfTI or NRRD); outputs are written on its grid")
+    p.add_argument("mprage", type=_path, nargs="?", default=None,
+                   help="MPRAGE / T1w volume (NIfTI or NRRD); outputs are written on its grid (FLAIR-only models: optional; "
+                        "without it outputs are on the FLAIR's grid)")
     p.add_argument("--out", type=_path, required=True, help="output folder")
     _add_segment_args(p)
     p.add_argument("--register", action="store_true", help="rigidly register FLAIR to MPRAGE first (Mattes MI)")
     p.add_argument("--n4", action="store_true", help="N4 bias-field correction of both images")
     p.add_argument("--tp-probability", action="store_true", help="score every lesion with the TP/FP classifier (one SmoothGrad map per lesion)")
-    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one bundled with the demo model)")
+    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one in the model's folder; the bundled demo model has one)")
     p.add_argument("--prune-below", type=_real(0, 1), default=None, help="also write labels and table without lesions whose TP probability is below P")
 
     p = sub.add_parser("explain", help="saliency map of one lesion (or any voxel set) of a case")
     p.add_argument("flair", type=_path)
-    p.add_argument("mprage", type=_path)
+    p.add_argument("mprage", type=_path, nargs="?", default=None, help="MPRAGE / T1w (optional for FLAIR-only models)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--lesion", type=_COUNT, help="lesion id as in the segment command's lesions.csv")
     target.add_argument("--mask", type=_path, help="a mask file whose non-zero voxels are Ω (e.g. a lesion the model missed)")
@@ -181,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient", type=_int(1, N_PATIENTS), default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
     p.add_argument("--lesion", type=_COUNT, default=None, help="lesion to explain (default: the one closest to 100 voxels)")
     p.add_argument("--no-tp-probability", action="store_true", help="skip scoring every lesion with the TP/FP classifier")
-    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one bundled with the demo model)")
+    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one in the model's folder; the bundled demo model has one)")
     _add_saliency_args(p)
     _add_segment_args(p)
 
@@ -312,7 +331,8 @@ def _load(args):
 
     env_threads()
     dev = resolve_device(args.device)
-    return load_model(args.model, device=dev), dev
+    return load_model(args.model, device=dev, channels=getattr(args, "model_channels", None), folds=getattr(args, "folds", None),
+                      mirroring=not getattr(args, "no_mirroring", False)), dev
 
 
 def cmd_segment(args) -> int:
@@ -322,41 +342,50 @@ def cmd_segment(args) -> int:
     from .volumes import read_image
 
     flair = read_image(args.flair, "FLAIR")
-    mprage = read_image(args.mprage, "MPRAGE")
-    _check_register_size([("FLAIR", flair), ("MPRAGE", mprage)], args)
+    mprage = read_image(args.mprage, "MPRAGE") if args.mprage else None
+    _check_register_size([("FLAIR", flair)] + ([("MPRAGE", mprage)] if mprage else []), args)
     from .pipeline import SEGMENTATION_FILES
 
     pruned = ("lesion_labels_pruned.nii.gz", "lesions_pruned.csv") if args.prune_below is not None else ()
-    out = OutputFolder(args.out, protected=[args.flair, args.mprage], names=SEGMENTATION_FILES + pruned)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage) if p], names=SEGMENTATION_FILES + pruned)
     model, dev = _load(args)
+    clf = _classifier_for(model, args) if args.tp_probability or args.prune_below is not None else None
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume,
                      register=args.register, n4=args.n4, progress=ProgressBar(label="segmenting windows"))
     for warning in result.prepared.warnings:
         _warn(warning)
     extra = {}
     if args.tp_probability or args.prune_below is not None:
-        extra = _score_lesions(model, dev, result, args, out)
+        extra = _score_lesions(model, dev, result, args, out, clf)
     paths = write_segmentation(result, out)
     paths.update(extra.pop("paths", {}))
-    out.close(**run_info(model, result, command="segment", flair=str(Path(args.flair).resolve()), mprage=str(Path(args.mprage).resolve()), **extra))
+    out.close(**run_info(model, result, command="segment", flair=str(Path(args.flair).resolve()),
+                         mprage=str(Path(args.mprage).resolve()) if args.mprage else None, **extra))
     print(format_table(result.table))
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
 
 
-def _score_lesions(model, dev, result, args, out) -> dict:
+def _classifier_for(model, args):
+    """The TP/FP classifier of the model (or --classifier), refused when it was trained for another model."""
+    from .scoring import load_classifier
+
+    return load_classifier(args.classifier, model=model)
+
+
+def _score_lesions(model, dev, result, args, out, clf=None) -> dict:
     """Fill tp_probability for every lesion; with --prune-below also write the pruned labels and table."""
     import numpy as np
 
     from .instances import write_table
     from .progress import ProgressBar
-    from .scoring import load_classifier, tp_probabilities
+    from .scoring import tp_probabilities
     from .volumes import image_from_array, write_image
 
     if args.prune_below is not None and not 0.0 <= args.prune_below <= 1.0:
         raise InputError("--prune-below must be a probability between 0 and 1")
-    clf = load_classifier(args.classifier)
+    clf = clf or _classifier_for(model, args)
     ids = [r["lesion_id"] for r in result.table]
     warn = lambda lid, msg: _warn(f"{msg} (no TP probability for lesion {lid})")  # noqa: E731
     probs = tp_probabilities(model, result.prepared, result.labels, ids, clf, device=dev, on_error=warn,
@@ -452,10 +481,10 @@ def _print_tp_probability_by_kind(result, phantom) -> None:
 
 def _explain_and_write(model, dev, prepared, omega, label, args, out):
     _check_saliency_cost(args, omega)
-    from .explain import explain, write_explanation
+    from .explain import explain_case, write_explanation
     from .progress import ProgressBar
 
-    exp = explain(model, prepared.image, omega, args.method, label=label, channels=prepared.channels, n_samples=args.samples, sigma=args.sigma,
+    exp = explain_case(model, prepared, omega, args.method, label=label, n_samples=args.samples, sigma=args.sigma,
                   sigma_mode=args.sigma_mode, aggregation=args.aggregation, context=args.context, seed=args.noise_seed, layer=args.layer,
                   alpha=args.alpha, device=dev, precision=args.precision, max_omega_voxels=args.max_omega_voxels,
                   progress=ProgressBar(label=f"{args.method} {label}"))
@@ -469,22 +498,21 @@ def cmd_explain(args) -> int:
 
     from .explain import omega_from_lesion, omega_from_mask
     from .pipeline import segment
-    from .preprocessing import prepare_case
     from .volumes import array_from_image, read_image, same_grid
 
     flair = read_image(args.flair, "FLAIR")
-    mprage = read_image(args.mprage, "MPRAGE")
-    protected = [args.flair, args.mprage] + [p for p in (args.mask, args.labels) if p]
+    mprage = read_image(args.mprage, "MPRAGE") if args.mprage else None
+    protected = [p for p in (args.flair, args.mprage, args.mask, args.labels) if p]
     label = "mask" if args.mask else f"lesion{args.lesion}"
     maps = ["gradcampp"] if args.method == "gradcampp" else ["smoothgrad_flair", "smoothgrad_mprage"]
     out = OutputFolder(args.out, protected=protected, names=[f"saliency_{label}_{m}.nii.gz" for m in maps] + [f"saliency_{label}_{args.method}.png"])
     model, dev = _load(args)
     if args.mask:
-        prepared = prepare_case(flair, mprage, model.spec)
+        prepared = model.prepare(flair, mprage)
         omega, label = omega_from_mask(read_image(args.mask, "mask"), prepared.reference), "mask"
     else:
         if args.labels:
-            prepared = prepare_case(flair, mprage, model.spec)
+            prepared = model.prepare(flair, mprage)
             lab_img = read_image(args.labels, "lesion labels")
             if not same_grid(lab_img, prepared.reference):
                 raise InputError("--labels is not on the MPRAGE grid; use the lesion_labels.nii.gz that `msis segment` wrote for these inputs")
@@ -619,7 +647,7 @@ def cmd_features(args) -> int:
 
 def cmd_train_classifier(args) -> int:
     from .radiomics import TPClassifier, default_feature_names
-    from .scoring import labelled_matrix, read_feature_tables
+    from .scoring import labelled_matrix, read_feature_tables, tables_model
 
     out = Path(args.out)
     if out.exists():
@@ -628,7 +656,7 @@ def cmd_train_classifier(args) -> int:
     rows, settings = read_feature_tables(args.features)
     _check_feature_cells(rows, names)
     X, y, usable = labelled_matrix(rows, names)
-    clf = TPClassifier(saliency=settings)
+    clf = TPClassifier(saliency=settings, trained_for=tables_model(args.features))
     if args.class_weight is not None:
         clf.class_weight = _class_weight(args.class_weight)
     clf.fit(X, y, names)

@@ -63,6 +63,16 @@ def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgr
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def explain_case(model, prepared, omega: np.ndarray, method: str = "smoothgrad", **kwargs) -> Explanation:
+    """`explain` for a prepared case with Ω on its reference grid: Ω is taken to the network's grid,
+    the maps are computed there and brought back (identity when the network runs on the reference grid)."""
+    exp = explain(model, prepared.image, prepared.to_network(omega), method, channels=prepared.channels, **kwargs)
+    if not prepared.grid.same:
+        exp.maps = {name: prepared.to_reference(m) for name, m in exp.maps.items()}
+    exp.omega = omega
+    return exp
+
+
 def write_explanation(exp: Explanation, reference: sitk.Image, flair_on_reference: sitk.Image, out) -> dict:
     """One NIfTI per map on the reference geometry, and the three-slice PNG of the FLAIR (or only) map."""
     from .figures import colorbar_label, saliency_figure

@@ -9,7 +9,14 @@ from .progress import report
 
 
 def predict_probability(model, image: np.ndarray, *, device="auto", sw_batch_size: int = 1, progress=None) -> np.ndarray:
-    """Lesion probability (X, Y, Z) float32: sliding window over the spec's roi, Gaussian blending, Softmax.
+    """Lesion probability (X, Y, Z) float32 on the network's grid, as the model's format predicts it
+    (model.json models: `sliding_window_probability`)."""
+    return model.predict_probability(image, device=device, progress=progress, sw_batch_size=sw_batch_size)
+
+
+def sliding_window_probability(model, image: np.ndarray, *, device="auto", sw_batch_size: int = 1, progress=None) -> np.ndarray:
+    """Lesion probability (X, Y, Z) float32: sliding window over the spec's roi, Gaussian blending, then
+    the spec's output activation (softmax over classes or sigmoid of the lesion logit).
 
     progress(done, total) is called before each window; returning False stops with errors.Cancelled.
 
@@ -41,7 +48,7 @@ def predict_probability(model, image: np.ndarray, *, device="auto", sw_batch_siz
             x, roi_size=tuple(spec.roi_size), sw_batch_size=sw_batch_size, predictor=predictor,
             overlap=spec.overlap, mode=spec.blend_mode,
         )
-        prob = torch.softmax(logits, dim=1)[0, spec.lesion_class]
+        prob = model.probability(logits)[0]
     return prob.float().cpu().numpy()
 
 

@@ -20,6 +20,19 @@ from .errors import InputError
 
 SPEC_FILE = "model.json"
 KNOWN_CHANNELS = ("flair", "mprage")
+# Other names of the two images this tool provides, as model specs and nnU-Net datasets spell them.
+CHANNEL_ALIASES = {"flair": "flair", "t2flair": "flair", "t2_flair": "flair", "flair3d": "flair",
+                   "mprage": "mprage", "t1": "mprage", "t1w": "mprage", "t1_mprage": "mprage", "mp_rage": "mprage"}
+ACTIVATIONS = ("softmax", "sigmoid")
+# Spec keys added after the first release: hashed into a model's identity only when they differ from
+# these defaults, so models (and the feature tables and classifiers made with them) keep their identity.
+LATER_KEYS = {"output_activation": "softmax", "target_spacing": None, "orientation": None}
+
+
+def channel_name(name: str) -> str | None:
+    """'flair' or 'mprage' for a channel name or alias (case and separators ignored), else None."""
+    key = "".join(ch for ch in str(name).lower() if ch.isalnum() or ch == "_").strip("_")
+    return CHANNEL_ALIASES.get(key) or CHANNEL_ALIASES.get(key.replace("_", ""))
 
 # The journal paper's U-Net (METHOD.md).
 PAPER_UNET_ARGS = {
@@ -47,6 +60,9 @@ class ModelSpec:
     threshold: float = 0.3
     min_lesion_mm3: float = 5.0
     lesion_class: int = 1
+    output_activation: str = "softmax"  # softmax over classes, or sigmoid of the lesion channel
+    target_spacing: list | None = None  # mm (x, y, z); inputs are resampled to it, outputs back
+    orientation: str | None = None  # axis codes such as "RAS" (nibabel's convention); None: as the images come
     gradcam_layer: str = "model.1.submodule.2.conv"
     weights: str = "weights.pt"
     name: str = "unnamed"
@@ -63,6 +79,10 @@ class ModelSpec:
         if unknown:
             raise InputError(f"{source}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
         spec = cls(**copy.deepcopy(d))
+        if isinstance(spec.input_channels, list):
+            spec.input_channels = [channel_name(c) or c for c in spec.input_channels]
+        if isinstance(spec.orientation, str):
+            spec.orientation = spec.orientation.upper()
         spec.validate(source)
         return spec
 
@@ -97,10 +117,22 @@ class ModelSpec:
         dims = self.network_args.get("spatial_dims", 3)
         if dims != 3:
             raise InputError(f"{source}: network_args spatial_dims is {dims!r}; this tool runs 3D networks (spatial_dims 3) on 3D volumes")
+        if self.output_activation not in ACTIVATIONS:
+            raise InputError(f"{source}: output_activation must be softmax (one logit per class) or sigmoid (a lesion logit), "
+                             f"got {self.output_activation!r}")
         n_out = self.network_args.get("out_channels")
-        if n_out is not None and (not _is_int(n_out) or n_out < 2 or n_out <= self.lesion_class):
-            raise InputError(f"{source}: network_args out_channels is {n_out!r}; the network must give one logit per class (background "
-                             f"and lesion, softmax over them), so at least 2 and more than lesion_class ({self.lesion_class})")
+        least = 2 if self.output_activation == "softmax" else 1
+        if n_out is not None and (not _is_int(n_out) or n_out < least or n_out <= self.lesion_class):
+            raise InputError(f"{source}: network_args out_channels is {n_out!r}; " + (
+                "with softmax the network gives one logit per class (background and lesion), so at least 2" if least == 2 else
+                "with sigmoid the network gives a lesion logit, so at least 1") + f" and more than lesion_class ({self.lesion_class})")
+        if self.target_spacing is not None and not (isinstance(self.target_spacing, list) and len(self.target_spacing) == 3 and all(
+                _is_number(v) and math.isfinite(v) and v > 0 for v in self.target_spacing)):
+            raise InputError(f"{source}: target_spacing must be null or three positive numbers (mm), got {self.target_spacing!r}")
+        if self.orientation is not None and not (isinstance(self.orientation, str) and len(self.orientation) == 3 and _axis_codes_ok(
+                self.orientation)):
+            raise InputError(f"{source}: orientation must be null or three axis codes such as \"RAS\" or \"LPS\" (one of R/L, A/P, "
+                             f"S/I each), got {self.orientation!r}")
         if not self.weights.strip() or Path(self.weights).is_absolute():
             raise InputError(f"{source}: weights must name a file inside the model folder, got {self.weights!r}")
 
@@ -125,15 +157,80 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A network in eval mode with frozen parameters, and the spec it came from."""
+    """A network in eval mode with frozen parameters, the spec of what it takes, and how to run it on a
+    case. This class runs model.json folders (MONAI networks); nnunet_model and lstai_model subclass it
+    for their formats' own pre-processing and prediction. Saliency needs only `network` (input on the
+    network's grid -> per-voxel logits), `spec` and `lesion_logits`."""
 
     network: object  # torch.nn.Module
     spec: ModelSpec
     path: Path | None = None
 
+    format = "msis"  # the model.json folder format
+
     def to(self, device):
         self.network.to(device)
         return self
+
+    # -- running it on a case
+    def prepare(self, flair, mprage=None, *, register: bool = False, n4: bool = False):
+        """The case's images as the network's input (PreparedCase), on the network's grid."""
+        from .preprocessing import prepare_case
+
+        return prepare_case(flair, mprage, self.spec, register=register, n4=n4)
+
+    def predict_probability(self, image, *, device="auto", progress=None, sw_batch_size: int = 1):
+        """Lesion probability (X, Y, Z) float32 on the network's grid for a prepared image (C, X, Y, Z)."""
+        from .inference import sliding_window_probability
+
+        return sliding_window_probability(self, image, device=device, progress=progress, sw_batch_size=sw_batch_size)
+
+    def predict_case(self, prepared, *, device="auto", progress=None):
+        """Lesion probability (X, Y, Z) float32 on the case's reference grid, 0 where the FLAIR is missing."""
+        prob = self.predict_probability(prepared.image, device=device, progress=progress)
+        return prepared.only_where_valid(prepared.to_reference(prob))
+
+    def lesion_logits(self, out):
+        """The lesion logit (B, X, Y, Z) from the network's output (B, K, X, Y, Z): what saliency explains."""
+        return out[:, self.spec.lesion_class]
+
+    def probability(self, out):
+        """The lesion probability (B, X, Y, Z) from the network's output."""
+        import torch
+
+        if self.spec.output_activation == "sigmoid":
+            return torch.sigmoid(out[:, self.spec.lesion_class])
+        return torch.softmax(out, dim=1)[:, self.spec.lesion_class]
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sizes the network accepts are multiples of this."""
+        from .saliency import size_divisor
+
+        return size_divisor(self.spec)
+
+    def default_classifier(self) -> Path | None:
+        """The TP/FP classifier shipped in the model's folder, if any."""
+        if self.path is None or not Path(self.path).is_dir():
+            return None
+        p = Path(self.path) / "tp_classifier.json"
+        return p if p.is_file() else None
+
+    def describe(self) -> dict:
+        """What the model is and expects, for logs, the worker's `info` and the Slicer module."""
+        spec = self.spec
+        return {"format": self.format, "name": spec.name, "version": spec.version, "path": str(self.path) if self.path else None,
+                "input_channels": list(spec.input_channels), "output_activation": spec.output_activation,
+                "lesion_class": spec.lesion_class, "target_spacing": spec.target_spacing, "orientation": spec.orientation,
+                "roi_size": list(spec.roi_size), "threshold": spec.threshold, "min_lesion_mm3": spec.min_lesion_mm3,
+                "gradcam_layer": spec.gradcam_layer, "expects": self.expects()}
+
+    def expects(self) -> str:
+        """One line for the user: the images the model takes and what is done to them."""
+        names = " + ".join({"flair": "FLAIR", "mprage": "MPRAGE (T1)"}[c] for c in self.spec.input_channels)
+        grid = f", resampled to {'x'.join(f'{v:g}' for v in self.spec.target_spacing)} mm" if self.spec.target_spacing else ""
+        orient = f", reoriented to {self.spec.orientation}" if self.spec.orientation else ""
+        return f"{names}{grid}{orient}; {self.spec.normalization} per image; {self.spec.output_activation} output"
 
 
 def default_model_dir() -> Path:
@@ -146,13 +243,18 @@ def default_model_dir() -> Path:
 
 def build_network(spec: ModelSpec):
     """Instantiate the spec's MONAI network (only classes from monai.networks.nets)."""
+    import inspect
+
     from monai.networks import nets
 
     cls = getattr(nets, spec.network_class, None)
     if cls is None or not isinstance(cls, type):
         raise InputError(f"network class {spec.network_class!r} is not in monai.networks.nets")
+    args = dict(spec.network_args)
+    if "img_size" in args and "img_size" not in inspect.signature(cls.__init__).parameters:
+        del args["img_size"]  # SwinUNETR before MONAI 1.5 took the input size; later versions accept any multiple of 32
     try:
-        return cls(**spec.network_args)
+        return cls(**args)
     except Exception as exc:  # wrong, missing or inconsistent arguments; optional packages the class needs
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot build {spec.network_class} with {spec.network_args}: {first}") from None
@@ -172,24 +274,40 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
     return ModelSpec.from_dict(data, source=str(f))
 
 
-def load_model(model_dir: str | os.PathLike | None = None, device="cpu") -> LoadedModel:
-    """Load a model folder (default: the bundled demo model) in eval mode, parameters frozen."""
-    import torch
+def load_model(model: str | os.PathLike | None = None, device="cpu", *, channels=None, folds=None, mirroring: bool = True) -> LoadedModel:
+    """Load a model in eval mode, parameters frozen: a model.json folder (default: the bundled demo
+    model), an nnU-Net v2 trained-model folder or an LST-AI 2.x checkpoint folder (formats.py).
 
-    d = Path(model_dir) if model_dir is not None else default_model_dir()
+    channels: the images the network's input channels are, in order ("flair", "mprage"), when the
+    model's own names are to be overridden. folds, mirroring: nnU-Net's (default: every fold present,
+    test-time mirroring on, as nnU-Net's predictor does)."""
+    from .formats import detect_format
+
+    p = Path(model) if model is not None else default_model_dir()
+    fmt, where = detect_format(p)
+    if fmt != "nnunet" and (folds is not None):
+        raise InputError(f"--folds is for nnU-Net models; {p} is {'a ' + fmt if fmt != 'msis' else 'a model.json'} model")
+    if fmt == "nnunet":
+        from .nnunet_model import load_nnunet_model
+
+        return load_nnunet_model(where, device=device, folds=folds, mirroring=mirroring, channels=channels)
+    if fmt == "lst-ai":
+        from .lstai_model import load_lstai_model
+
+        return load_lstai_model(where, device=device, channels=channels)
+    return load_msis_model(where, device=device, channels=channels)
+
+
+def load_msis_model(model_dir, device="cpu", channels=None) -> LoadedModel:
+    d = Path(model_dir)
     spec = read_spec(d)
+    if channels is not None:
+        spec.input_channels = checked_channels(channels, len(spec.input_channels), str(d / SPEC_FILE))
     net = build_network(spec)
     wpath = d / spec.weights
     if not wpath.is_file():
         raise InputError(f"weights file {wpath} named in {d / SPEC_FILE} does not exist")
-    try:
-        state = torch.load(str(wpath), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused, or a truncated or corrupt file
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load weights {wpath} safely (weights_only=True): the file is truncated or corrupt, or holds more "
-                         f"than tensors ({first})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = unwrap_state_dict(load_weights(wpath), wpath)
     check_state_dict(state, wpath)
     try:
         net.load_state_dict(state)
@@ -199,6 +317,59 @@ def load_model(model_dir: str | os.PathLike | None = None, device="cpu") -> Load
     net.to(device)
     probe_network(net, spec, device, source=str(d / SPEC_FILE))
     return LoadedModel(net, spec, d)
+
+
+def checked_channels(channels, n: int, source: str) -> list:
+    """User-given names of a network's input channels: each FLAIR or MPRAGE (or an alias) once, as many as it takes."""
+    names = [c for c in (channels.split(",") if isinstance(channels, str) else channels)]
+    mapped = [channel_name(c) for c in names]
+    if None in mapped:
+        bad = names[mapped.index(None)]
+        raise InputError(f"channel {bad!r} is not an image this tool provides; name each input channel flair or mprage (t1)")
+    if len(mapped) != n or len(set(mapped)) != n:
+        raise InputError(f"{source} takes {n} input channel{'s' if n != 1 else ''}; give {n} distinct names from flair, mprage "
+                         f"(got {','.join(names)})")
+    return mapped
+
+
+def load_weights(path: Path, allowed_globals=()):
+    """torch.load with weights_only=True (nothing but tensors and plain containers is unpickled)."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, or a truncated or corrupt file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load weights {path} safely (weights_only=True): the file is truncated or corrupt, or holds more "
+                         f"than tensors ({first})") from None
+
+
+# Where checkpoints put the state_dict: PyTorch Lightning and most scripts ("state_dict"), the common
+# training-loop pattern ("model_state_dict"), MONAI's CheckpointSaver ({"net": ...} as its save_dict
+# is usually named), "model", and nnU-Net ("network_weights").
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "net", "model", "network", "network_weights")
+# Prefixes wrappers add to every key: DataParallel/DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_state_dict(state, source=None):
+    """The plain state_dict inside a checkpoint, with wrapper prefixes removed."""
+    import torch
+
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        for key in STATE_DICT_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    changed = True
+    while changed and isinstance(state, dict) and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
 
 
 def check_state_dict(state, source) -> None:
@@ -238,9 +409,16 @@ def probe_network(net, spec: ModelSpec, device="cpu", source: str = "model") -> 
     if not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[2:]) != tuple(spec.roi_size) or out.shape[0] != 1:
         raise InputError(f"{source}: {spec.network_class} gives {got} for input {shape}; the pipeline needs a tensor of per-voxel "
                          f"class logits, (1, classes, {', '.join(map(str, spec.roi_size))})")
-    if out.shape[1] < 2 or out.shape[1] <= spec.lesion_class:
-        raise InputError(f"{source}: {spec.network_class} gives {out.shape[1]} output channels; the pipeline needs at least 2 "
-                         f"(background and lesion) and more than lesion_class ({spec.lesion_class}): set out_channels")
+    least = 2 if spec.output_activation == "softmax" else 1
+    if out.shape[1] < least or out.shape[1] <= spec.lesion_class:
+        need = "at least 2 (background and lesion, softmax)" if least == 2 else "at least 1 (the lesion logit, sigmoid)"
+        raise InputError(f"{source}: {spec.network_class} gives {out.shape[1]} output channels; the pipeline needs {need} "
+                         f"and more than lesion_class ({spec.lesion_class}): set out_channels")
+
+
+def _axis_codes_ok(codes: str) -> bool:
+    axes = [{"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}.get(c) for c in codes.upper()]
+    return None not in axes and sorted(axes) == [0, 1, 2]
 
 
 def _is_int(v) -> bool:

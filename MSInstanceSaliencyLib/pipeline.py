@@ -58,15 +58,13 @@ class SegmentationResult:
 def segment(flair: sitk.Image, mprage: sitk.Image, model, *, device="auto", threshold=None, min_volume_mm3=None,
             register=False, n4=False, progress=None) -> SegmentationResult:
     """Segment lesions; threshold and minimum volume default to the model spec's."""
-    from .inference import predict_probability
-
     spec = model.spec
     t = {}
     t0 = time.time()
-    prepared = prepare_case(flair, mprage, spec, register=register, n4=n4)
+    prepared = model.prepare(flair, mprage, register=register, n4=n4)
     t["prepare_s"] = time.time() - t0
     t0 = time.time()
-    prob = prepared.only_where_valid(predict_probability(model, prepared.image, device=device, progress=progress))
+    prob = model.predict_case(prepared, device=device, progress=progress)
     t["inference_s"] = time.time() - t0
     thr = spec.threshold if threshold is None else float(threshold)
     if not 0.0 < thr < 1.0:

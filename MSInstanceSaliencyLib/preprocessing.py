@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .volumes import array_from_image, check_intensities, overlap_fraction, same_grid
+from .grids import ResampledGrid, SameGrid
+from .volumes import array_from_image, check_intensities, image_from_array, overlap_fraction, same_grid
 
 MIN_OVERLAP = 0.5  # of the MPRAGE field of view that FLAIR must cover
 FULL_COVERAGE = 0.999  # of the MPRAGE's acquired voxels; below this the FLAIR counts as partial
@@ -38,10 +39,25 @@ class PreparedCase:
     steps: list  # what was done, for logs and reports
     valid: np.ndarray | None = None  # (X, Y, Z) bool: where the FLAIR has data (None: everywhere)
     warnings: list = field(default_factory=list)  # what the user must know about the inputs
+    grid: object = field(default_factory=SameGrid)  # where `image` lies (grids.py); SameGrid: the reference grid
 
     @property
     def spacing(self):
+        """Of the reference grid, where every output lies."""
         return tuple(self.reference.GetSpacing())
+
+    @property
+    def shape(self) -> tuple:
+        """(X, Y, Z) of the reference grid, where lesion labels and outputs lie."""
+        return tuple(self.reference.GetSize())
+
+    def to_reference(self, array: np.ndarray, kind: str = "linear") -> np.ndarray:
+        """An array on the network's grid (a probability, a saliency map) on the reference grid."""
+        return self.grid.to_reference(array, kind)
+
+    def to_network(self, mask: np.ndarray) -> np.ndarray:
+        """A voxel set on the reference grid (a lesion, Ω) on the network's grid."""
+        return self.grid.to_network(mask)
 
     def only_where_valid(self, array: np.ndarray) -> np.ndarray:
         """The array with 0 where the FLAIR is missing (no lesion can be seen there)."""
@@ -137,18 +153,28 @@ def align_flair(flair: sitk.Image, mprage: sitk.Image, register: bool = False) -
     return out, steps, flair_coverage(flair, mprage, transform)
 
 
-def prepare_case(flair: sitk.Image, mprage: sitk.Image, spec=None, *, register: bool = False, n4: bool = False) -> PreparedCase:
-    """Check both images and build the network input in the spec's channel order."""
-    channels = list(spec.input_channels) if spec is not None else ["flair", "mprage"]
-    mode = spec.normalization if spec is not None else "zscore"
-    for img, what in ((flair, "FLAIR"), (mprage, "MPRAGE")):
-        if img.GetDimension() != 3:
-            raise InputError(f"{what} is {img.GetDimension()}D; a 3D volume is needed")
-        if min(img.GetSize()) < 2:
-            raise InputError(f"{what} has size {img.GetSize()}; a 3D volume with at least 2 voxels per axis is needed")
-    check_intensities(array_from_image(flair), "FLAIR")
-    mprage_array = array_from_image(mprage)
-    check_intensities(mprage_array, "MPRAGE")
+def check_volume(img: sitk.Image, what: str) -> np.ndarray:
+    """A 3D volume with finite intensities; its (X, Y, Z) array."""
+    if img.GetDimension() != 3:
+        raise InputError(f"{what} is {img.GetDimension()}D; a 3D volume is needed")
+    if min(img.GetSize()) < 2:
+        raise InputError(f"{what} has size {img.GetSize()}; a 3D volume with at least 2 voxels per axis is needed")
+    array = array_from_image(img)
+    check_intensities(array, what)
+    return array
+
+
+def align_inputs(flair: sitk.Image, mprage: sitk.Image | None, channels, *, register: bool = False) -> tuple:
+    """Both images on the reference grid (the MPRAGE's; the FLAIR's when there is no MPRAGE), checked.
+
+    Returns (images {"flair", "mprage"?}, reference, steps, coverage or None, valid or None, warnings).
+    """
+    if mprage is None and "mprage" in channels:
+        raise InputError(f"this model takes {', '.join(c.upper() for c in channels)}: an MPRAGE (T1) is needed as well as the FLAIR")
+    check_volume(flair, "FLAIR")
+    if mprage is None:
+        return {"flair": sitk.Cast(flair, sitk.sitkFloat32)}, flair, [], None, None, []
+    mprage_array = check_volume(mprage, "MPRAGE")
     flair_ref, steps, covered = align_flair(flair, mprage, register=register)
     valid, warnings = None, []
     if covered is not None:
@@ -161,20 +187,41 @@ def prepare_case(flair: sitk.Image, mprage: sitk.Image, spec=None, *, register: 
             warnings.append(f"the FLAIR covers {fraction:.1%} of the MPRAGE volume; outside it the FLAIR is treated as missing "
                             f"and no lesion is reported there or within {EDGE_MARGIN_VOXELS} voxels of its edge")
             steps.append(f"FLAIR covers {fraction:.1%} of the MPRAGE (outside: missing, no lesions)")
-    images = {"flair": flair_ref, "mprage": sitk.Cast(mprage, sitk.sitkFloat32)}
+        else:
+            covered = None
+    images = {"flair": sitk.Cast(flair_ref, sitk.sitkFloat32), "mprage": sitk.Cast(mprage, sitk.sitkFloat32)}
+    return images, mprage, steps, covered, valid, warnings
+
+
+def prepare_case(flair: sitk.Image, mprage: sitk.Image | None, spec=None, *, register: bool = False, n4: bool = False) -> PreparedCase:
+    """Check the images and build the network input in the spec's channel order, on the spec's grid
+    (the reference grid unless the spec names a target spacing or orientation)."""
+    channels = list(spec.input_channels) if spec is not None else ["flair", "mprage"]
+    mode = spec.normalization if spec is not None else "zscore"
+    images, reference, steps, covered, valid, warnings = align_inputs(flair, mprage, channels, register=register)
+    flair_ref = images["flair"]
     if n4:
         images = {k: n4_correct(v) for k, v in images.items()}
         steps.append("N4 bias-field correction")
+    grid = SameGrid()
+    if spec is not None and (getattr(spec, "target_spacing", None) or getattr(spec, "orientation", None)):
+        grid = ResampledGrid.for_spec(reference, spec.target_spacing, spec.orientation)
+    if not grid.same:
+        images = {k: grid.image_to_network(v) for k, v in images.items()}
+        if covered is not None:
+            covered = array_from_image(grid.image_to_network(image_from_array(covered.astype(np.float32), reference=reference),
+                                                             sitk.sitkNearestNeighbor)) > 0
+        steps.append(f"resampled (linear) to the model's grid: {grid.describe()}")
     arrays = []
     for name in channels:
         a = array_from_image(images[name])
         acquired = a != 0  # zero padding is not data
-        if name == "flair" and valid is not None:
+        if name == "flair" and covered is not None:
             acquired &= covered
-        check_intensities(a[acquired] if acquired.any() else a, f"{name.upper()} on the MPRAGE grid")
+        check_intensities(a[acquired] if acquired.any() else a, f"{name.upper()} on the {'MPRAGE' if mprage is not None else 'FLAIR'} grid")
         if not acquired.all():
             steps.append(f"{name.upper()}: z-score statistics over its {acquired.mean():.1%} acquired (non-zero, covered) voxels")
         arrays.append(normalize(a, mode, acquired))
     if mode != "none":
         steps.append(f"{mode} normalisation per image")
-    return PreparedCase(np.stack(arrays), mprage, channels, flair_ref, steps, valid, warnings)
+    return PreparedCase(np.stack(arrays), reference, channels, flair_ref, steps, valid, warnings, grid)

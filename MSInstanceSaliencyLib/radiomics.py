@@ -149,6 +149,7 @@ class TPClassifier:
     intercept_: float | None = None
     versions: dict = field(default_factory=dict)
     training_info: dict = field(default_factory=dict)
+    trained_for: dict = field(default_factory=dict)  # the model whose maps it learnt: model, model_version, model_sha256
 
     def __post_init__(self):
         # classifiers from before max_omega_voxels existed were trained on maps over all of Ω
@@ -228,7 +229,7 @@ class TPClassifier:
             "saliency": self.saliency, "feature_names": self.feature_names_,
             "scaler_mean": self.mean_.tolist(), "scaler_scale": self.scale_.tolist(),
             "coef": self.coef_.tolist(), "intercept": self.intercept_,
-            "versions": self.versions, "training": self.training_info,
+            "versions": self.versions, "training": self.training_info, "trained_for": self.trained_for,
         }
 
     def save(self, path) -> Path:
@@ -276,13 +277,13 @@ class TPClassifier:
             raise InputError(f"{p}: class_weight values must be positive, got {cw}")
         if not (isinstance(d["max_iter"], int) and not isinstance(d["max_iter"], bool) and d["max_iter"] >= 1):
             raise InputError(f"{p}: max_iter must be a positive integer, got {d['max_iter']!r}")
-        for key in ("saliency", "versions", "training"):
+        for key in ("saliency", "versions", "training", "trained_for"):
             if not isinstance(d.get(key, {}), dict):
                 raise InputError(f"{p}: {key} must be a JSON object")
         saliency = dict(d.get("saliency", {}))
         _check_saliency_settings(saliency, p)
         clf = cls(C=C, class_weight=class_weight, max_iter=d["max_iter"], saliency=saliency, versions=dict(d.get("versions", {})),
-                  training_info=dict(d.get("training", {})))
+                  training_info=dict(d.get("training", {})), trained_for=dict(d.get("trained_for", {})))
         clf.feature_names_ = list(names)
         clf.mean_, clf.scale_, clf.coef_ = arrays
         clf.intercept_ = intercept

@@ -34,6 +34,17 @@ def _network_and_spec(model):
     return net, spec
 
 
+def _lesion_head(model, target_class):
+    """(logit, probability) functions of the network's output (B, K, ...) -> (B, ...): the model's own
+    (its lesion class and output activation), or channel `target_class` under softmax for a plain module."""
+    import torch
+
+    if target_class is None and hasattr(model, "lesion_logits"):
+        return model.lesion_logits, model.probability
+    k = 1 if target_class is None else int(target_class)
+    return (lambda out: out[:, k]), (lambda out: torch.softmax(out, dim=1)[:, k])
+
+
 @contextlib.contextmanager
 def frozen(net, device=None):
     """Eval mode, no parameter gradients and (given a device) the network on it for the duration;
@@ -67,6 +78,11 @@ def size_divisor(spec) -> int:
     for s in strides:
         d *= int(max(s) if isinstance(s, (list, tuple)) else s)
     return d
+
+
+def _divisor(model, spec) -> int:
+    d = getattr(model, "size_divisor", None)
+    return int(d) if isinstance(d, int) else size_divisor(spec)
 
 
 def list_layers(model) -> list[tuple[str, str]]:
@@ -265,7 +281,7 @@ def smoothgrad(
     aggregation: str = "max",
     context: str = "patch",
     seed: int = 0,
-    target_class: int = 1,
+    target_class: int | None = None,
     device="auto",
     progress=None,
     chunk_size: int | None = None,
@@ -298,11 +314,12 @@ def smoothgrad(
     if n_samples < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}")
     net, spec = _network_and_spec(model)
+    lesion_logits, _ = _lesion_head(model, target_class)
     dev = resolve_device(device)
     flair_channel = spec.input_channels.index("flair") if spec is not None and "flair" in spec.input_channels else 0
     sd = noise_sigma(image, sigma, sigma_mode, flair_channel)
     roi = tuple(roi_size or (spec.roi_size if spec is not None else DEFAULT_ROI))
-    box = context_box(omega, context, roi, size_divisor(spec))
+    box = context_box(omega, context, roi, _divisor(model, spec))
 
     x0 = _crop_pad(torch.from_numpy(image), box).to(dev)
     om = _crop_pad(torch.from_numpy(omega), box).reshape(-1)
@@ -329,7 +346,7 @@ def smoothgrad(
             x.requires_grad_(True)
             with _autocast(dev, precision):
                 out = net(x[None])
-            logits = out[0, target_class].float().reshape(-1)
+            logits = lesion_logits(out)[0].float().reshape(-1)
             selected = logits[omega_idx]
             if aggregation == "mean":
                 (g,) = torch.autograd.grad(selected.mean(), x)
@@ -420,7 +437,7 @@ def gradcampp(
     alpha: str = "paper",
     device="auto",
     context: str | None = None,
-    target_class: int = 1,
+    target_class: int | None = None,
     roi_size=None,
     upsample: bool = True,
 ) -> np.ndarray:
@@ -445,6 +462,7 @@ def gradcampp(
     if alpha not in ("paper", "monai", "layercam"):
         raise InputError(f"alpha must be 'paper', 'monai' or 'layercam', got {alpha!r}")
     net, spec = _network_and_spec(model)
+    lesion_logits, lesion_probability = _lesion_head(model, target_class)
     layer = layer or (spec.gradcam_layer if spec is not None else None)
     modules = dict(net.named_modules())
     if layer not in modules:
@@ -455,7 +473,7 @@ def gradcampp(
     if omega is None and context != "full":
         raise InputError("a class-level Grad-CAM++ map (no omega) needs context='full'")
     roi = tuple(roi_size or (spec.roi_size if spec is not None else DEFAULT_ROI))
-    box = context_box(omega if omega is not None else np.ones(image.shape[1:], bool), context, roi, size_divisor(spec))
+    box = context_box(omega if omega is not None else np.ones(image.shape[1:], bool), context, roi, _divisor(model, spec))
     x = _crop_pad(torch.from_numpy(image), box).to(dev)[None]
 
     store = {}
@@ -464,9 +482,9 @@ def gradcampp(
         with frozen(net, dev):
             x.requires_grad_(True)  # so that the layer's activations are part of the graph
             out = net(x)
-            logits = out[:, target_class]
+            logits = lesion_logits(out)
             if omega is None:
-                prob = torch.softmax(out, dim=1)[:, target_class]
+                prob = lesion_probability(out)
                 valid = torch.zeros_like(prob, dtype=torch.bool)
                 valid[(slice(None),) + tuple(slice(0, n) for n in box.shape)] = True
                 score = logits[(prob > threshold) & valid].sum()

@@ -59,11 +59,11 @@ def iter_lesion_features(model, prepared, labels: np.ndarray, lesion_ids, settin
         omega = labels == lid
         report = None if progress is None else (lambda d, _t, base=done: progress(base + d, total))
         try:
-            maps = smoothgrad(model, prepared.image, omega, n_samples=int(settings["n_samples"]), sigma=float(settings["sigma"]),
+            maps = smoothgrad(model, prepared.image, prepared.to_network(omega), n_samples=int(settings["n_samples"]), sigma=float(settings["sigma"]),
                               sigma_mode=settings["sigma_mode"], aggregation=settings["aggregation"], context=settings["context"],
                               seed=int(settings.get("seed", 0)), max_omega_voxels=settings.get("max_omega_voxels"), device=device,
                               progress=report)
-            result = saliency_features(maps[channel], omega, prepared.spacing, extractor=extractor)
+            result = saliency_features(prepared.to_reference(maps[channel]), omega, prepared.spacing, extractor=extractor)
         except (FeatureError, InputError) as exc:
             result = FeatureError(f"lesion {lid}: {exc}")
             (on_error or (lambda _i, m: log.warning(m)))(lid, str(result))
@@ -93,11 +93,40 @@ def _backward_passes(sizes: np.ndarray, ids: list, settings: dict) -> dict:
     return {lid: n * max(1, int(min(sizes[lid], cap) if cap else sizes[lid])) for lid in ids}
 
 
-def load_classifier(path=None) -> TPClassifier:
-    p = Path(path) if path else default_classifier_path()
+def load_classifier(path=None, model=None) -> TPClassifier:
+    """The TP/FP classifier for `model`: `path`, else the one in the model's folder (the bundled demo
+    model's when no model is given). A classifier learnt the saliency maps of one model, so one that
+    records another model is refused; a model without a classifier gets an error saying how to train one."""
+    if path:
+        p = Path(path)
+    elif model is not None:
+        p = model.default_classifier()
+        if p is None:
+            raise InputError(f"no TP/FP classifier for the model {model.spec.name} ({model.format}); the TP probability stays empty. "
+                             "Train one for it: `msis features --model MODEL ...` on cases with ground truth, then "
+                             "`msis train-classifier FEATURES.csv --out tp_classifier.json`, and pass --classifier (README, "
+                             "'Bring your own model')")
+    else:
+        p = default_classifier_path()
     if not p.is_file():
         raise InputError(f"no TP/FP classifier at {p}; train one with `msis train-classifier` or pass --classifier")
-    return TPClassifier.load(p)
+    clf = TPClassifier.load(p)
+    if model is not None:
+        check_classifier_model(clf, model, p)
+    return clf
+
+
+def check_classifier_model(clf: TPClassifier, model, source) -> None:
+    """Refuse a classifier trained on another model's maps (when the classifier records its model)."""
+    want = clf.trained_for.get("model_sha256")
+    if not want:
+        return
+    have = model_identity(model)
+    if have["model_sha256"] != want:
+        raise InputError(f"the classifier {source} was trained on the maps of the model {clf.trained_for.get('model')} "
+                         f"{clf.trained_for.get('model_version', '')} (sha256 {want[:12]}), not of {have['model']} {have['model_version']} "
+                         f"(sha256 {have['model_sha256'][:12]}); its probabilities would mean nothing here. Train one for this model "
+                         "(`msis features` + `msis train-classifier`) or leave the TP probability out")
 
 
 def classifier_settings(classifier: TPClassifier) -> dict:
@@ -239,16 +268,37 @@ def table_settings(path) -> dict:
 
 def model_identity(model) -> dict:
     """Name, version and a SHA-256 of the spec and the weights (the state_dict's tensors, so the same
-    weights saved differently are the same model)."""
+    weights saved differently are the same model). Spec keys added later count only when set
+    (model.LATER_KEYS), so a model keeps the identity its feature tables and classifier record."""
     import torch
 
+    from .model import LATER_KEYS
+
     spec = model.spec
-    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode("utf-8"))
+    described = {k: v for k, v in spec.to_dict().items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    if getattr(model, "format", "msis") != "msis":
+        described["format"] = model.format
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8"))
     for k, t in sorted(model.network.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{k} {t.dtype} {tuple(t.shape)}\n".encode("utf-8"))
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"model": spec.name, "model_version": spec.version, "model_sha256": h.hexdigest()}
+
+
+def tables_model(paths) -> dict:
+    """The model the feature tables' maps came from (their sidecars), {} when they do not say."""
+    found = {}
+    for p in paths:
+        d = table_manifest(p) or {}
+        info = {k: d[k] for k in ("model", "model_version", "model_sha256") if k in d}
+        if not info.get("model_sha256"):
+            continue
+        if found and found["model_sha256"] != info["model_sha256"]:
+            raise InputError(f"{p} was made with the model {info.get('model')} (sha256 {info['model_sha256'][:12]}), the other tables "
+                             f"with {found.get('model')} (sha256 {found['model_sha256'][:12]}); a classifier learns one model's maps")
+        found = info
+    return found
 
 
 def table_lock(path):

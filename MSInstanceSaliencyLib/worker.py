@@ -149,8 +149,16 @@ class Worker:
                              "SlicerRadiomics extension (Extensions Manager) and restart Slicer; elsewhere "
                              "`pip install --no-build-isolation pyradiomics`")
         if self._classifier is None:
-            self._classifier = load_classifier()
+            self._classifier = load_classifier(model=self.model)
         return self._classifier
+
+    def _classifier_status(self) -> str:
+        """'' when the model has a usable classifier, else why the TP probability stays empty."""
+        try:
+            self.classifier()
+        except InputError as exc:
+            return str(exc)
+        return ""
 
     # -- requests
 
@@ -175,36 +183,32 @@ class Worker:
         dev = resolve_device(device)
         key = (model or None, str(dev))
         if key != self.model_key:
-            self.model, self.model_key = None, None
+            self.model, self.model_key, self._classifier = None, None, None
             self.model = load_model(model or None, device=dev)
             self.model_key, self.device = key, str(dev)
             self.case = self.labels = None  # prepared for another model's channels and normalisation
-        spec = self.model.spec
-        return {"name": spec.name, "version": spec.version, "input_channels": list(spec.input_channels),
-                "roi_size": list(spec.roi_size), "threshold": spec.threshold, "min_lesion_mm3": spec.min_lesion_mm3,
-                "gradcam_layer": spec.gradcam_layer, "layers": [name for name, _kind in list_layers(self.model)],
-                "device": self.device, "path": str(self.model.path) if self.model.path else None}
+        return {**self.model.describe(), "layers": [name for name, _kind in list_layers(self.model)], "device": self.device,
+                "classifier": self._classifier_status()}
 
-    def cmd_prepare(self, rid, flair, mprage, register=False, n4=False):
-        from .preprocessing import prepare_case
+    def cmd_prepare(self, rid, flair, mprage=None, register=False, n4=False):
         from .volumes import read_image
 
         self.need("model")
         self.case = self.labels = None
-        self.case = prepare_case(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), self.model.spec, register=register, n4=n4)
-        return {"shape": list(self.case.image.shape[1:]), "spacing": list(self.case.spacing), "channels": self.case.channels,
+        self.case = self.model.prepare(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE") if mprage else None,
+                                       register=register, n4=n4)
+        return {"shape": list(self.case.shape), "spacing": list(self.case.spacing), "channels": self.case.channels,
                 "steps": self.case.steps, "warnings": self.case.warnings}
 
     def cmd_set_labels(self, rid, path):
         self.need("case")
         labels = load_array(path)
-        if labels.shape != self.case.image.shape[1:]:
-            raise InputError(f"the lesion labels have shape {labels.shape}, the case {self.case.image.shape[1:]}")
+        if labels.shape != self.case.shape:
+            raise InputError(f"the lesion labels have shape {labels.shape}, the case {self.case.shape}")
         self.labels = labels.astype(np.int32, copy=False)
         return {"n_lesions": int(np.count_nonzero(np.unique(self.labels)))}
 
     def cmd_segment(self, rid, threshold=None, min_volume_mm3=None):
-        from .inference import predict_probability
         from .instances import label_instances, lesion_table
 
         self.need("case")
@@ -215,8 +219,7 @@ class Worker:
             raise InputError(f"threshold must be between 0 and 1, got {thr}")
         if not min_vol >= 0.0:
             raise InputError(f"minimum lesion volume must be >= 0 mm^3, got {min_vol}")
-        prob = self.case.only_where_valid(predict_probability(self.model, self.case.image, device=self.device,
-                                                              progress=self.progress_callback(rid)))
+        prob = self.model.predict_case(self.case, device=self.device, progress=self.progress_callback(rid))
         labels = label_instances(prob > thr, spacing=self.case.spacing, min_volume_mm3=min_vol)
         self.labels = labels.astype(np.int32, copy=False)
         return {"probability": save_array(self.out_path(rid, "probability"), prob.astype(np.float32)),
@@ -225,18 +228,18 @@ class Worker:
 
     def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", n_samples=50, sigma=0.05, sigma_mode="range",
                     aggregation="max", context="patch", seed=0, layer=None, max_omega_voxels=None, precision="fp32"):
-        from .explain import explain, omega_from_lesion
+        from .explain import explain_case, omega_from_lesion
 
         self.need("case")
         if mask is not None:
             omega = load_array(mask).astype(bool)
-            if omega.shape != self.case.image.shape[1:] or not omega.any():
+            if omega.shape != self.case.shape or not omega.any():
                 raise InputError("the region to explain is empty or not on the MPRAGE grid")
             label = "region"
         else:
             self.need("labels")
             omega, label = omega_from_lesion(self.labels, int(lesion_id)), f"lesion{int(lesion_id)}"
-        exp = explain(self.model, self.case.image, omega, method, label=label, channels=self.case.channels, n_samples=int(n_samples),
+        exp = explain_case(self.model, self.case, omega, method, label=label, n_samples=int(n_samples),
                       sigma=float(sigma), sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=int(seed),
                       layer=layer or None, device=self.device, progress=self.progress_callback(rid), precision=precision,
                       max_omega_voxels=int(max_omega_voxels) if max_omega_voxels else None)
