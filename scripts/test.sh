@@ -12,7 +12,7 @@ cd "$ROOT"
 
 echo "=== [1/2] main test suite (.venv) ===" >&2
 main_rc=0
-{ bash "$ROOT/scripts/setup_env.sh" && MSIS_REQUIRE_RADIOMICS=1 "$ROOT/.venv/bin/python" -m pytest Testing/Python "$@"; } || main_rc=$?
+{ bash "$ROOT/scripts/setup_env.sh" && MSIS_REQUIRE_RADIOMICS=1 MSIS_REQUIRE_REFERENCES=1 "$ROOT/.venv/bin/python" -m pytest Testing/Python "$@"; } || main_rc=$?
 
 echo "=== [2/2] test suite under Slicer 5.10's Python pins (.venv-slicer) ===" >&2
 slicer_rc=0

@@ -89,3 +89,13 @@ def make_image(shape=(20, 24, 28), spacing=(0.8, 1.1, 2.5), seed=0, direction=No
         direction = rot.ravel()
     img.SetDirection(tuple(float(d) for d in direction))
     return img
+
+
+def require_reference(module: str):
+    """A framework used as a reference in tests (nnunetv2, lst_ai). The main run (scripts/test.sh sets
+    MSIS_REQUIRE_REFERENCES=1) installs them, so there a missing one is an error, never a silent skip."""
+    if importlib.util.find_spec(module) is not None:
+        return importlib.import_module(module)
+    if os.environ.get("MSIS_REQUIRE_REFERENCES") == "1":
+        pytest.fail(f"{module} is not installed, and the main run needs it as a reference (scripts/setup_env.sh installs it)")
+    pytest.skip(f"{module} (a reference implementation for tests) is not installed")

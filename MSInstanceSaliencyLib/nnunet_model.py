@@ -1,0 +1,534 @@
+"""nnU-Net v2 trained-model folders (dataset.json, plans.json, fold_N/checkpoint_final.pth).
+
+Runs what nnunetv2's predictor runs (nnunetv2 2.8.1, default 3d_fullres plans), without nnunetv2:
+transpose -> crop to the non-zero box -> per-channel normalisation -> resampling to the plan's spacing
+-> sliding window (step 0.5, Gaussian weights, float16 accumulation as nnU-Net does on the CPU) with
+test-time mirroring -> fold average of the logits -> logits resampled back -> softmax -> uncropped,
+transposed back. Testing/Python/test_nnunet_model.py compares it with nnunetv2's own predictor on a
+folder nnU-Net itself trained. Only the networks' weights are read from the checkpoints (weights_only,
+an allow-list of the numpy types they hold), and the network is built with dynamic-network-
+architectures from an allow-list of classes; nothing named in a file is imported blindly.
+
+Saliency runs on the network's grid (the preprocessed array) with the plan's patch as context and one
+network whose logits are the mean of the folds' logits (what the predictor averages); Ω goes there
+and the maps come back with the grid (`NNUNetGrid`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .model import LoadedModel, ModelSpec, channel_name, checked_channels, freeze, load_weights, unwrap_state_dict
+from .progress import report
+
+ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")  # dynamic_network_architectures.architectures.unet
+# nnU-Net's trainer and the variants of it that change training only, not the network.
+KNOWN_TRAINERS = {"nnUNetTrainer", "nnUNetTrainerNoMirroring", "nnUNetTrainer_onlyMirror01", "nnUNetTrainerNoDA",
+                  "nnUNetTrainerDiceCELoss_noSmooth", "nnUNetTrainerCELoss", "nnUNetTrainerDiceLoss", "nnUNetTrainerTopk10Loss"}
+KNOWN_TRAINER_PREFIXES = ("nnUNetTrainer_", "nnUNetTrainerNoDeepSupervision")  # nnUNetTrainer_250epochs, ... (schedule only)
+ANISO_THRESHOLD = 3  # nnunetv2.configuration: separate-z resampling above this spacing ratio
+CHECKPOINT = "checkpoint_final.pth"
+
+
+def _torch_classes() -> dict:
+    """The torch.nn classes plans may name for conv, norm, dropout and non-linearity, by every spelling nnU-Net writes."""
+    from torch import nn
+
+    out = {}
+    for module, names in {"conv": ["Conv3d"], "instancenorm": ["InstanceNorm3d"], "batchnorm": ["BatchNorm3d"],
+                          "dropout": ["Dropout3d", "Dropout"], "activation": ["LeakyReLU", "ReLU", "ELU", "GELU", "PReLU"]}.items():
+        for n in names:
+            cls = getattr(nn, n)
+            out[f"torch.nn.{n}"] = out[f"torch.nn.modules.{module}.{n}"] = cls
+    return out
+
+
+def _checkpoint_globals() -> list:
+    """The numpy types nnU-Net checkpoints hold besides tensors (np.float32 values in the training log)."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [np.dtype, core.multiarray.scalar]
+    allowed += [getattr(np.dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType", "Int32DType", "BoolDType")
+                if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
+    return allowed
+
+
+# ----------------------------------------------------------------------------- nnU-Net's resampling
+
+def _resize(img: np.ndarray, shape, order: int) -> np.ndarray:
+    """skimage.transform.resize(order, mode='edge', anti_aliasing=False) as nnU-Net calls it: a zoom with
+    edge values and grid_mode, clipped to the input's range (equal, checked against skimage)."""
+    from scipy import ndimage
+
+    img = img.astype(np.float64)
+    out = ndimage.zoom(img, [n / s for n, s in zip(shape, img.shape)], order=order, mode="nearest", grid_mode=True)
+    return np.clip(out, img.min(), img.max())
+
+
+def _separate_z_axis(current, new):
+    """nnU-Net's choice: resample the low-resolution axis separately when either spacing is anisotropic (> 3x)."""
+    for sp in (current, new):
+        sp = np.asarray(sp, float)
+        if sp.max() / sp.min() > ANISO_THRESHOLD:
+            axes = np.where(sp.max() / sp == 1)[0]
+            return int(axes[0]) if len(axes) == 1 else None
+    return None
+
+
+def resample(data: np.ndarray, new_shape, current_spacing, new_spacing, order: int, order_z: int = 0) -> np.ndarray:
+    """nnU-Net's resample_data_or_seg_to_shape for data (C, ...): unchanged when the shape is; otherwise
+    in float64, written into the input's dtype."""
+    new_shape, shape = np.array(new_shape), np.array(data.shape[1:])
+    if np.all(shape == new_shape):
+        return data
+    out = np.zeros((data.shape[0], *new_shape), dtype=data.dtype)
+    d = data.astype(np.float64)
+    axis = _separate_z_axis(current_spacing, new_spacing)
+    for c in range(d.shape[0]):
+        if axis is None:
+            out[c] = _resize(d[c], new_shape, order)
+            continue
+        from scipy import ndimage
+
+        inplane = [i for i in range(3) if i != axis]
+        tmp_shape = new_shape.copy()
+        tmp_shape[axis] = shape[axis]
+        here = np.zeros(tmp_shape)
+        for s in range(shape[axis]):
+            idx = [slice(None)] * 3
+            idx[axis] = s
+            here[tuple(idx)] = _resize(d[c][tuple(idx)], new_shape[inplane], order)
+        if shape[axis] != new_shape[axis]:
+            grids = np.mgrid[tuple(slice(0, n) for n in new_shape)].astype(float)
+            coords = np.array([(o / n) * (g + 0.5) - 0.5 for g, o, n in zip(grids, here.shape, new_shape)])
+            out[c] = ndimage.map_coordinates(here, coords, order=order_z, mode="nearest")
+        else:
+            out[c] = here
+    return out
+
+
+def gaussian_weights(patch):
+    """nnU-Net's tile weights: a Gaussian of sigma patch/8 peaking at 10, in float16, no zero."""
+    import torch
+    from scipy import ndimage
+
+    tmp = np.zeros(patch)
+    tmp[tuple(p // 2 for p in patch)] = 1
+    g = ndimage.gaussian_filter(tmp, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    g /= g.max() / 10
+    g = torch.from_numpy(g).half()
+    g[g == 0] = g[g != 0].min()
+    return g
+
+
+def tile_starts(size, patch, step: float = 0.5) -> list:
+    out = []
+    for n, p in zip(size, patch):
+        k = int(np.ceil((n - p) / (p * step))) + 1
+        stride = (n - p) / (k - 1) if k > 1 else 0
+        out.append([int(np.round(stride * j)) for j in range(k)])
+    return out
+
+
+# ----------------------------------------------------------------------------- the grid
+
+@dataclass
+class NNUNetGrid:
+    """The preprocessed array's grid: transposed, cropped to the non-zero box, resampled."""
+
+    transpose_forward: list
+    transpose_backward: list
+    shape_before_cropping: tuple  # transposed order
+    bbox: list  # [[lo, hi), ...] transposed order
+    shape_after_cropping: tuple
+    spacing: list  # the image's, transposed (z, y, x) order
+    target_spacing: list
+    probabilities_order: int = 1
+    probabilities_order_z: int = 0
+    same: bool = field(default=False)
+
+    def _crop(self):
+        return tuple(slice(lo, hi) for lo, hi in self.bbox)
+
+    def back_to_crop(self, data: np.ndarray) -> np.ndarray:
+        """(C, network grid) -> (C, cropped image grid), as nnU-Net brings its logits back."""
+        return resample(data, self.shape_after_cropping, self.target_spacing, self.spacing, self.probabilities_order,
+                        self.probabilities_order_z)
+
+    def uncrop_to_reference(self, cropped: np.ndarray, outside: float = 0.0) -> np.ndarray:
+        """(cropped image grid) -> (X, Y, Z) on the reference grid."""
+        full = np.full(self.shape_before_cropping, outside, dtype=np.float32)
+        full[self._crop()] = cropped
+        return np.ascontiguousarray(full.transpose(self.transpose_backward).transpose(2, 1, 0))
+
+    def to_reference(self, array: np.ndarray, kind: str = "linear") -> np.ndarray:
+        back = self.back_to_crop(np.asarray(array, np.float32)[None])[0]
+        if kind != "linear":
+            back = back > 0.5
+        return self.uncrop_to_reference(back.astype(np.float32))
+
+    def to_network(self, mask: np.ndarray) -> np.ndarray:
+        """A voxel set on the reference grid on the network grid (nnU-Net resamples masks linearly, > 0.5);
+        a set too small to keep a voxel keeps the one nearest its centre."""
+        zyx = np.asarray(mask, bool).transpose(2, 1, 0).transpose(self.transpose_forward)[self._crop()]
+        shape = [int(round(a / b * n)) for a, b, n in zip(self.spacing, self.target_spacing, self.shape_after_cropping)]
+        out = resample(zyx[None].astype(np.float32), shape, self.spacing, self.target_spacing, 1, 0)[0] > 0.5
+        if not out.any() and zyx.any():
+            centre = np.argwhere(zyx).mean(0) * np.array(shape) / np.array(zyx.shape)
+            out[tuple(np.clip(np.floor(centre).astype(int), 0, np.array(shape) - 1))] = True
+        return out
+
+    def describe(self) -> str:
+        return f"nnU-Net's preprocessed grid ({', '.join(f'{s:g}' for s in self.target_spacing)} mm, transposed {self.transpose_forward})"
+
+
+# ----------------------------------------------------------------------------- the model
+
+def _ensemble(members):
+    import torch
+
+    class FoldMean(torch.nn.Module):
+        """The folds' networks as one: mean of their logits (nnU-Net's predictor averages logits over folds)."""
+
+        def __init__(self, nets):
+            super().__init__()
+            self.members = torch.nn.ModuleList(nets)
+
+        def forward(self, x):
+            out = self.members[0](x)
+            for m in self.members[1:]:
+                out = out + m(x)
+            return out / len(self.members) if len(self.members) > 1 else out
+
+    return FoldMean(members)
+
+
+@dataclass
+class NNUNetModel(LoadedModel):
+    plans: dict = field(default_factory=dict)
+    configuration: dict = field(default_factory=dict)
+    dataset: dict = field(default_factory=dict)
+    folds: list = field(default_factory=list)
+    mirror_axes: tuple = ()
+    trainer: str = "nnUNetTrainer"
+    notes: list = field(default_factory=list)
+    channel_order: list = field(default_factory=list)  # the dataset's channel i is this image
+
+    format = "nnunet"
+
+    @property
+    def patch(self) -> list:
+        return list(self.configuration["patch_size"])
+
+    @property
+    def size_divisor(self) -> int:
+        d = 1
+        for s in self.configuration["architecture"]["arch_kwargs"]["strides"]:
+            d *= int(max(s) if isinstance(s, (list, tuple)) else s)
+        return d
+
+    def prepare(self, flair, mprage=None, *, register: bool = False, n4: bool = False):
+        from .preprocessing import PreparedCase, align_inputs, n4_correct
+
+        images, reference, steps, covered, valid, warnings = align_inputs(flair, mprage, self.spec.input_channels, register=register)
+        flair_ref = images["flair"]
+        if n4:
+            images = {k: n4_correct(v) for k, v in images.items()}
+            steps.append("N4 bias-field correction")
+        data = np.stack([sitk.GetArrayFromImage(images[name]).astype(np.float32) for name in self.channel_order])
+        if covered is not None:  # a FLAIR slab: outside it nnU-Net would see zeros, as in a cropped acquisition
+            data[self.channel_order.index("flair")][~covered.transpose(2, 1, 0)] = 0
+        x, grid = self.preprocess(data, list(reference.GetSpacing())[::-1])
+        steps += [f"nnU-Net preprocessing: transpose {grid.transpose_forward}, crop to the non-zero box {grid.bbox}, "
+                  f"{', '.join(self.configuration['normalization_schemes'])}, resampled to "
+                  f"{', '.join(f'{s:g}' for s in grid.target_spacing)} mm ({'x'.join(map(str, x.shape[1:]))} voxels)"]
+        return PreparedCase(x, reference, list(self.channel_order), flair_ref, steps, valid, warnings, grid)
+
+    def preprocess(self, data: np.ndarray, spacing_zyx) -> tuple[np.ndarray, NNUNetGrid]:
+        """nnU-Net's DefaultPreprocessor on (C, z, y, x) float32: the network input and its grid."""
+        from scipy import ndimage
+
+        tf = list(self.plans["transpose_forward"])
+        tb = list(self.plans["transpose_backward"])
+        data = data.transpose([0, *[i + 1 for i in tf]])
+        sp = [float(abs(spacing_zyx[i])) for i in tf]
+        shape_before = tuple(data.shape[1:])
+        nonzero = ndimage.binary_fill_holes(np.any(data != 0, axis=0))
+        bbox = []
+        for a in range(3):
+            hit = np.where(np.any(nonzero, axis=tuple(j for j in range(3) if j != a)))[0]
+            bbox.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, shape_before[a]])
+        crop = tuple(slice(lo, hi) for lo, hi in bbox)
+        data = np.ascontiguousarray(data[(slice(None), *crop)])
+        mask = nonzero[crop]
+        for c, scheme in enumerate(self.configuration["normalization_schemes"]):
+            data[c] = self._normalize(data[c], scheme, bool(self.configuration["use_mask_for_norm"][c]), mask, c)
+        target = [float(s) for s in self.configuration["spacing"]]
+        new_shape = [int(round(a / b * n)) for a, b, n in zip(sp, target, data.shape[1:])]
+        kw = self.configuration.get("resampling_fn_data_kwargs", {})
+        x = resample(data, new_shape, sp, target, int(kw.get("order", 3)), int(kw.get("order_z", 0)))
+        pkw = self.configuration.get("resampling_fn_probabilities_kwargs", {})
+        grid = NNUNetGrid(tf, tb, shape_before, bbox, tuple(data.shape[1:]), sp, target, int(pkw.get("order", 1)), int(pkw.get("order_z", 0)))
+        return np.ascontiguousarray(x, dtype=np.float32), grid
+
+    def _normalize(self, image: np.ndarray, scheme: str, use_mask: bool, mask: np.ndarray, channel: int) -> np.ndarray:
+        image = image.astype(np.float32, copy=False)
+        if scheme == "ZScoreNormalization":
+            if use_mask:
+                mean, std = image[mask].mean(), image[mask].std()
+                image[mask] = (image[mask] - mean) / max(std, 1e-8)
+            else:
+                mean, std = image.mean(), image.std()
+                image -= mean
+                image /= max(std, 1e-8)
+            return image
+        if scheme == "NoNormalization":
+            return image
+        if scheme == "RescaleTo01Normalization":
+            image -= image.min()
+            image /= np.clip(image.max(), a_min=1e-8, a_max=None)
+            return image
+        if scheme == "CTNormalization":
+            props = self.plans["foreground_intensity_properties_per_channel"][str(channel)]
+            image = np.clip(image, props["percentile_00_5"], props["percentile_99_5"])
+            image -= props["mean"]
+            image /= max(props["std"], 1e-8)
+            return image
+        raise InputError(f"nnU-Net normalisation {scheme!r} is not supported (ZScore, NoNormalization, RescaleTo01, CT are)")
+
+    # -- prediction
+    def _fold_logits(self, x, net, progress=None, done=0, total=1):
+        """nnU-Net's sliding window on one fold: (K, *x.shape[1:]) float16 logits."""
+        import torch
+
+        patch = self.patch
+        diff = [max(p - s, 0) for p, s in zip(patch, x.shape[1:])]
+        pads = [(d // 2, d // 2 + d % 2) for d in diff]
+        xp = torch.nn.functional.pad(x, [v for p in pads[::-1] for v in p], "constant", 0)
+        g = gaussian_weights(patch)
+        k = self.spec.network_args["out_channels"]
+        acc = torch.zeros((k, *xp.shape[1:]), dtype=torch.half)
+        weight = torch.zeros(xp.shape[1:], dtype=torch.half)
+        combos = [c for i in range(len(self.mirror_axes)) for c in itertools.combinations([a + 2 for a in self.mirror_axes], i + 1)]
+        dev = next(net.parameters()).device
+        for sx, sy, sz in itertools.product(*tile_starts(xp.shape[1:], patch)):
+            report(progress, done, total)
+            tile = (slice(sx, sx + patch[0]), slice(sy, sy + patch[1]), slice(sz, sz + patch[2]))
+            t = xp[(slice(None), *tile)][None].to(dev)
+            pred = net(t)
+            for axes in combos:
+                pred += torch.flip(net(torch.flip(t, axes)), axes)
+            if combos:
+                pred /= len(combos) + 1
+            pred = pred[0].float().cpu() * g
+            acc[(slice(None), *tile)] += pred
+            weight[tile] += g
+            done += 1
+        torch.div(acc, weight, out=acc)
+        return acc[(slice(None), *[slice(a, xp.shape[i + 1] - b) for i, (a, b) in enumerate(pads)])], done
+
+    def predict_logits(self, image: np.ndarray, *, device="auto", progress=None):
+        """Fold-averaged float16 logits (K, network grid) as nnU-Net's predictor computes them."""
+        import torch
+
+        from .model import resolve_device
+
+        dev = resolve_device(device)
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        n_tiles = math.prod(len(s) for s in tile_starts([max(p, n) for p, n in zip(self.patch, x.shape[1:])], self.patch))
+        total, done, summed = n_tiles * len(self.network.members), 0, None
+        self.network.to(dev)
+        with torch.inference_mode():
+            for net in self.network.members:
+                logits, done = self._fold_logits(x, net, progress, done, total)
+                summed = logits if summed is None else summed + logits
+            if len(self.network.members) > 1:
+                summed /= len(self.network.members)
+        report(progress, total, total)
+        return summed
+
+    def predict_probability(self, image, *, device="auto", progress=None, sw_batch_size: int = 1):
+        import torch
+
+        logits = self.predict_logits(image, device=device, progress=progress)
+        return torch.softmax(logits.float(), 0)[self.spec.lesion_class].numpy()
+
+    def predict_case(self, prepared, *, device="auto", progress=None):
+        """As nnU-Net exports: logits back to the image grid (order 1), softmax, lesion class; 0 outside the box."""
+        import torch
+
+        logits = self.predict_logits(prepared.image, device=device, progress=progress).numpy()
+        back = prepared.grid.back_to_crop(logits)
+        prob = torch.softmax(torch.from_numpy(back).float(), 0)[self.spec.lesion_class].numpy()
+        return prepared.only_where_valid(prepared.grid.uncrop_to_reference(prob))
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update({"folds": list(self.folds), "mirroring": bool(self.mirror_axes), "trainer": self.trainer,
+                  "configuration": self.spec.training.get("configuration"), "patch_size": self.patch,
+                  "dataset_channels": self.dataset.get("channel_names"), "notes": list(self.notes)})
+        return d
+
+    def expects(self) -> str:
+        names = " + ".join({"flair": "FLAIR", "mprage": "MPRAGE (T1)"}[c] for c in self.channel_order)
+        return (f"{names} (nnU-Net channels {', '.join(f'{k}={v}' for k, v in self.dataset.get('channel_names', {}).items())}); "
+                f"nnU-Net preprocessing to {'x'.join(f'{s:g}' for s in self.configuration['spacing'])} mm; folds "
+                f"{','.join(map(str, self.folds))}, mirroring {'on' if self.mirror_axes else 'off'}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_json(p: Path, what: str) -> dict:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p} ({what}) cannot be read: {exc}") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{p} ({what}) does not hold a JSON object")
+    return d
+
+
+def _configuration(plans: dict, name: str, source: Path) -> dict:
+    configs = plans.get("configurations", {})
+    if name not in configs:
+        raise InputError(f"{source}: configuration {name!r} (from the checkpoint) is not in plans.json ({', '.join(configs)})")
+    c = dict(configs[name])
+    seen = {name}
+    while "inherits_from" in c:  # nnU-Net's configurations may extend another one
+        parent = c.pop("inherits_from")
+        if parent in seen or parent not in configs:
+            raise InputError(f"{source}: configuration {name!r} inherits from {parent!r}, which is missing or circular")
+        seen.add(parent)
+        c = {**configs[parent], **c}
+    if c.get("previous_stage"):
+        raise InputError(f"{source}: configuration {name!r} is a cascade stage (it needs {c['previous_stage']}'s segmentation); "
+                         "use a 3d_fullres model")
+    if len(c.get("patch_size", [])) != 3:
+        raise InputError(f"{source}: configuration {name!r} is not 3D (patch_size {c.get('patch_size')}); this tool runs 3D networks")
+    if "architecture" not in c:
+        raise InputError(f"{source}: plans.json has no 'architecture' entry (plans from nnU-Net before 2.4?); "
+                         "re-plan or re-export the model with nnU-Net >= 2.4")
+    for key in ("resampling_fn_data", "resampling_fn_probabilities"):
+        if c.get(key, "resample_data_or_seg_to_shape") != "resample_data_or_seg_to_shape":
+            raise InputError(f"{source}: {key} {c[key]!r} is not supported (only nnU-Net's default resample_data_or_seg_to_shape)")
+    return c
+
+
+def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
+    """The plan's architecture with dynamic-network-architectures, from allow-listed classes only."""
+    try:
+        from dynamic_network_architectures.architectures import unet
+    except ImportError:
+        raise InputError("nnU-Net models need the package dynamic-network-architectures (pip install --no-deps "
+                         "dynamic-network-architectures einops)") from None
+    arch = configuration["architecture"]
+    name = str(arch.get("network_class_name", ""))
+    short = name.rsplit(".", 1)[-1]
+    if short not in ARCHITECTURES or not name.startswith(("dynamic_network_architectures.", short)):
+        raise InputError(f"nnU-Net architecture {name!r} is not one this tool builds ({', '.join(ARCHITECTURES)} from "
+                         "dynamic_network_architectures)")
+    kwargs = dict(arch.get("arch_kwargs", {}))
+    classes = _torch_classes()
+    for key in arch.get("_kw_requires_import", []):
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if value not in classes:
+            raise InputError(f"nnU-Net plans name {key} = {value!r}, which is not an allowed torch.nn class "
+                             f"({', '.join(sorted({k.rsplit('.', 1)[-1] for k in classes}))})")
+        kwargs[key] = classes[value]
+    try:
+        return getattr(unet, short)(input_channels=n_in, num_classes=n_out, deep_supervision=False, **kwargs)
+    except Exception as exc:  # inconsistent arch_kwargs
+        raise InputError(f"cannot build nnU-Net's {short} from plans.json: {str(exc).splitlines()[0][:200]}") from None
+
+
+def dataset_channels(dataset: dict, channels, source) -> list:
+    names = dataset.get("channel_names") or dataset.get("modality") or {}
+    keys = sorted(names, key=lambda k: int(k))
+    if channels is not None:
+        return checked_channels(channels, len(keys), f"{source} (channel_names {names})")
+    mapped = [channel_name(names[k]) for k in keys]
+    if None in mapped or len(set(mapped)) != len(mapped):
+        raise InputError(f"{source}: cannot tell which of this tool's images each nnU-Net channel is ({names}); name them in "
+                         "order with --model-channels, e.g. --model-channels flair,mprage")
+    return mapped
+
+
+def lesion_label(dataset: dict, source) -> int:
+    labels = dataset.get("labels", {})
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise InputError(f"{source}: region-based nnU-Net training (labels {labels}) is not supported; the tool needs one lesion label")
+    fg = {k: int(v) for k, v in labels.items() if int(v) != 0 and k != "ignore"}
+    if len(fg) == 1:
+        return next(iter(fg.values()))
+    lesion = [v for k, v in fg.items() if any(w in k.lower() for w in ("lesion", "wmh", "ms"))]
+    if len(lesion) == 1:
+        return lesion[0]
+    raise InputError(f"{source}: the dataset has the labels {labels}; this tool explains one lesion label and cannot tell which")
+
+
+def load_nnunet_model(folder, *, device="cpu", folds=None, mirroring: bool = True, channels=None) -> NNUNetModel:
+    folder = Path(folder)
+    dataset = _read_json(folder / "dataset.json", "nnU-Net dataset.json")
+    plans = _read_json(folder / "plans.json", "nnU-Net plans.json")
+    present = sorted(int(d.name.split("_", 1)[1]) for d in folder.glob("fold_*") if d.name.split("_", 1)[1].isdigit()
+                     and (d / CHECKPOINT).is_file())
+    if folds is None or folds == ["all"]:
+        folds = present if folds is None else ["all"]
+        if not folds and (folder / "fold_all" / CHECKPOINT).is_file():
+            folds = ["all"]
+    missing = [f for f in folds if not (folder / f"fold_{f}" / CHECKPOINT).is_file()]
+    if not folds or missing:
+        raise InputError(f"{folder}: no {CHECKPOINT} for fold{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing or ['any']))} "
+                         f"(present: {', '.join(map(str, present)) or 'none'}); train them or choose --folds")
+    states, meta = [], None
+    for f in folds:
+        path = folder / f"fold_{f}" / CHECKPOINT
+        ckpt = load_weights(path, _checkpoint_globals())
+        if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+            raise InputError(f"{path} is not an nnU-Net v2 checkpoint (no network_weights)")
+        meta = meta or ckpt
+        states.append(unwrap_state_dict(ckpt["network_weights"]))
+    init = meta.get("init_args", {}) if isinstance(meta.get("init_args"), dict) else {}
+    config_name = init.get("configuration") or "3d_fullres"
+    configuration = _configuration(plans, config_name, folder / "plans.json")
+    trainer = str(meta.get("trainer_name") or "nnUNetTrainer")
+    notes = []
+    if trainer not in KNOWN_TRAINERS and not trainer.startswith(KNOWN_TRAINER_PREFIXES):
+        notes.append(f"trained with the custom trainer {trainer}: a custom trainer can change the network; it is built from "
+                     "plans.json as nnUNetTrainer builds it")
+    order = dataset_channels(dataset, channels, folder / "dataset.json")
+    lesion = lesion_label(dataset, folder / "dataset.json")
+    n_out = len(dataset["labels"])
+    members = []
+    for f, state in zip(folds, states):
+        net = build_nnunet_network(configuration, len(order), n_out)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            hint = f" (the checkpoint was written by {trainer}, which may build another network)" if notes else ""
+            raise InputError(f"fold_{f}/{CHECKPOINT} does not fit the network plans.json describes{hint}: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+        members.append(net)
+    network = _ensemble(members)
+    freeze(network)
+    network.to(device)
+    axes = tuple(meta.get("inference_allowed_mirroring_axes") or ()) if mirroring else ()
+    stages = len(configuration["architecture"]["arch_kwargs"]["features_per_stage"])
+    spec = ModelSpec(network_class=configuration["architecture"]["network_class_name"].rsplit(".", 1)[-1],
+                     network_args={"out_channels": n_out, "in_channels": len(order)}, input_channels=order,
+                     normalization="nnunet", roi_size=list(configuration["patch_size"]), overlap=0.5, threshold=0.5,
+                     min_lesion_mm3=0.0, lesion_class=lesion, gradcam_layer=f"members.0.decoder.stages.{max(stages - 3, 0)}",
+                     weights=CHECKPOINT, name=str(plans.get("dataset_name", folder.parent.name)), version=folder.name,
+                     description=f"nnU-Net v2 {config_name} ({trainer}), folds {', '.join(map(str, folds))}",
+                     training={"configuration": config_name, "trainer": trainer, "folds": list(folds)})
+    return NNUNetModel(network, spec, folder, plans=plans, configuration=configuration, dataset=dataset, folds=list(folds),
+                       mirror_axes=axes, trainer=trainer, notes=notes, channel_order=order)

@@ -1,0 +1,116 @@
+"""nnU-Net v2 trained-model folders against nnunetv2's own predictor, on a folder nnU-Net itself planned,
+preprocessed and trained (nnunet_reference.py, about a minute), and saliency on nnU-Net networks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import require_reference
+
+from MSInstanceSaliencyLib.errors import InputError
+from MSInstanceSaliencyLib.explain import explain_case, omega_from_lesion
+from MSInstanceSaliencyLib.model import load_model
+from MSInstanceSaliencyLib.pipeline import segment
+from MSInstanceSaliencyLib.saliency import list_layers
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory):
+    require_reference("nnunetv2")
+    from nnunet_reference import make_nnunet_model
+
+    return make_nnunet_model(tmp_path_factory.mktemp("nnunet"))
+
+
+def _case(ref, case):
+    flair, t1 = (sitk.ReadImage(p) for p in ref["tests"][case]["channels"])
+    return flair, t1
+
+
+@pytest.fixture
+def one_thread():
+    """nnU-Net's run used one thread; so do we, so that every float32 sum is added in the same order and
+    nnU-Net's float16 accumulation rounds alike (with 2 threads the probabilities differ by <= 3e-4)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("run", ["pred_mirror_f01", "pred_nomirror_f0"])
+def test_probabilities_and_segmentation_equal_nnunet_predictor(nnunet, run, one_thread):
+    settings = nnunet["predictions"][run]
+    model = load_model(nnunet["model_folder"], folds=None if len(settings["folds"]) > 1 else settings["folds"],
+                       mirroring=settings["use_mirroring"])
+    assert model.format == "nnunet" and model.folds == settings["folds"]
+    assert model.spec.input_channels == ["flair", "mprage"] and model.spec.lesion_class == 1
+    # test_resampled: resampled there and back; test_native: the plan's spacing, 2 tiles; test_aniso: separate-z, padded
+    for case, files in settings["cases"].items():
+        flair, t1 = _case(nnunet, case)
+        res = segment(flair, t1, model)
+        theirs = np.load(files["probabilities"])["probabilities"]  # (C, z, y, x)
+        np.testing.assert_array_equal(res.probability, theirs[1].transpose(2, 1, 0), err_msg=case)
+        seg = sitk.ReadImage(files["seg"])
+        assert seg.GetSize() == res.reference.GetSize()
+        np.testing.assert_array_equal(res.labels > 0, sitk.GetArrayFromImage(seg).transpose(2, 1, 0) == 1, err_msg=case)
+
+
+def test_saliency_on_nnunet_networks(nnunet):
+    model = load_model(nnunet["model_folder"], mirroring=False)
+    flair, t1 = _case(nnunet, "test_resampled")
+    res = segment(flair, t1, model)
+    assert res.labels.max() >= 1
+    omega = omega_from_lesion(res.labels, 1)
+    sg = explain_case(model, res.prepared, omega, n_samples=2, max_omega_voxels=8)
+    assert set(sg.maps) == {"flair", "mprage"}
+    assert sg.maps["flair"].shape == res.probability.shape and np.abs(sg.maps["flair"]).max() > 0
+    layers = [n for n, _ in list_layers(model)]
+    assert model.spec.gradcam_layer in layers and any(n.startswith("members.1.") for n in layers)
+    cam = explain_case(model, res.prepared, omega, "gradcampp")
+    assert cam.maps["gradcampp"].shape == res.probability.shape and cam.maps["gradcampp"].max() > 0
+    # Ω on the network's grid is the lesion resampled there (nnU-Net's transposed, cropped, resampled array)
+    assert res.prepared.to_network(omega).any() and res.prepared.image.shape[1:] != res.probability.shape
+
+
+def test_unsafe_checkpoints_architectures_and_channels_refused(nnunet, tmp_path):
+    src = Path(nnunet["model_folder"])
+    d = tmp_path / "model"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("checkpoint_best.pth", "*.png", "*.txt"))
+    # a checkpoint holding an object other than tensors and nnU-Net's numpy types is not unpickled
+    ckpt = torch.load(d / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    ckpt["extra"] = Path("/etc/passwd")
+    torch.save(ckpt, d / "fold_1" / "checkpoint_final.pth")
+    with pytest.raises(InputError, match="safely"):
+        load_model(d, folds=[1])
+    assert load_model(d, folds=[0]).folds == [0]
+    with pytest.raises(InputError, match="fold 3"):
+        load_model(d, folds=[3])
+    plans = json.loads((d / "plans.json").read_text())
+    bad = json.loads(json.dumps(plans))
+    bad["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
+    (d / "plans.json").write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="not one this tool builds"):
+        load_model(d, folds=[0])
+    bad = json.loads(json.dumps(plans))
+    bad["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin"] = "builtins.eval"
+    (d / "plans.json").write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="not an allowed torch.nn class"):
+        load_model(d, folds=[0])
+    (d / "plans.json").write_text(json.dumps(plans))
+    dataset = json.loads((d / "dataset.json").read_text())
+    dataset["channel_names"] = {"0": "FLAIR", "1": "T2"}
+    (d / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(InputError, match="--model-channels"):
+        load_model(d, folds=[0])
+    assert load_model(d, folds=[0], channels="flair,t1").spec.input_channels == ["flair", "mprage"]
+    (d / "dataset.json").write_text((src / "dataset.json").read_text())
+    # the results folder above the trained model is accepted when it holds one; a fold's checkpoint is not
+    assert load_model(d.parent, folds=[0]).format == "nnunet"
+    with pytest.raises(InputError, match="one nnU-Net fold's checkpoint"):
+        load_model(d / "fold_0" / "checkpoint_final.pth")
