@@ -319,6 +319,25 @@ def load_msis_model(model_dir, device="cpu", channels=None) -> LoadedModel:
     return LoadedModel(net, spec, d)
 
 
+def mean_of_members(members):
+    """Ensemble members as one network whose logits are the mean of theirs (nnU-Net averages its folds'
+    logits; saliency explains the mean lesion logit of an ensemble). Layers are named members.<i>.<name>."""
+    import torch
+
+    class MeanOfMembers(torch.nn.Module):
+        def __init__(self, nets):
+            super().__init__()
+            self.members = torch.nn.ModuleList(nets)
+
+        def forward(self, x):
+            out = self.members[0](x)
+            for m in self.members[1:]:
+                out = out + m(x)
+            return out / len(self.members) if len(self.members) > 1 else out
+
+    return MeanOfMembers(members)
+
+
 def checked_channels(channels, n: int, source: str) -> list:
     """User-given names of a network's input channels: each FLAIR or MPRAGE (or an alias) once, as many as it takes."""
     names = [c for c in (channels.split(",") if isinstance(channels, str) else channels)]

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .model import LoadedModel, ModelSpec, channel_name, checked_channels, freeze, load_weights, unwrap_state_dict
+from .model import LoadedModel, ModelSpec, channel_name, checked_channels, freeze, load_weights, mean_of_members, unwrap_state_dict
 from .progress import report
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")  # dynamic_network_architectures.architectures.unet
@@ -190,25 +190,6 @@ class NNUNetGrid:
 
 
 # ----------------------------------------------------------------------------- the model
-
-def _ensemble(members):
-    import torch
-
-    class FoldMean(torch.nn.Module):
-        """The folds' networks as one: mean of their logits (nnU-Net's predictor averages logits over folds)."""
-
-        def __init__(self, nets):
-            super().__init__()
-            self.members = torch.nn.ModuleList(nets)
-
-        def forward(self, x):
-            out = self.members[0](x)
-            for m in self.members[1:]:
-                out = out + m(x)
-            return out / len(self.members) if len(self.members) > 1 else out
-
-    return FoldMean(members)
-
 
 @dataclass
 class NNUNetModel(LoadedModel):
@@ -518,7 +499,7 @@ def load_nnunet_model(folder, *, device="cpu", folds=None, mirroring: bool = Tru
             raise InputError(f"fold_{f}/{CHECKPOINT} does not fit the network plans.json describes{hint}: "
                              f"{str(exc).splitlines()[0][:200]}") from None
         members.append(net)
-    network = _ensemble(members)
+    network = mean_of_members(members)
     freeze(network)
     network.to(device)
     axes = tuple(meta.get("inference_allowed_mirroring_axes") or ()) if mirroring else ()
