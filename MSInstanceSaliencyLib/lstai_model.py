@@ -30,9 +30,7 @@ CLIPPING = (0.5, 99.5)  # percentiles over the brain
 LEAKY_SLOPE = 0.3  # TensorFlow-trained numerics the released weights expect
 NORM_EPS = 1e-3
 CONFIG_KEYS = ("in_channels", "n_conv_blocks", "n_filters", "n_classes", "ds_layers", "bottleneck_filters")
-# fp32 activations of one member's forward pass at 192^3 (measured: benchmarks/model_memory.py); a backward
-# pass keeps them and needs about as much again.
-GIB = 1 << 30
+# Memory of a whole-crop backward pass: benchmarks/model_memory.py (saliency.check_backward_fits refuses what does not fit).
 
 
 def build_lstai_network(config: dict):
@@ -42,7 +40,7 @@ def build_lstai_network(config: dict):
 
     def unit(conv):
         # conv -> instance norm with affine parameters (GroupNorm with one channel per group) -> leaky ReLU
-        return [conv, nn.GroupNorm(conv.out_channels, conv.out_channels, eps=NORM_EPS, affine=True), nn.LeakyReLU(LEAKY_SLOPE)]
+        return [conv, nn.GroupNorm(conv.out_channels, conv.out_channels, eps=NORM_EPS, affine=True), nn.LeakyReLU(LEAKY_SLOPE, inplace=True)]
 
     class Block(nn.Module):
         """lst_ai's ConvBlock (two 3x3x3 units), DownConv and UpConv (one strided 4x4x4 unit): the layers in `block`."""

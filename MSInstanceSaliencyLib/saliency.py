@@ -203,9 +203,12 @@ def _activation_bytes(net, x) -> int:
     import torch
 
     total = [0]
+    kept = {}  # outputs held until the end, as a pass with gradients holds them, so no storage is reused
 
     def hook(_m, _i, out):
-        if isinstance(out, torch.Tensor):
+        # an in-place layer (LeakyReLU(inplace=True)) returns its input's storage: count it once
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in kept:
+            kept[out.untyped_storage().data_ptr()] = out
             total[0] += out.numel() * out.element_size()
 
     leaves = [m for m in net.modules() if not list(m.children())]
@@ -217,6 +220,38 @@ def _activation_bytes(net, x) -> int:
         for h in handles:
             h.remove()
     return total[0]
+
+
+GIB = 1 << 30
+PROBE_SIDE = 64  # estimate backward memory from a forward pass on a crop this large
+
+
+def backward_bytes(net, shape, divisor: int = 16) -> int:
+    """Memory one backward pass needs for an input of `shape` (1, C, X, Y, Z): about the activations of
+    the forward pass, which autograd keeps for it (peak resident memory of a forward + backward pass of
+    LST-AI's mdlA at 96^3 measured 0.83x of them on the CPU). Measured on a PROBE_SIDE^3 crop and scaled
+    with the voxel count (activations grow linearly with it: benchmarks/model_memory.py)."""
+    import torch
+
+    probe = [max(divisor, min(int(n), PROBE_SIDE) // divisor * divisor) for n in shape[2:]]
+    dev = next(net.parameters()).device
+    per_probe = _activation_bytes(net, torch.zeros((1, shape[1], *probe), device=dev))
+    return int(per_probe * math.prod(shape[2:]) / math.prod(probe))
+
+
+def check_backward_fits(net, shape, device, divisor: int = 16, what: str = "") -> None:
+    """InputError, before any work, when one backward pass over an input of `shape` cannot fit the free
+    memory of `device` (whole-volume context of large networks: LST-AI at 192^3)."""
+    if math.prod(shape[2:]) <= 128 ** 3:
+        return
+    need = backward_bytes(net, shape, divisor)
+    avail = _available_bytes(device)
+    if need > 0.9 * avail:
+        members = getattr(net, "members", None)
+        per = f", {need / len(members) / GIB:.1f} GiB per ensemble member" if members is not None and len(members) > 1 else ""
+        raise InputError(f"one backward pass of the network over its {'x'.join(map(str, shape[2:]))} input{what} needs about "
+                         f"{need / GIB:.1f} GiB in fp32{per}, but {device} has {avail / GIB:.1f} GiB free: use a GPU with more memory, "
+                         "or a single ensemble member as --model")
 
 
 def auto_chunk_size(net, x, device, n_omega: int) -> int:
@@ -331,6 +366,7 @@ def smoothgrad(
     noises = noise_stream((image.shape[0],) + box.shape, sd, seed)
 
     with frozen(net, dev):
+        check_backward_fits(net, (1, *x0.shape), dev, _divisor(model, spec))
         if chunk_size is None:
             chunk = auto_chunk_size(net, x0[None], dev, n_omega) if aggregation == "max" else 1
         else:
@@ -480,6 +516,7 @@ def gradcampp(
     handle = modules[layer].register_forward_hook(lambda _m, _i, out: store.__setitem__("A", out))
     try:
         with frozen(net, dev):
+            check_backward_fits(net, tuple(x.shape), dev, _divisor(model, spec))
             x.requires_grad_(True)  # so that the layer's activations are part of the graph
             out = net(x)
             logits = lesion_logits(out)

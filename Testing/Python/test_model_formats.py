@@ -179,3 +179,16 @@ def test_classifier_is_bound_to_its_model(tmp_path, tiny_model_dir):
     c.trained_for = model_identity(tiny)
     c.save(tmp_path / "clf.json")
     assert load_classifier(tmp_path / "clf.json", model=tiny).trained_for["model"] == "tiny-test"
+
+
+def test_backward_that_cannot_fit_is_refused_before_the_work(tiny_model_dir):
+    from MSInstanceSaliencyLib.saliency import GIB, backward_bytes, check_backward_fits
+
+    model = load_model(tiny_model_dir)
+    small = backward_bytes(model.network, (1, 2, 64, 64, 64))
+    big = backward_bytes(model.network, (1, 2, 128, 128, 128))
+    assert big == 8 * small  # activations scale with the voxel count
+    check_backward_fits(model.network, (1, 2, 160, 160, 160), torch.device("cpu"))  # about 1 GiB: fits
+    with pytest.raises(InputError, match=r"needs about [0-9.]+ GiB in fp32, but cpu has [0-9.]+ GiB free"):
+        check_backward_fits(model.network, (1, 2, 2048, 2048, 1024), torch.device("cpu"))
+    assert backward_bytes(model.network, (1, 2, 2048, 2048, 1024)) > 64 * GIB
