@@ -201,7 +201,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._showTable(None)
             return
         idle = not self._taskRunning
-        inputs = bool(p.flairVolume and p.mprageVolume)
+        inputs = bool(p.flairVolume)  # the MPRAGE too unless the model is FLAIR-only (the worker says so)
         hasLesions = bool(p.lesionLabels and p.lesionTable)
         customReady = bool(p.useCustomRegion and p.customRegionSegmentation and p.customRegionSegmentId)
         radiomics = dependencies.has_radiomics()
@@ -296,7 +296,13 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         parts = [f"torch {info['torch']}", info.get("device_note", "")]
         parts.append(f"pyradiomics {info['radiomics']}" if info.get("radiomics") else _("no pyradiomics (TP probability off)"))
-        self.ui.workerStatusLabel.text = _("Worker (pid {pid}): ").format(pid=info["pid"]) + "; ".join(x for x in parts if x)
+        text = _("Worker (pid {pid}): ").format(pid=info["pid"]) + "; ".join(x for x in parts if x)
+        model = self.logic.modelInfo()
+        if model:
+            text += "\n" + _("Model {name} ({format}): {expects}").format(**model)
+            if model.get("classifier"):
+                text += "\n" + _("TP probability: {note}").format(note=model["classifier"])
+        self.ui.workerStatusLabel.text = text
 
     # -- actions
 
@@ -541,6 +547,10 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         if not start:
             return self._session.last_info() if self._session else None
         return self.session().info(p.device if p else "auto", progress)
+
+    def modelInfo(self):
+        """What the loaded model is and expects (format, inputs, pre-processing, classifier note); None before one is loaded."""
+        return self._session.model_info() if self._session else None
 
     def segment(self, p, progress=None):
         rows = self.session().segment(p, progress)

@@ -407,8 +407,9 @@ def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
     try:
         from dynamic_network_architectures.architectures import unet
     except ImportError:
-        raise InputError("nnU-Net models need the package dynamic-network-architectures (pip install --no-deps "
-                         "dynamic-network-architectures einops)") from None
+        raise InputError("nnU-Net models need the package dynamic-network-architectures: `pip install --no-deps "
+                         "dynamic-network-architectures einops` (in 3D Slicer's Python console: slicer.util.pip_install("
+                         "'--no-deps dynamic-network-architectures einops'); --no-deps keeps its timm from pulling another torch)") from None
     arch = configuration["architecture"]
     name = str(arch.get("network_class_name", ""))
     short = name.rsplit(".", 1)[-1]

@@ -22,6 +22,11 @@ def volume_key(node):
     return (node.GetID(), image.GetMTime() if image is not None else 0, tuple(ijk_to_ras(node).ravel().round(6)))
 
 
+def reference_volume(p):
+    """The volume whose grid every output lies on: the MPRAGE, or the FLAIR for a FLAIR-only model without one."""
+    return p.mprageVolume or p.flairVolume
+
+
 def method_arguments(p) -> dict:
     """The worker's explain arguments for the module's method settings."""
     return dict(method="gradcampp" if p.method == "Grad-CAM++" else "smoothgrad", n_samples=int(p.nSamples), sigma=float(p.sigma),
@@ -58,6 +63,10 @@ class WorkerSession:
 
     # -- what the worker holds
 
+    def model_info(self) -> dict | None:
+        """What the loaded model is and expects (its describe()), None before a model is loaded."""
+        return self._client.synced.get("model_info") if self.running else None
+
     def info(self, device="auto", progress=None) -> dict:
         """The worker's torch build, GPUs and packages (asked once per worker process)."""
         client = self.client
@@ -89,16 +98,20 @@ class WorkerSession:
 
         from MSInstanceSaliencyLib.worker import save_array
 
-        self.sync_model(p, progress)
-        if not p.flairVolume or not p.mprageVolume:
-            raise ValueError("Select the FLAIR and MPRAGE volumes.")
+        info = self.sync_model(p, progress)
+        if not p.flairVolume:
+            raise ValueError("Select the FLAIR volume.")
+        if not p.mprageVolume and "mprage" in info.get("input_channels", ["mprage"]):
+            raise ValueError("This model needs the MPRAGE (T1) as well: select it.")
         synced, client = self.client.synced, self.client
-        key = (volume_key(p.flairVolume), volume_key(p.mprageVolume))
+        key = (volume_key(p.flairVolume), volume_key(p.mprageVolume) if p.mprageVolume else None)
         if synced.get("case") != key:
             synced.pop("case", None)
             synced.pop("labels", None)
             files = {}
             for name, node in (("flair", p.flairVolume), ("mprage", p.mprageVolume)):
+                if node is None:
+                    continue
                 files[name] = client.path(f"{name}.nrrd")
                 sitk.WriteImage(image_from_volume_node(node), files[name])
             synced["case_warnings"] = self.request("prepare", progress, **files).get("warnings", [])
@@ -117,7 +130,7 @@ class WorkerSession:
         self.sync(p, progress, labels=False)
         result = self.request("segment", progress, threshold=float(p.threshold), min_volume_mm3=float(p.minLesionVolume))
         prob, labels = load_array(result["probability"], remove=True), load_array(result["labels"], remove=True)
-        ref = p.mprageVolume
+        ref = reference_volume(p)
         if p.lesionLabels:
             set_volume_from_array(p.lesionLabels, labels, ref)
         else:
@@ -145,9 +158,9 @@ class WorkerSession:
         if p.useCustomRegion:
             if not p.customRegionSegmentation or not p.customRegionSegmentId:
                 raise ValueError("Choose the segment to explain in 'Custom region'.")
-            mask = segment_mask(p.customRegionSegmentation, p.customRegionSegmentId, p.mprageVolume)
+            mask = segment_mask(p.customRegionSegmentation, p.customRegionSegmentId, reference_volume(p))
             if not mask.any():
-                raise ValueError("The region to explain is empty on the MPRAGE grid.")
+                raise ValueError("The region to explain is empty on the MPRAGE (or FLAIR-only) grid.")
             arguments["mask"] = save_array(self.client.path("region.npy"), mask)
             name = p.customRegionSegmentation.GetSegmentation().GetSegment(p.customRegionSegmentId).GetName()
         else:
@@ -162,7 +175,7 @@ class WorkerSession:
         else:
             shown, title = maps[p.displayChannel.lower()], f"{name} SmoothGrad {p.displayChannel}"
         replace = None if p.keepEarlierMaps or not p.saliencyVolume else p.saliencyVolume
-        p.saliencyVolume = add_saliency_volume(shown, p.mprageVolume, title, replace=replace)
+        p.saliencyVolume = add_saliency_volume(shown, reference_volume(p), title, replace=replace)
         if result["tp_probability"] is not None:
             set_tp_probability(p.lesionTable, int(p.selectedLesion), result["tp_probability"])
         return {"node": p.saliencyVolume, "tp_probability": result["tp_probability"], "tp_note": result["tp_note"]}
