@@ -611,8 +611,8 @@ def cmd_features(args) -> int:
                                      voxel_size=voxel_size, device=dev, log=log)
         print(f"features: {path}")
         return 0
-    if not (args.flair and args.mprage):
-        raise InputError("give FLAIR and MPRAGE files, or --phantom-patients")
+    if not args.flair:
+        raise InputError("give FLAIR and MPRAGE files (FLAIR-only models: the FLAIR), or --phantom-patients")
     from .pipeline import segment
     from .progress import ProgressBar
 
@@ -621,7 +621,7 @@ def cmd_features(args) -> int:
         raise InputError(f"{out_path} already exists; choose another --out")
     if Path(f"{out_path}.json").exists():  # the table's sidecar: never over a file the user put there
         raise InputError(f"{out_path}.json already exists; choose another --out or move it")
-    flair, mprage = read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE")
+    flair, mprage = read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE") if args.mprage else None
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume)
     gt = None
     if args.gt:
