@@ -243,13 +243,12 @@ def test_threshold_sweep_runs_from_the_network_alone_to_nothing_kept():
 
 @pytest.mark.needs_radiomics
 def test_lesion_features_progress_counts_backward_passes_and_cancels():
-    import types
-
     import torch
 
     from conftest import tiny_spec
     from MSInstanceSaliencyLib.errors import Cancelled
     from MSInstanceSaliencyLib.model import LoadedModel, build_network, freeze
+    from MSInstanceSaliencyLib.preprocessing import PreparedCase
     from MSInstanceSaliencyLib.scoring import lesion_features, saliency_settings
 
     torch.manual_seed(0)
@@ -258,8 +257,8 @@ def test_lesion_features_progress_counts_backward_passes_and_cancels():
     freeze(net)
     model = LoadedModel(net, spec, None)
     rng = np.random.default_rng(0)
-    case = types.SimpleNamespace(image=rng.standard_normal((2, 24, 24, 24)).astype(np.float32), channels=["flair", "mprage"],
-                                 spacing=(1.0, 1.0, 1.0))
+    case = PreparedCase(rng.standard_normal((2, 24, 24, 24)).astype(np.float32), sitk.Image(24, 24, 24, sitk.sitkFloat32),
+                        ["flair", "mprage"], None, [])
     labels = np.zeros((24, 24, 24), np.int32)
     labels[2:4, 2:4, 2:4] = 1  # 8 voxels
     labels[8:11, 8:11, 8:11] = 2  # 27
