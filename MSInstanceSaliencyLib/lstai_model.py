@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .formats import is_lstai_checkpoint, lstai_checkpoints
+from .formats import lstai_checkpoints
 from .model import LoadedModel, ModelSpec, checked_channels, freeze, load_weights, mean_of_members
 
 INPUT_SHAPE = (192, 192, 192)  # LST-AI's crop of the 193 x 229 x 193 MNI grid
@@ -197,9 +197,9 @@ def load_lstai_model(path, *, device="cpu", channels=None) -> LSTAIModel:
         raise InputError(f"{path} holds no LST-AI 2.x checkpoint")
     nets, config = [], None
     for f in files:
-        if not is_lstai_checkpoint(f):
+        ckpt = load_weights(f)  # read once; the format is checked on what was read
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)):
             raise InputError(f"{f} is not an LST-AI 2.x checkpoint ({{'config': ..., 'state_dict': ...}})")
-        ckpt = load_weights(f)
         cfg = dict(ckpt["config"])
         net = build_lstai_network(cfg)
         try:
