@@ -24,11 +24,11 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torchvision, which nothing here uses (timm serves architectures nnU-Net's default plans do not name).
 "${PIP[@]}" --no-deps dynamic-network-architectures==0.4.4
 "${PIP[@]}" -c "$ROOT/scripts/reference-constraints.txt" einops==0.8.2
-"${PIP[@]}" -e "$ROOT[test]"
+"${PIP[@]}" -e "$ROOT[test,cohort]"
 # Reference implementations the tests compare with (not needed to use the tool): nnunetv2's predictor and
 # lst_ai's inference. --no-deps for the same reason, then what their code paths used in the tests import.
 "${PIP[@]}" --no-deps nnunetv2==2.8.1 lst-ai==2.0.0rc1
 "${PIP[@]}" -c "$ROOT/scripts/reference-constraints.txt" acvl-utils==0.2.6 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 \
   scikit-image==0.26.0 pandas graphviz tifffile requests seaborn imagecodecs yacs blosc2 tqdm
-"$VENV/bin/python" -c "import torch, monai, radiomics, SimpleITK, sklearn, nilearn, dynamic_network_architectures, nnunetv2, lst_ai.model; print('environment ready: torch', torch.__version__, 'monai', monai.__version__)" >&2
+"$VENV/bin/python" -c "import torch, monai, radiomics, distributed, pyarrow, SimpleITK, sklearn, nilearn, dynamic_network_architectures, nnunetv2, lst_ai.model; print('environment ready: torch', torch.__version__, 'monai', monai.__version__)" >&2
 echo "$WANT" > "$STAMP"
