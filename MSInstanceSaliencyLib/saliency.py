@@ -117,9 +117,13 @@ class ContextBox:
 def context_box(omega: np.ndarray, context: str, roi=DEFAULT_ROI, divisor: int = 16) -> ContextBox:
     """The network's input box for `omega`.
 
-    patch: the roi centred on Ω's bounding box, grown (to a multiple of `divisor`) when Ω is larger,
-    clamped inside the volume; full: the whole volume. Axes shorter than the box are taken whole and
-    padded to a size the network accepts.
+    patch: about the roi centred on Ω's bounding box, grown when Ω is larger, on the network's grid:
+    its origin and size are multiples of `divisor` (the network's total down-sampling), so the
+    network computes on the patch what it computes there on the whole volume, up to what lies beyond
+    the patch (strided convolutions are not shift-equivariant; an off-grid patch measured map
+    correlations of 0.52-0.82 with the whole-volume map, on-grid 0.99: docs/PERFORMANCE.md).
+    full: the whole volume. Both are zero-padded at the far ends to multiples of `divisor`, as the
+    whole volume is, so a patch reaching the volume's end sees the same padding.
     """
     shape = omega.shape
     if context == "full":
@@ -127,22 +131,27 @@ def context_box(omega: np.ndarray, context: str, roi=DEFAULT_ROI, divisor: int =
     elif context == "patch":
         idx = np.argwhere(omega)
         lo, hi = idx.min(0), idx.max(0)
-        slices = []
-        for a, n in enumerate(shape):
-            need = hi[a] - lo[a] + 1
-            size = max(int(roi[a]), need)
-            size = int(math.ceil(size / divisor) * divisor)
-            if size >= n:
-                slices.append(slice(0, n))
-                continue
-            start = int(round((lo[a] + hi[a] + 1) / 2 - size / 2))
-            start = min(max(start, 0), n - size)
-            slices.append(slice(start, start + size))
-        slices = tuple(slices)
+        slices = tuple(_grid_slice(int(lo[a]), int(hi[a]), int(n), int(roi[a]), divisor) for a, n in enumerate(shape))
     else:
         raise InputError(f"context must be 'patch' or 'full', got {context!r}")
     pad = tuple(int(math.ceil((s.stop - s.start) / divisor) * divisor) - (s.stop - s.start) for s in slices)
     return ContextBox(slices, pad)
+
+
+def _grid_slice(lo: int, hi: int, n: int, roi: int, d: int) -> slice:
+    """Along one axis: a window with origin and size multiples of d, about `roi` long (at least
+    covering lo..hi), centred on lo..hi as nearly as the grid allows, inside the padded axis."""
+    padded = int(math.ceil(n / d) * d)
+    size = int(math.ceil(max(roi, hi - lo + 1) / d) * d)
+    while True:
+        if size >= padded:
+            return slice(0, n)
+        start = int(round(((lo + hi + 1) / 2 - size / 2) / d)) * d
+        start = min(max(start, 0), padded - size)
+        start = min(start, lo // d * d)  # Ω's first voxel inside
+        if hi < start + size:
+            return slice(start, min(start + size, n))
+        size += d  # Ω straddles a grid line the window cannot cover: one more cell
 
 
 def _crop_pad(t, box: ContextBox):
@@ -254,17 +263,6 @@ def check_backward_fits(net, shape, device, divisor: int = 16, what: str = "") -
                          "or a single ensemble member as --model")
 
 
-def auto_chunk_size(net, x, device, n_omega: int) -> int:
-    """VJPs per batched backward pass. GPU: as many as 60% of free memory holds (at most 256).
-    CPU: 1, since batching through vmap measured slower there than one VJP after another on a
-    retained graph (docs/PERFORMANCE.md, chunk sweep)."""
-    if device.type != "cuda":
-        return 1
-    per_vjp = max(_activation_bytes(net, x) * 2, 1)
-    avail = _available_bytes(device)
-    return int(max(1, min(n_omega, 256, 0.6 * avail // per_vjp)))
-
-
 def _is_oom(exc) -> bool:
     import torch
 
@@ -320,6 +318,7 @@ def smoothgrad(
     device="auto",
     progress=None,
     chunk_size: int | None = None,
+    copies_per_pass: int | None = None,
     precision: str = "fp32",
     roi_size=None,
     max_omega_voxels: int | None = None,
@@ -331,86 +330,226 @@ def smoothgrad(
     of the mean logit over Ω (one backward pass per copy). n_samples=1 with sigma=0 is the plain
     gradient. Noise ε ~ N(0, σ) is drawn for all channels with one σ (see `noise_sigma`) from a
     generator seeded with `seed`, so equal seeds give equal maps (bit-identical on CPU).
-    context="patch" runs the network on the model's roi around Ω (maps are zero outside it);
-    "full" on the whole volume, as the authors' scripts did. `progress(done, total)` is called
-    after every chunk of VJPs; returning False or raising `errors.Cancelled` stops the work.
+    context="patch" runs the network on the model's roi around Ω, aligned to the network's grid
+    (`context_box`; maps are zero outside it); "full" on the whole volume, as the authors' scripts did.
+    `progress(done, total)` counts vector-Jacobian products (copies x voxels of Ω); returning False or
+    raising `errors.Cancelled` stops the work.
     max_omega_voxels (max aggregation only): when Ω has more voxels, the maximum runs over a seeded
     random subset of that many of them (`omega_sample`), bounding the cost of confluent lesions at
     N x max_omega_voxels VJPs. For lesions much larger than the sample this is a different map, not a
     close approximation (docs/PERFORMANCE.md); off (None) by default.
+
+    Cost: the noisy copies go through the network together, `copies_per_pass` at a time (default: as
+    many as memory allows), and one backward pass per voxel of Ω returns the input gradients of all of
+    them (the copies are independent in eval mode); on a GPU `chunk_size` voxels of Ω share a batched
+    backward pass too (vmap). Neither changes the numbers beyond float32 summation order.
     """
+    job = _SmoothGradJob(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
+                         context=context, seed=seed, target_class=target_class, device=device, chunk_size=chunk_size,
+                         copies_per_pass=copies_per_pass, precision=precision, roi_size=roi_size, max_omega_voxels=max_omega_voxels)
+    acc = None
+    for maps in job.copy_maps(progress):
+        for m in maps:  # copy by copy, in order: the same sum as one copy at a time
+            acc = m.clone() if acc is None else acc.add_(m)
+    acc /= n_samples
+    return job.to_image(acc)
+
+
+@dataclass
+class SmoothGradPart:
+    """Per-copy signed maxima of Eq. 3 over one part of Ω's voxels (`smoothgrad_part`)."""
+
+    part: int
+    n_parts: int
+    per_copy: np.ndarray  # (N, C, *box shape) float32
+    box: ContextBox
+    image_shape: tuple
+
+
+def omega_work(omega, max_omega_voxels: int | None = None, seed: int = 0) -> int:
+    """Voxels of Ω the signed maximum runs over: backward passes per noisy copy (aggregation max)."""
+    n = int(np.count_nonzero(omega))
+    return int(omega_sample(n, max_omega_voxels, seed).size)
+
+
+def smoothgrad_part(model, image, omega, *, part: int, n_parts: int, progress=None, **kwargs) -> SmoothGradPart:
+    """Eq. 3 over one of `n_parts` contiguous parts of Ω's voxels (in the order `smoothgrad` takes them),
+    for splitting a confluent lesion across workers: the signed maximum is associative, so
+    `combine_parts` of all the parts equals `smoothgrad(..., aggregation="max")` with the same
+    arguments. The result holds one map per noisy copy, (N, C, *patch) float32."""
+    if not (isinstance(n_parts, int) and n_parts >= 1 and isinstance(part, int) and 0 <= part < n_parts):
+        raise InputError(f"part must be in 0..n_parts-1 with n_parts >= 1; got part {part} of {n_parts}")
+    if kwargs.get("aggregation", "max") != "max":
+        raise InputError("only the max aggregation (Eq. 3) is split over parts of Ω; the mean is one backward pass per copy")
+    job = _SmoothGradJob(model, image, omega, omega_part=(part, n_parts), **kwargs)
     import torch
 
-    from .model import resolve_device
+    per_copy = torch.cat([maps.cpu() for maps in job.copy_maps(progress)]).numpy()
+    return SmoothGradPart(part, n_parts, per_copy, job.box, tuple(job.image.shape))
 
-    image, omega = _check_inputs(image, omega)
-    if aggregation not in ("max", "mean"):
-        raise InputError(f"aggregation must be 'max' or 'mean', got {aggregation!r}")
-    if n_samples < 1:
-        raise InputError(f"n_samples must be >= 1, got {n_samples}")
-    net, spec = _network_and_spec(model)
-    lesion_logits, _ = _lesion_head(model, target_class)
-    dev = resolve_device(device)
-    flair_channel = spec.input_channels.index("flair") if spec is not None and "flair" in spec.input_channels else 0
-    sd = noise_sigma(image, sigma, sigma_mode, flair_channel)
-    roi = tuple(roi_size or (spec.roi_size if spec is not None else DEFAULT_ROI))
-    box = context_box(omega, context, roi, _divisor(model, spec))
 
-    x0 = _crop_pad(torch.from_numpy(image), box).to(dev)
-    om = _crop_pad(torch.from_numpy(omega), box).reshape(-1)
-    omega_idx = torch.nonzero(om).squeeze(1)
-    if aggregation == "max":
-        omega_idx = omega_idx[torch.from_numpy(omega_sample(int(omega_idx.numel()), max_omega_voxels, seed))]
-    omega_idx = omega_idx.to(dev)
-    n_omega = int(omega_idx.numel())
-    noises = noise_stream((image.shape[0],) + box.shape, sd, seed)
-
-    with frozen(net, dev):
-        check_backward_fits(net, (1, *x0.shape), dev, _divisor(model, spec))
-        if chunk_size is None:
-            chunk = auto_chunk_size(net, x0[None], dev, n_omega) if aggregation == "max" else 1
-        else:
-            chunk = max(1, int(chunk_size))
-        acc = torch.zeros_like(x0)
-        total = n_samples * (n_omega if aggregation == "max" else 1)
-        done = 0
-        for _ in range(n_samples):
-            noise = next(noises)
-            x = x0.clone()
-            if sd > 0:
-                x[(slice(None),) + tuple(slice(0, n) for n in box.shape)] += noise.to(dev)
-            x.requires_grad_(True)
-            with _autocast(dev, precision):
-                out = net(x[None])
-            logits = lesion_logits(out)[0].float().reshape(-1)
-            selected = logits[omega_idx]
-            if aggregation == "mean":
-                (g,) = torch.autograd.grad(selected.mean(), x)
-                acc += g
-                done += 1
-                report(progress, done, total)
-                continue
-            best, done, chunk = _signed_max_over_omega(selected, x, chunk, progress, done, total)
-            acc += best
-    acc /= n_samples
-    result = np.zeros(image.shape, np.float32)
-    result[(slice(None),) + box.slices] = acc[(slice(None),) + tuple(slice(0, n) for n in box.shape)].cpu().numpy()
+def combine_parts(parts) -> np.ndarray:
+    """The SmoothGrad map (C, X, Y, Z) from all the parts of Ω (`smoothgrad_part`), in any order."""
+    parts = sorted(parts, key=lambda p: p.part)
+    if not parts or [p.part for p in parts] != list(range(parts[0].n_parts)) or any(p.n_parts != parts[0].n_parts for p in parts):
+        raise InputError(f"combine_parts needs every part exactly once; got parts {[p.part for p in parts]} "
+                         f"of {sorted({p.n_parts for p in parts})}")
+    best = parts[0].per_copy.copy()
+    for p in parts[1:]:
+        if p.per_copy.shape != best.shape or p.box.slices != parts[0].box.slices:
+            raise InputError("the parts were computed with different settings (noise copies or context box differ)")
+        # strict '>': an earlier part wins ties, as the earlier voxel of Ω does in one pass
+        np.copyto(best, p.per_copy, where=np.abs(p.per_copy) > np.abs(best))
+    acc = best[0].copy()
+    for m in best[1:]:
+        acc += m
+    acc /= best.shape[0]
+    box = parts[0].box
+    result = np.zeros(parts[0].image_shape, np.float32)
+    result[(slice(None),) + box.slices] = acc[(slice(None),) + tuple(slice(0, n) for n in box.shape)]
     return result
 
 
+class _SmoothGradJob:
+    """The checked inputs of one SmoothGrad map and the loop over batches of noisy copies."""
+
+    def __init__(self, model, image, omega, *, n_samples=50, sigma=0.05, sigma_mode="range", aggregation="max", context="patch", seed=0,
+                 target_class=None, device="auto", chunk_size=None, copies_per_pass=None, precision="fp32", roi_size=None,
+                 max_omega_voxels=None, omega_part=(0, 1)):
+        import torch
+
+        from .model import resolve_device
+
+        self.image, omega = _check_inputs(image, omega)
+        if aggregation not in ("max", "mean"):
+            raise InputError(f"aggregation must be 'max' or 'mean', got {aggregation!r}")
+        if n_samples < 1:
+            raise InputError(f"n_samples must be >= 1, got {n_samples}")
+        for name, v in (("chunk_size", chunk_size), ("copies_per_pass", copies_per_pass)):
+            if v is not None and int(v) < 1:
+                raise InputError(f"{name} must be >= 1 or None, got {v}")
+        self.net, spec = _network_and_spec(model)
+        self.lesion_logits, _ = _lesion_head(model, target_class)
+        self.dev = resolve_device(device)
+        self.n_samples, self.aggregation, self.precision = int(n_samples), aggregation, precision
+        self.chunk_size, self.copies_per_pass = chunk_size, copies_per_pass
+        flair_channel = spec.input_channels.index("flair") if spec is not None and "flair" in spec.input_channels else 0
+        self.sd = noise_sigma(self.image, sigma, sigma_mode, flair_channel)
+        roi = tuple(roi_size or (spec.roi_size if spec is not None else DEFAULT_ROI))
+        self.divisor = _divisor(model, spec)
+        self.box = context_box(omega, context, roi, self.divisor)
+        self.x0 = _crop_pad(torch.from_numpy(self.image), self.box).to(self.dev)
+        om = _crop_pad(torch.from_numpy(omega), self.box).reshape(-1)
+        idx = torch.nonzero(om).squeeze(1)
+        if aggregation == "max":
+            idx = idx[torch.from_numpy(omega_sample(int(idx.numel()), max_omega_voxels, seed))]
+            part, n_parts = omega_part
+            idx = idx[np.array_split(np.arange(int(idx.numel())), n_parts)[part]]
+        self.omega_idx = idx.to(self.dev)
+        self.seed = seed
+
+    def to_image(self, acc) -> np.ndarray:
+        """A (C, *padded box) tensor back on the image's grid, zero outside the box."""
+        result = np.zeros(self.image.shape, np.float32)
+        result[(slice(None),) + self.box.slices] = acc[(slice(None),) + tuple(slice(0, n) for n in self.box.shape)].cpu().numpy()
+        return result
+
+    def copy_maps(self, progress):
+        """Yields (B, C, *padded box) tensors: each noisy copy's map (signed max over Ω or gradient of the
+        mean), batch after batch, copies in the order of the noise stream."""
+        import torch
+
+        n_omega = int(self.omega_idx.numel())
+        per_copy_vjps = n_omega if self.aggregation == "max" else 1
+        total, done = self.n_samples * per_copy_vjps, 0
+        noises = noise_stream((self.image.shape[0],) + self.box.shape, self.sd, self.seed)
+        inner = (slice(None), slice(None)) + tuple(slice(0, n) for n in self.box.shape)
+        with frozen(self.net, self.dev):
+            check_backward_fits(self.net, (1, *self.x0.shape), self.dev, self.divisor)
+            copies, chunk = self._batch_sizes(n_omega)
+            left = self.n_samples
+            pending = []  # noise drawn for copies not yet done (kept when a batch has to shrink)
+            while left > 0:
+                b = min(copies, left)
+                while len(pending) < b:
+                    pending.append(next(noises))
+                x = self.x0.expand(b, *self.x0.shape).clone()
+                if self.sd > 0:
+                    x[inner] += torch.stack(pending[:b]).to(self.dev)
+                x.requires_grad_(True)
+                try:
+                    with _autocast(self.dev, self.precision):
+                        out = self.net(x)
+                    selected = self.lesion_logits(out).float().reshape(b, -1)[:, self.omega_idx]
+                    del out
+                    if self.aggregation == "mean":
+                        (maps,) = torch.autograd.grad(selected.mean(dim=1).sum(), x)
+                    else:  # reports its own progress, chunk by chunk
+                        maps, chunk = _signed_max_over_omega(selected, x, chunk, progress, done, total)
+                except RuntimeError as exc:
+                    if not _is_oom(exc) or copies == 1:
+                        raise
+                    del exc
+                    if self.dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    copies = max(1, copies // 2)
+                    continue
+                del selected, x
+                pending = pending[b:]
+                left -= b
+                done += b * per_copy_vjps
+                if self.aggregation == "mean":
+                    report(progress, done, total)
+                yield maps
+
+    def _batch_sizes(self, n_omega: int) -> tuple[int, int]:
+        """(noisy copies per forward pass, Ω voxels per batched backward pass) fitting free memory."""
+        per_copy = max(_activation_bytes(self.net, self.x0[None]), 1)
+        avail = _available_bytes(self.dev)
+        if self.copies_per_pass is not None:
+            copies = int(self.copies_per_pass)
+        else:
+            # a forward pass keeps its activations (x1) and a backward pass needs about as much again
+            cap = MAX_COPIES_PER_PASS[self.dev.type == "cuda"]
+            copies = int(max(1, min(self.n_samples, cap, 0.4 * avail // (2 * per_copy))))
+        if self.chunk_size is not None:
+            chunk = int(self.chunk_size)
+        else:
+            chunk = auto_chunk_size(self.net, self.x0[None], self.dev, n_omega, copies) if self.aggregation == "max" else 1
+        return copies, chunk
+
+
+# Noisy copies per forward pass at most (CPU, GPU). On the 2-core CPU 4-8 copies per pass measured 2.1-2.2x
+# faster than one, 16 and more slower again (benchmarks/saliency_speed.py --copies-sweep); a GPU is
+# bounded by its memory.
+MAX_COPIES_PER_PASS = (8, 64)
+
+
+def auto_chunk_size(net, x, device, n_omega: int, copies: int = 1) -> int:
+    """Ω voxels per batched backward pass over `copies` noisy copies. GPU: as many as 60% of free memory
+    holds (at most 256). CPU: 1, since batching through vmap measured slower there than one VJP after
+    another on a retained graph (docs/PERFORMANCE.md, chunk sweep)."""
+    if device.type != "cuda":
+        return 1
+    per_vjp = max(_activation_bytes(net, x) * 2 * copies, 1)
+    avail = _available_bytes(device)
+    return int(max(1, min(n_omega, 256, 0.6 * avail // per_vjp)))
+
+
 def _signed_max_over_omega(selected, x, chunk, progress, done, total):
-    """For one noisy copy: per input voxel, the VJP of largest |value| over Ω's logits, with its sign."""
+    """For a batch of noisy copies: per copy and input voxel, the VJP of largest |value| over Ω's logits,
+    with its sign. `selected` is (B, |Ω|) logits of the copies in `x` (B, C, ...)."""
     import torch
 
-    n = selected.numel()
+    b, n = selected.shape
     best = torch.zeros_like(x)
     best_abs = torch.zeros_like(x)
     start = 0
     while start < n:
         k = min(chunk, n - start)
         try:
-            cot = torch.zeros((k, n), device=selected.device, dtype=selected.dtype)
-            cot[torch.arange(k), torch.arange(start, start + k)] = 1.0
+            cot = torch.zeros((k, b, n), device=selected.device, dtype=selected.dtype)
+            cot[torch.arange(k), :, torch.arange(start, start + k)] = 1.0
             last = start + k >= n
             grads = _batched_vjp(selected, x, cot, retain=not last)
         except RuntimeError as exc:
@@ -432,9 +571,9 @@ def _signed_max_over_omega(selected, x, chunk, progress, done, total):
         best_abs = torch.where(update, cand_abs, best_abs)
         del grads, cand, cand_abs, update
         start += k
-        done += k
+        done += k * b
         report(progress, done, total)
-    return best, done, chunk
+    return best, chunk
 
 
 _VMAP_OK = {"ok": True}

@@ -2,13 +2,15 @@
 
 (a) authors: whole-volume forward per noisy copy, then one torch.autograd.grad per voxel of Ω
     (retain_graph); timed on --authors-voxels voxels and EXTRAPOLATED to N copies x |Ω| voxels.
-(b) ours, patch context: the model's roi around Ω, batched VJPs (measured; extrapolated from
-    --ours-samples copies when that is below N).
-(c) ours, full context: the whole volume, batched VJPs (same rule).
+(b) one copy per pass (the engine before noisy copies shared backward passes): patch context, one
+    forward and |Ω| VJPs per noisy copy (copies_per_pass=1), measured in the same run;
+(c) ours, patch context: the model's roi around Ω on the network's grid, the noisy copies sharing
+    forward and backward passes (measured; extrapolated from --patch-samples copies when below N);
+(d) ours, full context: the whole volume, same engine (same rule).
 
 Prints seconds per lesion, ratios, VJPs per second, achieved TFLOP/s (FLOPs counted with
-torch.utils.flop_counter on one forward and one input-gradient backward) and peak memory;
-writes everything as JSON.
+torch.utils.flop_counter on one forward and one input-gradient backward), on a GPU the share of its
+peak fp32 FLOP/s, and peak memory; writes everything as JSON.
 
     .venv/bin/python benchmarks/saliency_speed.py --model demo --json out.json
     .venv/bin/python benchmarks/saliency_speed.py --model paper --device cuda
@@ -99,11 +101,12 @@ def authors_way(model, image, omega, dev, n_voxels: int, n_samples: int, sd: flo
             "seconds_per_lesion": n_samples * (t_fwd + n_omega * t_grad), "extrapolated": True, "peak_mb": peak_mb(dev)}
 
 
-def ours(model, image, omega, dev, context: str, n_samples: int, measured_samples: int, precision: str):
+def ours(model, image, omega, dev, context: str, n_samples: int, measured_samples: int, precision: str, copies_per_pass=None):
     reset_peak(dev)
     sync(dev)
     t0 = time.perf_counter()
-    smoothgrad(model, image, omega, n_samples=measured_samples, context=context, device=dev, precision=precision)
+    smoothgrad(model, image, omega, n_samples=measured_samples, context=context, device=dev, precision=precision,
+               copies_per_pass=copies_per_pass)
     sync(dev)
     dt = time.perf_counter() - t0
     return {"measured_samples": measured_samples, "measured_s": dt, "seconds_per_lesion": dt / measured_samples * n_samples,
@@ -124,6 +127,17 @@ def count_flops(model, image, omega, dev, context: str):
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
+# Dense fp32 peak of common GPUs (vendor data sheets; TF32 tensor cores are not used by default in fp32).
+PEAK_FP32_TFLOPS = {"H200": 67.0, "H100 80GB HBM3": 67.0, "H100 PCIe": 51.0, "H100": 67.0, "A100": 19.5}
+
+
+def peak_fp32_tflops(name: str):
+    for key, value in PEAK_FP32_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="paper", help="paper (random weights), demo, or a model folder")
@@ -135,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--full-samples", type=int, default=None, help="copies actually run in full mode (default: 1 on CPU, N on GPU)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--copies-sweep", default="", help="comma-separated noisy copies per pass to time in patch mode, e.g. 1,4,8,16")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak fp32 TFLOP/s (default: known H100/H200/A100 figures)")
     ap.add_argument("--chunk-sweep", default="", help="comma-separated chunk sizes to time in patch mode on 3 copies, e.g. 1,8,32,128")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -158,30 +174,36 @@ def main(argv=None):
            "threads": torch.get_num_threads(), "torch": torch.__version__, "volume": list(image.shape[1:]), "roi": model.spec.roi_size,
            "lesion_voxels": int(omega.sum()), "samples": N, "precision": args.precision}
     res["authors"] = authors_way(model, image, omega, dev, args.authors_voxels or (50 if gpu else 5), N, sd)
+    res["one_copy_per_pass"] = ours(model, image, omega, dev, "patch", N, args.patch_samples or N, args.precision, copies_per_pass=1)
     res["ours_patch"] = ours(model, image, omega, dev, "patch", N, args.patch_samples or N, args.precision)
     if not args.skip_full:
         res["ours_full"] = ours(model, image, omega, dev, "full", N, args.full_samples or (N if gpu else 1), args.precision)
-    for ctx in ("patch", "full"):
-        if f"ours_{ctx}" not in res and ctx == "full":
+    peak = args.peak_tflops or (peak_fp32_tflops(res["device_name"]) if gpu else None)
+    res["peak_fp32_tflops"] = peak
+    for key, ctx in (("one_copy_per_pass", "patch"), ("ours_patch", "patch"), ("ours_full", "full")):
+        if key not in res:
             continue
         f_fwd, f_vjp = count_flops(model, image, omega, dev, ctx)
-        r = res[f"ours_{ctx}"]
+        r = res[key]
         r["flops_per_lesion"] = N * (f_fwd + int(omega.sum()) * f_vjp)
         r["tflops_per_s"] = r["flops_per_lesion"] / r["seconds_per_lesion"] / 1e12
         r["vjps_per_s"] = n_vjp / r["seconds_per_lesion"]
+        if peak:
+            r["share_of_peak"] = r["tflops_per_s"] / peak
     f_fwd, f_vjp = count_flops(model, image, omega, dev, "full")
     a = res["authors"]
     a["flops_per_lesion"] = N * (f_fwd + int(omega.sum()) * f_vjp)
     a["tflops_per_s"] = a["flops_per_lesion"] / a["seconds_per_lesion"] / 1e12
     a["vjps_per_s"] = n_vjp / a["seconds_per_lesion"]
-    for k in ("ours_patch", "ours_full"):
+    for k in ("one_copy_per_pass", "ours_patch", "ours_full"):
         if k in res:
             res[k]["speedup_vs_authors"] = a["seconds_per_lesion"] / res[k]["seconds_per_lesion"]
+    res["shared_vs_one_copy_per_pass"] = res["one_copy_per_pass"]["seconds_per_lesion"] / res["ours_patch"]["seconds_per_lesion"]
 
     print(f"{res['model']} on {res['device']} ({res['device_name']}, {res['threads']} threads), volume {res['volume']}, roi {res['roi']}, "
           f"|Ω| = {res['lesion_voxels']}, N = {N}, {args.precision}")
-    print(f"{'way':<14}{'s/lesion':>12}{'speedup':>10}{'VJP/s':>10}{'TFLOP/s':>10}{'peak MB':>10}  note")
-    for k, label in (("authors", "authors"), ("ours_patch", "ours patch"), ("ours_full", "ours full")):
+    print(f"{'way':<22}{'s/lesion':>12}{'speedup':>10}{'VJP/s':>10}{'TFLOP/s':>10}{'% peak':>8}{'peak MB':>10}  note")
+    for k, label in (("authors", "authors"), ("one_copy_per_pass", "one copy per pass"), ("ours_patch", "ours patch"), ("ours_full", "ours full")):
         if k not in res:
             continue
         r = res[k]
@@ -190,10 +212,23 @@ def main(argv=None):
             note += f" from {r['voxels_timed']} voxels"
         elif r["extrapolated"]:
             note += f" from {r['measured_samples']} copies"
-        print(f"{label:<14}{r['seconds_per_lesion']:>12.2f}{r.get('speedup_vs_authors', 1.0):>10.1f}{r['vjps_per_s']:>10.1f}"
-              f"{r['tflops_per_s']:>10.3f}{r['peak_mb']:>10.0f}  {note}")
+        share = f"{100 * r['share_of_peak']:>8.1f}" if r.get("share_of_peak") else f"{'-':>8}"
+        print(f"{label:<22}{r['seconds_per_lesion']:>12.2f}{r.get('speedup_vs_authors', 1.0):>10.1f}{r['vjps_per_s']:>10.1f}"
+              f"{r['tflops_per_s']:>10.3f}{share}{r['peak_mb']:>10.0f}  {note}")
+    print(f"copies sharing passes vs one copy per pass (patch, same run): {res['shared_vs_one_copy_per_pass']:.2f}x")
     if not gpu:
         print("peak MB on CPU is the process's peak resident memory so far (monotone), not per row")
+    if args.copies_sweep:
+        res["copies_sweep"] = {}
+        print(f"copies-per-pass sweep (patch, {min(N, 16)} copies, extrapolated to N):")
+        for c in [int(v) for v in args.copies_sweep.split(",")]:
+            sync(dev)
+            t0 = time.perf_counter()
+            smoothgrad(model, image, omega, n_samples=min(N, 16), context="patch", device=dev, copies_per_pass=c, precision=args.precision)
+            sync(dev)
+            s_per_lesion = (time.perf_counter() - t0) / min(N, 16) * N
+            res["copies_sweep"][c] = s_per_lesion
+            print(f"  copies {c:>4}: {s_per_lesion:8.2f} s/lesion")
     if args.chunk_sweep:
         res["chunk_sweep"] = {}
         print("chunk sweep (patch, 3 copies, extrapolated to N):")

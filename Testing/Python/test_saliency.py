@@ -134,11 +134,31 @@ def test_patch_is_zero_outside_the_box_and_close_inside():
     om = np.zeros(img.shape[1:], bool)
     om[20:23, 18:21, 14:17] = True
     patch = smoothgrad(net, img, om, n_samples=1, sigma=0.0, context="patch", roi_size=(16, 16, 16), device="cpu")
-    box = context_box(om, "patch", (16, 16, 16), 4)
+    box = context_box(om, "patch", (16, 16, 16), 16)  # a plain module: smoothgrad's divisor is 16
     inside = np.zeros(om.shape, bool)
     inside[box.slices] = True
     assert np.all(patch[:, ~inside] == 0)
     assert np.abs(patch[:, inside]).max() > 0
+
+
+@pytest.mark.parametrize("divisor", [4, 8, 16])
+def test_patch_lies_on_the_network_grid_and_holds_omega(divisor):
+    """Origins and padded sizes are multiples of the divisor (else the strided network computes another
+    function on the patch), Ω is inside, and a box reaching the volume's end is padded like the volume."""
+    rng = np.random.default_rng(divisor)
+    for _ in range(400):
+        shape = tuple(int(n) for n in rng.integers(5, 90, 3))
+        lo = [int(rng.integers(0, n)) for n in shape]
+        hi = [min(n - 1, a + int(rng.integers(0, 30))) for a, n in zip(lo, shape)]
+        om = np.zeros(shape, bool)
+        om[tuple(slice(a, b + 1) for a, b in zip(lo, hi))] = True
+        roi = tuple(int(r) for r in rng.integers(4, 70, 3))
+        box = context_box(om, "patch", roi, divisor)
+        for a, (s, pad) in enumerate(zip(box.slices, box.pad)):
+            assert s.start % divisor == 0 and (s.stop - s.start + pad) % divisor == 0
+            assert s.start <= lo[a] and hi[a] < s.stop <= shape[a]
+            assert pad == 0 or s.stop == shape[a]
+            assert s.stop - s.start + pad >= min(roi[a], shape[a])
 
 
 def test_omega_on_border_single_voxel_and_larger_than_roi(net, image):
@@ -162,6 +182,32 @@ def test_odd_sized_volume_is_padded_for_the_network(net):
     assert m.shape == img.shape and np.abs(m).max() > 0
 
 
+def test_copies_sharing_backward_passes_equal_one_copy_at_a_time(net, image):
+    om = lesion()
+    one = smoothgrad(net, image, om, n_samples=5, seed=2, context="full", device="cpu", copies_per_pass=1)
+    for copies in (2, 5):
+        batched = smoothgrad(net, image, om, n_samples=5, seed=2, context="full", device="cpu", copies_per_pass=copies)
+        # float32 summation order of batched convolutions only
+        np.testing.assert_allclose(batched, one, rtol=0, atol=1e-5 * np.abs(one).max())
+    mean_one = smoothgrad(net, image, om, n_samples=5, seed=2, aggregation="mean", context="full", device="cpu", copies_per_pass=1)
+    mean_all = smoothgrad(net, image, om, n_samples=5, seed=2, aggregation="mean", context="full", device="cpu", copies_per_pass=5)
+    np.testing.assert_allclose(mean_all, mean_one, rtol=0, atol=1e-5 * np.abs(mean_one).max())
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 18])
+def test_parts_of_omega_combine_to_the_one_pass_map(net, image, n_parts):
+    from MSInstanceSaliencyLib.saliency import combine_parts, omega_work, smoothgrad_part
+
+    om = lesion()
+    kw = dict(n_samples=3, seed=5, context="full", device="cpu", copies_per_pass=3)
+    whole = smoothgrad(net, image, om, **kw)
+    parts = [smoothgrad_part(net, image, om, part=p, n_parts=n_parts, **kw) for p in range(n_parts)]
+    assert sum(p.per_copy.shape[0] for p in parts) == 3 * n_parts and omega_work(om) == 18
+    np.testing.assert_array_equal(combine_parts(parts[::-1]), whole)  # any order, bit-identical
+    with pytest.raises(InputError, match="every part"):
+        combine_parts(parts[1:] or [])
+
+
 def test_bad_arguments(net, image):
     with pytest.raises(InputError, match="omega is empty"):
         smoothgrad(net, image, np.zeros(SHAPE, bool), device="cpu")
@@ -176,7 +222,11 @@ def test_bad_arguments(net, image):
 def test_progress_and_cancel(net, image):
     calls = []
     smoothgrad(net, image, lesion(), n_samples=2, context="full", device="cpu", chunk_size=6, progress=lambda d, t: calls.append((d, t)))
-    assert calls[-1] == (36, 36) and len(calls) == 6
+    assert calls == [(12, 36), (24, 36), (36, 36)]  # both copies share each backward pass over 6 voxels of Ω
+    calls.clear()
+    smoothgrad(net, image, lesion(), n_samples=3, context="full", device="cpu", chunk_size=6, copies_per_pass=2,
+               progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(12, 54), (24, 54), (36, 54), (42, 54), (48, 54), (54, 54)]
     with pytest.raises(Cancelled):
         smoothgrad(net, image, lesion(), n_samples=5, context="full", device="cpu", chunk_size=6, progress=lambda d, t: d < 12)
 
