@@ -1,8 +1,9 @@
 """How far do cheaper saliency settings move the map? Measured side by side in one run.
 
-1. patch context vs full context (the authors' whole-volume run), same lesion, plain gradient
-   (N = 1, σ = 0, so both see identical inputs) and SmoothGrad with N copies (noise drawn per
-   context box, so the two differ by noise too);
+1. patch context (on the network's grid) vs full context (the authors' whole-volume run), same
+   lesion: plain gradient (N = 1, σ = 0, so both see identical inputs) with the max (Eq. 3) and the
+   mean (Eq. 2) over Ω, and SmoothGrad with N copies (noise drawn per context box, so the two differ
+   by noise too); Grad-CAM++ (instance level, the model's layer);
 2. bf16 / fp16 autocast vs fp32, patch context, same seed.
 
 Per lesion: Pearson correlation over the voxels where either map is non-zero, and the maximum
@@ -25,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MSInstanceSaliencyLib.model import load_model, resolve_device  # noqa: E402
-from MSInstanceSaliencyLib.saliency import smoothgrad  # noqa: E402
+from MSInstanceSaliencyLib.saliency import gradcampp, smoothgrad  # noqa: E402
 
 
 def compare(ref: np.ndarray, other: np.ndarray) -> dict:
@@ -68,6 +69,12 @@ def main(argv=None):
         full = smoothgrad(model, res.prepared.image, om, n_samples=1, sigma=0.0, context="full", device=dev)
         patch = smoothgrad(model, res.prepared.image, om, n_samples=1, sigma=0.0, context="patch", device=dev)
         row["vanilla_patch_vs_full"] = {c: compare(full[i], patch[i]) for i, c in enumerate(("flair", "mprage"))}
+        full_mean = smoothgrad(model, res.prepared.image, om, n_samples=1, sigma=0.0, aggregation="mean", context="full", device=dev)
+        patch_mean = smoothgrad(model, res.prepared.image, om, n_samples=1, sigma=0.0, aggregation="mean", context="patch", device=dev)
+        row["vanilla_mean_patch_vs_full"] = {c: compare(full_mean[i], patch_mean[i]) for i, c in enumerate(("flair", "mprage"))}
+        cam_full = gradcampp(model, res.prepared.image, om, context="full", device=dev)
+        cam_patch = gradcampp(model, res.prepared.image, om, context="patch", device=dev)
+        row["gradcampp_patch_vs_full"] = {"flair": compare(cam_full, cam_patch)}
         full_n = smoothgrad(model, res.prepared.image, om, n_samples=args.samples, context="full", device=dev)
         patch_n = smoothgrad(model, res.prepared.image, om, n_samples=args.samples, context="patch", device=dev)
         row[f"smoothgrad{args.samples}_patch_vs_full"] = {c: compare(full_n[i], patch_n[i]) for i, c in enumerate(("flair", "mprage"))}
@@ -82,15 +89,18 @@ def main(argv=None):
         print(json.dumps(row))
     out = {"model": model.spec.name, "device": str(dev), "patient": args.patient, "samples": args.samples, "lesions": rows}
     print()
-    print(f"{'lesion':>6} {'voxels':>6} | {'vanilla patch/full':>22} | {f'SG{args.samples} patch/full':>22} | {'bf16/fp32':>22} | {'fp16/fp32':>22}")
-    print(f"{'':>6} {'':>6} | {'corr   maxdiff/peak':>22} | {'corr   maxdiff/peak':>22} | {'corr   maxdiff/peak':>22} | {'corr   maxdiff/peak':>22}")
+    keys = ("vanilla_patch_vs_full", "vanilla_mean_patch_vs_full", f"smoothgrad{args.samples}_patch_vs_full", "gradcampp_patch_vs_full",
+            "bf16_vs_fp32", "fp16_vs_fp32")
+    heads = ("grad max patch/full", "grad mean patch/full", f"SG{args.samples} patch/full", "Grad-CAM++ patch/full", "bf16/fp32", "fp16/fp32")
+    print(f"{'lesion':>6} {'voxels':>6} | " + " | ".join(f"{h:>22}" for h in heads))
+    print(f"{'':>6} {'':>6} | " + " | ".join(f"{'corr   maxdiff/peak':>22}" for _ in heads))
     for r in rows:
         cells = []
-        for k in ("vanilla_patch_vs_full", f"smoothgrad{args.samples}_patch_vs_full", "bf16_vs_fp32", "fp16_vs_fp32"):
+        for k in keys:
             v = r[k].get("flair", {})
             cells.append(f"{v.get('correlation', float('nan')):>8.4f} {v.get('max_abs_diff_rel_peak', float('nan')):>12.4f}" if v else f"{'n/a':>22}")
         print(f"{r['lesion_id']:>6} {r['voxels']:>6} | " + " | ".join(cells))
-    print("(FLAIR maps; the JSON has MPRAGE too)")
+    print("(FLAIR maps and Grad-CAM++; the JSON has MPRAGE too)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
