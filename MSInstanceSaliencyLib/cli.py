@@ -296,6 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=_path, default=".cache/phantoms", help="folder caching prepared training phantoms")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
+    # --- msis cohort (cohort.py): a CSV manifest of cases on dask.distributed, results in Parquet
+    p = sub.add_parser("cohort", help="segment and explain every case of a CSV manifest on dask.distributed; results in Parquet, resumable")
+    p.add_argument("manifest", type=_path, help="CSV with columns case_id, flair, mprage and optionally gt (paths relative to the CSV)")
+    p.add_argument("--out", type=_path, required=True, help="results folder: lesions.parquet, cases.parquet, summary.csv (a re-run resumes it)")
+    _add_segment_args(p)
+    p.add_argument("--workers", type=_COUNT, default=None, help="local dask workers (default: one per CPU core, or per GPU)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="address of a running dask scheduler (dask-jobqueue, dask-cuda; README, Cohorts) instead of a local cluster")
+    p.add_argument("--no-tp-probability", action="store_true", help="skip the TP probability of each lesion")
+    p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one in the model's folder)")
+    p.add_argument("--features", action="store_true", help="add the 93 saliency radiomic features of each lesion to its row")
+    p.add_argument("--maps", action="store_true", help="write each lesion's SmoothGrad maps as NIfTI under OUT/maps/<case_id>/")
+    p.add_argument("--samples", type=_SAMPLES, default=None, help="SmoothGrad N (default: the classifier's, 10)")
+    p.add_argument("--max-omega-voxels", type=_int(0), default=None, help="max over at most this many voxels of each lesion "
+                   "(default: the classifier's, 256; 0 = all)")
+    p.add_argument("--noise-seed", type=_SEED, default=None, help="SmoothGrad noise seed (default: the classifier's, 0)")
+    p.add_argument("--split-above", type=_int(0), default=1000, metavar="VOXELS",
+                   help="split a lesion whose max runs over more Ω voxels than this into parts of about this many, computed by "
+                        "separate tasks and combined exactly (default 1000; 0 = never split)")
+    p.add_argument("--dashboard", action="store_true", help="serve the Dask dashboard (local cluster: port 8787) and print its link")
+    # --- end msis cohort
+
     p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)")
     _add_model_args(p)
     p.add_argument("--patients", type=_patients, default="17-22", help="e.g. 17-22 or 17,19")
@@ -891,11 +913,78 @@ def cmd_validate_model(args) -> int:
     return 0
 
 
+# --- msis cohort (cohort.py)
+def cmd_cohort(args) -> int:
+    from .cohort import CohortConfig, check_mprage, need_cohort_packages, read_manifest, row_settings, run_cohort
+    from .model import load_model
+    from .scoring import classifier_settings, model_identity, saliency_settings
+
+    need_cohort_packages()
+    cases = read_manifest(args.manifest)  # every problem of the manifest, before anything is loaded or started
+    model = load_model(args.model, device="cpu", channels=args.model_channels, folds=args.folds, mirroring=not args.no_mirroring)
+    check_mprage(cases, model.spec.input_channels, args.manifest)
+    tp = not args.no_tp_probability
+    asked = {k: v for k, v in (("n_samples", args.samples), ("max_omega_voxels", args.max_omega_voxels), ("seed", args.noise_seed))
+             if v is not None}
+    if asked.get("max_omega_voxels") == 0:
+        asked["max_omega_voxels"] = None
+    clf_path, clf_sha = None, None
+    if tp:
+        from .cohort import file_sha256
+
+        clf = _classifier_for(model, args)
+        clf_path = str(Path(args.classifier or model.default_classifier()).resolve())
+        clf_sha = file_sha256(clf_path)
+        try:
+            clf.check_settings(**asked)
+        except InputError as exc:
+            raise InputError(f"{exc} (the TP probability needs the classifier's maps; or add --no-tp-probability)") from None
+        saliency = classifier_settings(clf)
+    else:  # the defaults where not given; --max-omega-voxels 0 is all of Ω
+        saliency = saliency_settings(n_samples=args.samples, seed=args.noise_seed, max_omega_voxels=args.max_omega_voxels)
+    gt = any(c.gt is not None for c in cases)
+    needs_map = tp or args.features or args.maps  # with a ground truth, the map's peaks come along
+    cfg = CohortConfig(
+        out=str(Path(args.out).resolve()),
+        model={"path": str(Path(args.model).resolve()) if args.model else None, "device": args.device, "channels": args.model_channels,
+               "folds": args.folds, "mirroring": not args.no_mirroring},
+        channels=list(model.spec.input_channels),
+        threshold=float(model.spec.threshold if args.threshold is None else args.threshold),
+        min_volume_mm3=float(model.spec.min_lesion_mm3 if args.min_volume is None else args.min_volume),
+        saliency=saliency if needs_map else None, tp_probability=tp, classifier=clf_path, features=args.features, maps=args.maps,
+        gt=gt, peaks=gt and needs_map, split_above=args.split_above or None)
+    cfg.settings = row_settings(cfg, model_identity(model), clf_sha)
+    del model  # the workers load their own
+    bar = {}
+
+    def progress(label, done, total):
+        from .progress import ProgressBar
+
+        b = bar.setdefault("bar", ProgressBar(label=label))
+        b.label = label
+        b(done, total)
+
+    t0 = time.time()
+    stats = run_cohort(args.manifest, args.out, cfg, cases, workers=args.workers, scheduler=args.scheduler, dashboard=args.dashboard,
+                       progress=progress)
+    out = Path(args.out)
+    print(f"{stats['cases']} cases ({stats['skipped_cases']} finished earlier); {stats['cases_written']} case rows and "
+          f"{stats['lesions_written']} lesion rows written in {time.time() - t0:.0f} s")
+    print(f"lesions: {out / 'lesions.parquet'}\ncases: {out / 'cases.parquet'}\nsummary: {stats['summary']}")
+    if stats["lost"]:
+        print(f"msis: {len(stats['lost'])} tasks failed for reasons of the machine (a worker died, memory, disk) and were not "
+              "recorded; run the same command again to do them", file=sys.stderr)
+        return 1
+    return 0
+# --- end msis cohort
+
+
 COMMANDS = {
     "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
     "train": cmd_train, "validate-model": cmd_validate_model, "features": cmd_features,
     "train-classifier": cmd_train_classifier, "evaluate-classifier": cmd_evaluate_classifier,
     "context": cmd_context, "sanity": cmd_sanity, "stats": cmd_stats, "reproduce": cmd_reproduce,
+    "cohort": cmd_cohort,
 }
 
 
@@ -903,6 +992,8 @@ def _check_args(args) -> None:
     """What argparse cannot check alone, before any work starts (InputError, one line)."""
     if args.command == "explain" and args.method == "gradcampp" and args.precision != "fp32":
         raise InputError(f"--precision {args.precision} applies to SmoothGrad only; Grad-CAM++ runs in fp32 (drop --precision)")
+    if args.command == "cohort" and args.scheduler and args.workers:
+        raise InputError("--workers sizes the local cluster; with --scheduler the cluster you started decides (drop --workers)")
     if args.command == "context" and args.size_range[0] > args.size_range[1]:
         raise InputError(f"--size-range MIN MAX: MIN ({args.size_range[0]}) is larger than MAX ({args.size_range[1]})")
     if args.command == "segment" and (args.tp_probability or args.prune_below is not None) or (
