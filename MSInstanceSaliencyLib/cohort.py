@@ -402,14 +402,9 @@ def _cell(v):
 
 
 def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    from .pipeline import fsync_folder
+
+    fsync_folder(folder)
 
 
 # ----------------------------------------------------------------------------- worker side

@@ -336,6 +336,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_folder(folder) -> None:
+    """Make renames into `folder` durable (not possible on every platform: then a no-op)."""
+    try:
+        _fsync(Path(folder))
+    except OSError:
+        pass
+
+
 def written_by_msis(path) -> bool:
     """Whether a file is a JSON object with a top-level "msis_version", as the JSON files msis writes are."""
     p = Path(path)

@@ -263,6 +263,19 @@ def check_backward_fits(net, shape, device, divisor: int = 16, what: str = "") -
                          "or a single ensemble member as --model")
 
 
+def _halved_after_oom(exc, size: int, device) -> int:
+    """Half of a batch size after an out-of-memory error (the cache emptied); any other error, or one
+    at size 1, is raised again."""
+    import torch
+
+    if not _is_oom(exc) or size == 1:
+        raise exc
+    exc.__traceback__ = None  # its frames hold the failed pass's tensors: free them before emptying the cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return max(1, size // 2)
+
+
 def _is_oom(exc) -> bool:
     import torch
 
@@ -487,12 +500,7 @@ class _SmoothGradJob:
                     else:  # reports its own progress, chunk by chunk
                         maps, chunk = _signed_max_over_omega(selected, x, chunk, progress, done, total)
                 except RuntimeError as exc:
-                    if not _is_oom(exc) or copies == 1:
-                        raise
-                    del exc
-                    if self.dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                    copies = max(1, copies // 2)
+                    copies = _halved_after_oom(exc, copies, self.dev)  # fewer copies per pass, same noise
                     continue
                 del selected, x
                 pending = pending[b:]
@@ -553,12 +561,7 @@ def _signed_max_over_omega(selected, x, chunk, progress, done, total):
             last = start + k >= n
             grads = _batched_vjp(selected, x, cot, retain=not last)
         except RuntimeError as exc:
-            if not _is_oom(exc) or chunk == 1:
-                raise
-            del exc
-            if selected.device.type == "cuda":
-                torch.cuda.empty_cache()
-            chunk = max(1, chunk // 2)  # shrink and retry the same voxels
+            chunk = _halved_after_oom(exc, chunk, selected.device)  # shrink and retry the same voxels
             continue
         if k == 1:
             cand = grads[0]

@@ -208,14 +208,9 @@ def _atomic_write(path, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable (not possible on every platform)
-        fd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    from .pipeline import fsync_folder
+
+    fsync_folder(p.parent)  # make the rename itself durable
     return p
 
 
