@@ -417,8 +417,12 @@ def combine_parts(parts) -> np.ndarray:
     for m in best[1:]:
         acc += m
     acc /= best.shape[0]
-    box = parts[0].box
-    result = np.zeros(parts[0].image_shape, np.float32)
+    return _uncrop(acc, parts[0].box, parts[0].image_shape)
+
+
+def _uncrop(acc: np.ndarray, box: ContextBox, image_shape) -> np.ndarray:
+    """A (C, *padded box) map back on the image's grid (C, X, Y, Z), zero outside the box."""
+    result = np.zeros(image_shape, np.float32)
     result[(slice(None),) + box.slices] = acc[(slice(None),) + tuple(slice(0, n) for n in box.shape)]
     return result
 
@@ -462,10 +466,7 @@ class _SmoothGradJob:
         self.seed = seed
 
     def to_image(self, acc) -> np.ndarray:
-        """A (C, *padded box) tensor back on the image's grid, zero outside the box."""
-        result = np.zeros(self.image.shape, np.float32)
-        result[(slice(None),) + self.box.slices] = acc[(slice(None),) + tuple(slice(0, n) for n in self.box.shape)].cpu().numpy()
-        return result
+        return _uncrop(acc.cpu().numpy(), self.box, self.image.shape)
 
     def copy_maps(self, progress):
         """Yields (B, C, *padded box) tensors: each noisy copy's map (signed max over Ω or gradient of the
@@ -512,8 +513,10 @@ class _SmoothGradJob:
 
     def _batch_sizes(self, n_omega: int) -> tuple[int, int]:
         """(noisy copies per forward pass, Ω voxels per batched backward pass) fitting free memory."""
-        per_copy = max(_activation_bytes(self.net, self.x0[None]), 1)
-        avail = _available_bytes(self.dev)
+        gpu_chunk = self.chunk_size is None and self.aggregation == "max" and self.dev.type == "cuda"
+        if self.copies_per_pass is None or gpu_chunk:
+            per_copy = max(_activation_bytes(self.net, self.x0[None]), 1)
+            avail = _available_bytes(self.dev)
         if self.copies_per_pass is not None:
             copies = int(self.copies_per_pass)
         else:
@@ -523,7 +526,7 @@ class _SmoothGradJob:
         if self.chunk_size is not None:
             chunk = int(self.chunk_size)
         else:
-            chunk = auto_chunk_size(self.net, self.x0[None], self.dev, n_omega, copies) if self.aggregation == "max" else 1
+            chunk = _chunk_fitting(per_copy, avail, n_omega, copies) if gpu_chunk else 1
         return copies, chunk
 
 
@@ -539,9 +542,13 @@ def auto_chunk_size(net, x, device, n_omega: int, copies: int = 1) -> int:
     another on a retained graph (docs/PERFORMANCE.md, chunk sweep)."""
     if device.type != "cuda":
         return 1
-    per_vjp = max(_activation_bytes(net, x) * 2 * copies, 1)
-    avail = _available_bytes(device)
-    return int(max(1, min(n_omega, 256, 0.6 * avail // per_vjp)))
+    return _chunk_fitting(max(_activation_bytes(net, x), 1), _available_bytes(device), n_omega, copies)
+
+
+def _chunk_fitting(per_copy_bytes: int, avail: int, n_omega: int, copies: int) -> int:
+    """Ω voxels per batched backward pass: 60 % of free memory over about twice the activations of the
+    copies, at most 256 and |Ω|."""
+    return int(max(1, min(n_omega, 256, 0.6 * avail // (2 * copies * per_copy_bytes))))
 
 
 def _signed_max_over_omega(selected, x, chunk, progress, done, total):
