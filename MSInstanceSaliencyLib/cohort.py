@@ -378,20 +378,14 @@ class ResultTable:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from .scoring import _atomic_write
+
         names = [n for n, _ in self.columns]
         table = pa.Table.from_pylist([{n: _cell(r.get(n)) for n in names} for r in rows], schema=self.schema)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_folder(self.folder)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        # a hidden .part-<uuid>.parquet.<pid>.tmp until whole: readers skip it, open() removes it
+        _atomic_write(self.folder / f"part-{uuid.uuid4().hex}.parquet", buf.getvalue().to_pybytes())
 
 
 def _cell(v):
@@ -399,12 +393,6 @@ def _cell(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
-
-
-def _fsync_folder(folder: Path) -> None:
-    from .pipeline import fsync_folder
-
-    fsync_folder(folder)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -513,15 +501,12 @@ class CaseState:
 
 
 def _omega_work(omega, saliency: dict) -> int:
-    """Ω voxels the signed max runs over (backward passes per noisy copy)."""
-    from . import saliency as sal
+    """Backward passes per noisy copy: the Ω voxels the signed max runs over, or 1 for the mean."""
+    from .saliency import omega_work
 
-    cap = saliency.get("max_omega_voxels") if saliency.get("aggregation", "max") == "max" else None
     if saliency.get("aggregation", "max") != "max":
         return 1
-    if hasattr(sal, "omega_work"):
-        return int(sal.omega_work(omega, cap, int(saliency.get("seed", 0))))
-    return int(len(sal.omega_sample(int(np.count_nonzero(omega)), cap, int(saliency.get("seed", 0)))))
+    return omega_work(omega, saliency.get("max_omega_voxels"), int(saliency.get("seed", 0)))
 
 
 def case_task(case: CohortCase, cfg: CohortConfig) -> CaseState:
@@ -692,7 +677,7 @@ def _write_map(out: str, case_id: str, lesion_id: int, channel: str, array, refe
     rename); returns its path relative to DIR. A re-run writes the same map again."""
     import SimpleITK as sitk
 
-    from .pipeline import _fsync
+    from .pipeline import _fsync, fsync_folder
     from .volumes import image_from_array
 
     folder = Path(out) / MAPS / case_id
@@ -706,7 +691,7 @@ def _write_map(out: str, case_id: str, lesion_id: int, channel: str, array, refe
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
     return f"{MAPS}/{case_id}/{name}"
 
 
