@@ -11,6 +11,7 @@ SmoothGrad with N = 1 over at most 2 voxels of each lesion, one sampled TP per c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -169,10 +170,10 @@ def test_a_kill_while_a_case_is_written_loses_no_rows(reference, tmp_path):
     assert _leftovers(tmp_path, "f.csv") == ["killer.py"]  # no temporary file is left behind
 
 
-def test_kill_9_from_outside_in_the_middle_of_a_case(reference, tmp_path):
-    """A real kill -9 of a running features process while it computes its case's maps: no row of that
-    case is left, and a rerun makes the case whole."""
-    out, log = tmp_path / "f.csv", tmp_path / "stderr.txt"
+@contextlib.contextmanager
+def _features_in_first_case(out, log):
+    """A features process writing `out` (stderr to `log`), yielded once it reports its first case, i.e.
+    while it computes that case's maps; killed (and continued first, if stopped) when the block ends."""
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "MSInstanceSaliencyLib", *_features_args(out, "9")], stdout=subprocess.DEVNULL,
                                 stderr=err, env=_env())
@@ -180,10 +181,20 @@ def test_kill_9_from_outside_in_the_middle_of_a_case(reference, tmp_path):
             deadline = time.time() + 300
             while f"{CASES[0]}:" not in log.read_text() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
-            os.kill(proc.pid, signal.SIGKILL)
+            yield proc
         finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
             proc.wait(timeout=60)
+
+
+def test_kill_9_from_outside_in_the_middle_of_a_case(reference, tmp_path):
+    """A real kill -9 of a running features process while it computes its case's maps: no row of that
+    case is left, and a rerun makes the case whole."""
+    out, log = tmp_path / "f.csv", tmp_path / "stderr.txt"
+    with _features_in_first_case(out, log) as proc:
+        os.kill(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert not out.exists() or not _rows(out)
     res = _msis(*_features_args(out, "9"))
@@ -221,24 +232,13 @@ def test_a_second_writer_is_refused(reference, tmp_path):
     """Writer A is stopped (SIGSTOP) in the middle of its case; writer B on the same table is refused
     at once, naming A; A then finishes, and the table has each row once."""
     out, log = tmp_path / "f.csv", tmp_path / "stderr_a.txt"
-    with open(log, "w") as err:
-        a = subprocess.Popen([sys.executable, "-m", "MSInstanceSaliencyLib", *_features_args(out, "9")], stdout=subprocess.DEVNULL,
-                             stderr=err, env=_env())
-        try:
-            deadline = time.time() + 300
-            while f"{CASES[0]}:" not in log.read_text() and a.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            assert a.poll() is None, log.read_text()[-3000:]
-            os.kill(a.pid, signal.SIGSTOP)
-            b = _msis(*_features_args(out, "9"), timeout=300)
-            os.kill(a.pid, signal.SIGCONT)
-            _one_error_line(b, "is being written by another msis process", f"pid {a.pid}")
-            assert a.wait(timeout=300) == 0, log.read_text()[-3000:]
-        finally:
-            if a.poll() is None:
-                os.kill(a.pid, signal.SIGCONT)
-            a.kill()
-            a.wait(timeout=60)
+    with _features_in_first_case(out, log) as a:
+        assert a.poll() is None, log.read_text()[-3000:]
+        os.kill(a.pid, signal.SIGSTOP)
+        b = _msis(*_features_args(out, "9"), timeout=300)
+        os.kill(a.pid, signal.SIGCONT)
+        _one_error_line(b, "is being written by another msis process", f"pid {a.pid}")
+        assert a.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert_same_rows(out, reference, cases=CASES[:1])
 
 
