@@ -781,7 +781,7 @@ def _start_client(scheduler, n_workers=None, *, gpu=False, dashboard=False):
 
     # dask's nanny sets MALLOC_TRIM_THRESHOLD_ for its workers, which turns off glibc's adaptive mmap
     # threshold: every activation buffer of a backward pass is then mmap'd and unmapped again, and a
-    # pass took 2x as long (43 vs 20 ms for the demo model on this CPU). Workers keep the default.
+    # pass took about 2x as long (profiled by hand, demo model, this CPU). Workers keep the default.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(**kw)
     return Client(cluster), cluster

@@ -530,9 +530,9 @@ class _SmoothGradJob:
         return copies, chunk
 
 
-# Noisy copies per forward pass at most (CPU, GPU). On the 2-core CPU 4-8 copies per pass measured 2.1-2.2x
-# faster than one, 16 and more slower again (benchmarks/saliency_speed.py --copies-sweep); a GPU is
-# bounded by its memory.
+# Noisy copies per forward pass at most (CPU, GPU). On the 2-core CPU, s per lesion with 1 / 4 / 8 / 16
+# copies per pass: 68.3 / 37.4 / 36.5 / 57.2 (benchmarks/saliency_speed.py --copies-sweep 1,4,8,16,
+# docs/PERFORMANCE.md); a GPU is bounded by its memory.
 MAX_COPIES_PER_PASS = (8, 64)
 
 

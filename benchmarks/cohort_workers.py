@@ -17,11 +17,8 @@ printed. On a shared machine, give the benchmark the CPU first: Linux groups pro
 
 What bounds the speed-up: one worker runs torch with every core as intra-op threads, and since noisy
 copies share forward and backward passes (saliency.py, several copies per pass on the CPU) the second
-thread is worth about 1.6x on its own (2-core AMD EPYC VM, demo model: 9.9 ms per copy and voxel with
-2 threads, 15.9 ms with 1). Two one-thread workers side by side then gain at most 2 / 1.6 = 1.25x over
-one two-thread worker, less the fixed start-up (cluster, each worker loading the model: about 10 s).
-With one copy per pass a second thread gained nothing (20.6 vs 19.8 ms) and two workers came near 2x,
-but at more cost per lesion in every configuration.
+thread pays on its own: the third configuration here, one worker with one thread, shows how much
+(docs/PERFORMANCE.md: 111.3 s with one thread, 87.2 s with two, 68.0 s for two one-thread workers).
 """
 
 from __future__ import annotations
