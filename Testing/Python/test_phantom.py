@@ -25,8 +25,9 @@ def test_contrasts(small_phantom):
     # FLAIR: lesions bright, above white matter; MPRAGE: white matter bright, lesions darker
     assert np.median(flair[core]) > 1.3 * np.median(flair[wm])
     assert np.median(t1[core]) < 0.9 * np.median(t1[wm])
-    # background (outside the head) is dark in both
-    assert np.median(flair[~brain]) < 0.3 * np.median(flair[wm])
+    # air around the head is dark in both
+    air = ~brain & (array_from_image(ph.head, np.uint8) == 0)
+    assert np.median(flair[air]) < 0.3 * np.median(flair[wm]) and np.median(t1[air]) < 0.3 * np.median(t1[wm])
     assert ph.info["n_lesions"] > 0 and les.sum() > 0
 
 
@@ -73,3 +74,74 @@ def test_lesion_mask_argument_places_those_lesions(tmp_path):
         centres = [np.array(ref.TransformContinuousIndexToPhysicalPoint([62.5, 122.5, 72.5])),
                    np.array(ref.TransformContinuousIndexToPhysicalPoint([112.0, 102.0, 82.0]))]
         assert min(np.linalg.norm(p - q) for q in centres) < 5.0
+
+
+def test_skull_stripped_phantoms_are_the_earlier_kind():
+    """skull_stripped=True draws the same numbers as before the head existed: figures recorded from the
+    generator of commit 955b5f3 (sum of intensities, lesion and mimic voxel counts)."""
+    ph = make_phantom(3, patient=2, voxel_size=2.0, skull_stripped=True)
+    assert ph.head is None and ph.flair.GetSize() == (80, 98, 82)
+    f, t1 = (array_from_image(getattr(ph, n)).astype(np.float64) for n in ("flair", "mprage"))
+    assert f.sum() == pytest.approx(120781002.454, rel=1e-6) and t1.sum() == pytest.approx(174950448.787, rel=1e-6)
+    assert array_from_image(ph.lesions, np.uint8).sum() == 97 and array_from_image(ph.mimics, np.uint8).sum() == 40
+
+
+@pytest.fixture(scope="module")
+def head_phantom():
+    return make_phantom(12000, patient=20)
+
+
+def test_head_layers_have_their_tissues_brightness(head_phantom):
+    """From the brain outwards: CSF dark on FLAIR, cortical bone dark on both, marrow and scalp fat bright on
+    both (FLAIR without fat suppression), then air."""
+    ph = head_phantom
+    flair, t1 = array_from_image(ph.flair), array_from_image(ph.mprage)
+    head = array_from_image(ph.head, np.uint8)
+    wm = (array_from_image(ph.white_matter) > 0.95) & (array_from_image(ph.mimics, np.uint8) == 0)
+    fw, tw = np.median(flair[wm]), np.median(t1[wm])
+    med = {k: (np.median(flair[head == k]) / fw, np.median(t1[head == k]) / tw) for k in range(1, 7)}
+    csf, inner, marrow, outer, fat, skin = (med[k] for k in range(1, 7))
+    assert csf[0] < 0.6 and inner[0] < 0.4 and inner[1] < 0.4 and outer[1] < 0.4
+    assert marrow[0] > 0.8 and marrow[1] > 0.6 and fat[0] > 1.3 and fat[1] > 1.0 and fat[0] > skin[0]
+    # every layer is present all around the brain: each takes a shell of a few mm
+    assert all((head == k).sum() > 20_000 for k in range(1, 7))
+
+
+def test_normal_hyperintensities_are_bright_and_marked_as_mimics(head_phantom):
+    """Periventricular caps/rims, septum, choroid plexus and CSF inflow are in the mimics mask (potential
+    FPs, not lesions) and brighter than white matter on FLAIR."""
+    ph = head_phantom
+    flair = array_from_image(ph.flair)
+    mim = array_from_image(ph.mimics, np.uint8) > 0
+    les = array_from_image(ph.lesions, np.uint8) > 0
+    wm = (array_from_image(ph.white_matter) > 0.95) & ~mim & ~ndimage.binary_dilation(les, iterations=2)
+    assert not (mim & les).any()
+    assert mim.sum() > 1000  # the normal hyperintensities add far more than the small mimics
+    assert np.median(flair[mim]) > 1.1 * np.median(flair[wm])
+
+
+def test_lesion_contrast_ranges_from_subtle_to_bright(head_phantom):
+    ph = head_phantom
+    flair, t1 = array_from_image(ph.flair), array_from_image(ph.mprage)
+    lab, n = ndimage.label(array_from_image(ph.lesions, np.uint8), structure=np.ones((3, 3, 3)))
+    wm = array_from_image(ph.white_matter) > 0.95
+    fw, tw = np.median(flair[wm]), np.median(t1[wm])
+    cores = [ndimage.binary_erosion(lab == k) for k in range(1, n + 1)]
+    ratios = [(np.median(flair[c]) / fw, np.median(t1[c]) / tw) for c in cores if c.sum() >= 8]
+    f = [r[0] for r in ratios]
+    t = [r[1] for r in ratios]
+    assert len(ratios) >= 5 and min(f) < 1.6 and max(f) > 1.9  # subtle (grey-matter-like) to bright
+    assert max(t) > 0.85 and min(t) < 0.7  # iso- to hypo-intense on T1
+
+
+def test_scans_differ_in_contrast_bias_and_noise():
+    """Across seeds the z-scored white matter and lesion levels move: intensity alone is not the answer."""
+    from MSInstanceSaliencyLib.preprocessing import normalize
+
+    levels = []
+    for seed in (5, 6, 7, 8):
+        ph = make_phantom(seed, patient=3, voxel_size=2.0)
+        f = normalize(array_from_image(ph.flair))
+        wm = array_from_image(ph.white_matter) > 0.95
+        levels.append(float(np.median(f[wm])))
+    assert max(levels) - min(levels) > 0.15
