@@ -41,6 +41,7 @@ from .errors import InputError
 from .volumes import image_from_array, read_image
 
 N_PATIENTS = 22
+PHANTOM_VERSION = 2  # bump when the same seed makes a different phantom (caches key on it); 2 = the head
 _CROP_MARGIN = 8  # mm of background kept around a skull-stripped brain
 _HEAD_MARGIN = 20  # mm around the brain for the head layers (at most 16 mm) and some air
 

@@ -4,7 +4,10 @@
 U-Net (same command, more compute). Training phantoms come from shared patients 01-16, validation
 phantoms (see evaluation.validate_model) from patients 17-22, with seeds that never coincide.
 Patches are sampled around lesions, around lesion mimics and at random brain positions; the loss is
-normalised Dice plus blob loss (losses.py). Everything is seeded.
+normalised Dice plus blob loss (losses.py), plus voxel-wise cross-entropy where the configuration
+asks for it. The demo configuration also trains on context-restoration images labelled background
+(the journal paper's Discussion): a lesion with at most a few mm of its surroundings, the rest of the
+input at the image mean, is not a lesion. Everything is seeded.
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ def validation_seed(patient: int, k: int = 0) -> int:
 
 
 CONFIGS = {
-    "demo": dict(network_args=DEMO_UNET_ARGS, roi_size=[64, 64, 64], patch=64, batch=4, iterations=3000, lr=2e-3),
-    "paper": dict(network_args=PAPER_UNET_ARGS, roi_size=[96, 96, 96], patch=96, batch=2, iterations=20000, lr=1e-3),
+    # context: share of patches that are context-restoration images (lesion + 0..context_mm of its
+    # surroundings, label background); ce: weight of the cross-entropy term (0 = the paper's loss only)
+    "demo": dict(network_args=DEMO_UNET_ARGS, roi_size=[64, 64, 64], patch=64, batch=4, iterations=6000, lr=2e-3,
+                 context=0.15, context_mm=5, ce=1.0),
+    "paper": dict(network_args=PAPER_UNET_ARGS, roi_size=[96, 96, 96], patch=96, batch=2, iterations=20000, lr=1e-3,
+                  context=0.0, context_mm=0, ce=0.0),
 }
 
 
@@ -53,13 +60,13 @@ def phantom_case(patient: int, seed: int, spec: ModelSpec, cache_dir: Path | Non
     """A phantom prepared exactly as inference prepares inputs, cached on disk."""
     from scipy import ndimage
 
-    from .phantom import make_phantom
+    from .phantom import PHANTOM_VERSION, make_phantom
     from .preprocessing import prepare_case
     from .volumes import array_from_image
 
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"p{patient:02d}_s{seed}_{spec.normalization}.npz"
+        cache = Path(cache_dir) / f"p{patient:02d}_s{seed}_{spec.normalization}_v{PHANTOM_VERSION}.npz"
         if cache.is_file():
             z = np.load(cache)
             return TrainingCase(z["image"], z["instances"], z["lesion"], z["mimic"], z["brain"])
@@ -82,15 +89,24 @@ def phantom_case(patient: int, seed: int, spec: ModelSpec, cache_dir: Path | Non
     return case
 
 
-def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_lesion=0.5, p_mimic=0.2):
-    """One (image, instances) patch centred on a lesion, a mimic or a random brain voxel, randomly flipped."""
+def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_lesion=0.5, p_mimic=0.2, p_context=0.0, context_mm=5):
+    """One (image, instances) patch centred on a lesion, a mimic or a random brain voxel, randomly flipped.
+
+    With probability p_context (taken from the lesion share) it is a context-restoration image: one
+    lesion and its 0..context_mm 18-connected dilation steps kept, every other input voxel set to 0 (the
+    z-scored image's mean, as in the contextual-information experiment), labelled all background.
+    """
     u = rng.random()
     pool = case.brain_voxels
     if u < p_lesion and len(case.lesion_voxels):
         pool = case.lesion_voxels
     elif u < p_lesion + p_mimic and len(case.mimic_voxels):
         pool = case.mimic_voxels
-    centre = pool[rng.integers(len(pool))].astype(int) + rng.integers(-patch // 4, patch // 4 + 1, size=3)
+    context = u < p_context and len(case.lesion_voxels) > 0
+    if context:
+        pool = case.lesion_voxels
+    voxel = pool[rng.integers(len(pool))].astype(int)
+    centre = voxel + rng.integers(-patch // 4, patch // 4 + 1, size=3)
     shape = np.array(case.instances.shape)
     lo = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
     sl = tuple(slice(a, a + patch) for a in lo)
@@ -104,6 +120,12 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
         img, inst = img[:, ::-1], inst[::-1]
     # mild intensity augmentation per channel
     img = img * rng.uniform(0.9, 1.1, size=(img.shape[0], 1, 1, 1)) + rng.uniform(-0.1, 0.1, size=(img.shape[0], 1, 1, 1))
+    if context:  # after the augmentation, so the removed context is exactly 0 as in the experiment
+        from .experiments import dilation_steps
+
+        keep = dilation_steps(inst == case.instances[tuple(voxel)], int(rng.integers(0, context_mm + 1)))[-1]
+        img = img * keep
+        inst = np.zeros_like(inst)
     return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(inst)
 
 
@@ -129,6 +151,7 @@ def train(
     from .model import resolve_device
 
     cfg = dict(CONFIGS[config])
+    ce_weight = cfg["ce"]
     iterations = iterations or cfg["iterations"]
     batch = batch or cfg["batch"]
     patch = patch or cfg["patch"]
@@ -162,10 +185,14 @@ def train(
     t0 = time.time()
     running = None
     for it in range(1, iterations + 1):
-        xs, ys = zip(*(sample_patch(rng, cases[rng.integers(len(cases))], patch) for _ in range(batch)))
+        xs, ys = zip(*(sample_patch(rng, cases[rng.integers(len(cases))], patch, p_context=cfg["context"], context_mm=cfg["context_mm"])
+                       for _ in range(batch)))
         x = torch.from_numpy(np.stack(xs)).to(dev)
         y = torch.from_numpy(np.stack(ys)).to(dev)
-        loss = ndsc_blob_loss(net(x), y)
+        logits = net(x)
+        loss = ndsc_blob_loss(logits, y)
+        if ce_weight:  # Dice terms give almost no gradient on patches without lesions; CE does
+            loss = loss + ce_weight * torch.nn.functional.cross_entropy(logits, (y > 0).long())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -175,14 +202,16 @@ def train(
             history.append({"iteration": it, "loss": round(running, 5), "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)})
             log(f"iter {it}/{iterations} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
         if it % 1000 == 0 or it == iterations:
-            spec.training = _training_record(config, patients, phantoms_per_patient, iterations, batch, patch, lr, seed, time.time() - t0, it, dev)
+            spec.training = _training_record(config, patients, phantoms_per_patient, iterations, batch, patch, lr, seed, time.time() - t0, it, dev, cfg)
             save_model(net, spec, out)
     (out / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
     return out
 
 
-def _training_record(config, patients, per_patient, iterations, batch, patch, lr, seed, seconds, done, dev):
+def _training_record(config, patients, per_patient, iterations, batch, patch, lr, seed, seconds, done, dev, cfg):
     import torch
+
+    from .phantom import PHANTOM_VERSION
 
     return {
         "config": config,
@@ -195,7 +224,9 @@ def _training_record(config, patients, per_patient, iterations, batch, patch, lr
         "patch": patch,
         "lr": lr,
         "seed": seed,
-        "loss": "2 * normalised Dice (r=0.001) + blob loss",
+        "loss": "2 * normalised Dice (r=0.001) + blob loss" + (f" + {cfg['ce']} * cross-entropy" if cfg["ce"] else ""),
+        "context_restoration": {"share": cfg["context"], "max_mm": cfg["context_mm"], "label": "background"} if cfg["context"] else None,
+        "phantom_version": PHANTOM_VERSION,
         "seconds": round(seconds, 1),
         "device": str(dev),
         "torch": torch.__version__,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from MSInstanceSaliencyLib.model import load_model
+from MSInstanceSaliencyLib.phantom import PHANTOM_VERSION
 from MSInstanceSaliencyLib.training import phantom_case, sample_patch, train
 
 
@@ -24,7 +25,7 @@ def test_patches_are_centred_on_lesions_often(tmp_path):
     from MSInstanceSaliencyLib.model import ModelSpec
 
     case = phantom_case(2, 202, ModelSpec(), tmp_path)
-    assert (tmp_path / "p02_s202_zscore.npz").is_file()
+    assert (tmp_path / f"p02_s202_zscore_v{PHANTOM_VERSION}.npz").is_file()
     rng = np.random.default_rng(0)
     with_lesion = 0
     for _ in range(20):
@@ -32,3 +33,36 @@ def test_patches_are_centred_on_lesions_often(tmp_path):
         assert img.shape == (2, 32, 32, 32) and inst.shape == (32, 32, 32)
         with_lesion += inst.max() > 0
     assert with_lesion >= 6  # about half the patches are drawn around a lesion voxel
+
+
+def test_context_restoration_patches_keep_one_lesion_and_its_ring_labelled_background():
+    """p_context=1: every patch keeps one lesion and at most context_mm dilation steps around it, the rest
+    exactly 0 (the z-scored mean, as in the contextual-information experiment), and no lesion label."""
+    from scipy import ndimage
+
+    from MSInstanceSaliencyLib.experiments import dilation_steps
+    from MSInstanceSaliencyLib.training import TrainingCase
+
+    rng = np.random.default_rng(0)
+    img = (rng.normal(size=(2, 64, 64, 64)) + 3).astype(np.float16)  # no zeros of its own
+    inst = np.zeros((64, 64, 64), np.int16)
+    inst[30:34, 30:34, 30:34] = 1
+    inst[8:11, 50:53, 8:11] = 2
+    case = TrainingCase(img, inst, np.argwhere(inst > 0).astype(np.int16), np.zeros((0, 3), np.int16),
+                        np.argwhere(np.ones(inst.shape, bool))[::101].astype(np.int16))
+    sizes = set()
+    for _ in range(40):
+        x, y = sample_patch(rng, case, 32, p_context=1.0, context_mm=2)
+        assert y.max() == 0
+        kept = (x != 0).all(0)
+        assert ((x == 0).all(0) | kept).all()  # each voxel kept or removed in both channels
+        lab, n = ndimage.label(kept)
+        assert n == 1  # one lesion and its ring
+        sizes.add(int(kept.sum()))  # the lesion dilated 0, 1 or 2 times (18-connectivity), checked below
+    cube = np.zeros((12, 12, 12), bool)
+    cube[4:8, 4:8, 4:8] = True
+    expected = {int(m.sum()) for m in dilation_steps(cube, 2)}
+    small = np.zeros((12, 12, 12), bool)
+    small[4:7, 4:7, 4:7] = True
+    expected |= {int(m.sum()) for m in dilation_steps(small, 2)}
+    assert sizes <= expected and len(sizes) >= 3
