@@ -204,12 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_saliency_args(p)
     _add_segment_args(p)
 
-    p = sub.add_parser("phantom", help="write a phantom case (flair, mprage, lesions, mimics) as NIfTI")
+    p = sub.add_parser("phantom", help="write a phantom case (flair, mprage, lesions, mimics, head layers) as NIfTI")
     p.add_argument("--out", type=_path, required=True)
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--patient", type=_int(1, N_PATIENTS), default=None, help="lesion geometry of shared patient 1..22 (default: from the seed)")
     p.add_argument("--lesion-mask", type=_path, default=None, help="place exactly the lesions of this MNI-space mask instead")
     p.add_argument("--voxel-size", type=_real(0.5, 4.0), default=1.0, help="isotropic voxel size in mm, 0.5 to 4 (default 1, the template's)")
+    p.add_argument("--skull-stripped", action="store_true", help="the earlier kind: a brain without the head, narrower contrast ranges")
 
     p = sub.add_parser("evaluate", help="lesion-wise TP/FP/FN, F1, PPV, TPR, Dice, nDSC of a prediction")
     p.add_argument("pred", type=_path, help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
@@ -555,9 +556,9 @@ def cmd_explain(args) -> int:
 def cmd_phantom(args) -> int:
     from .phantom import make_phantom
 
-    names = ("flair", "mprage", "lesions", "mimics")
+    names = ("flair", "mprage", "lesions", "mimics") + (() if args.skull_stripped else ("head",))
     out = OutputFolder(args.out, protected=[args.lesion_mask] if args.lesion_mask else [], names=[f"{n}.nii.gz" for n in names])
-    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size)
+    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size, skull_stripped=args.skull_stripped)
     from .volumes import write_image
 
     with out.writing():
