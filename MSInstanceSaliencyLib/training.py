@@ -205,7 +205,32 @@ def train(
             spec.training = _training_record(config, patients, phantoms_per_patient, iterations, batch, patch, lr, seed, time.time() - t0, it, dev, cfg)
             save_model(net, spec, out)
     (out / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_training_log(out / "training_log.json", out / "training_curve.png")
     return out
+
+
+def plot_training_log(log_json, png):
+    """The smoothed training loss and the learning rate over iterations, from training_log.json."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(Path(log_json).read_text())
+    it = [r["iteration"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5), constrained_layout=True)
+    ax.plot(it, [r["loss"] for r in rows], color="tab:red", label="loss (exponential moving average, 0.95)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(it, [r["lr"] for r in rows], color="tab:gray", ls="--", label="learning rate")
+    ax2.set_ylabel("learning rate")
+    ax.legend(ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0],
+              ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1], fontsize=8)
+    ax.set_title(f"training: {it[-1]} iterations, {rows[-1]['seconds']:.0f} s", fontsize=9)
+    fig.savefig(str(png), dpi=100)
+    plt.close(fig)
+    return Path(png)
 
 
 def _training_record(config, patients, per_patient, iterations, batch, patch, lr, seed, seconds, done, dev, cfg):

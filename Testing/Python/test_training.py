@@ -19,6 +19,7 @@ def test_train_a_few_iterations(tmp_path, config):
     channels = [32, 64, 128, 256, 512] if config == "paper" else [8, 16, 32, 64, 128]
     assert m.spec.network_args["channels"] == channels
     assert json.loads((out / "training_log.json").read_text())[-1]["iteration"] == 2
+    assert (out / "training_curve.png").stat().st_size > 1000
 
 
 def test_patches_are_centred_on_lesions_often(tmp_path):
