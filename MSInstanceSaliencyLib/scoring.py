@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
+from .phantom import PHANTOM_VERSION
 from .radiomics import FeatureError, TPClassifier, default_classifier_path, make_extractor, saliency_features
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ TABLE_FORMAT = 2
 # What a phantom table's sidecar records besides the saliency settings: everything that shapes its rows.
 # A resume must match all of them (scoring.phantom_feature_table).
 RESUME_KEYS = ("model", "model_version", "model_sha256", "phantom_seed_base", "max_tp_per_case", "threshold", "min_volume_mm3",
-               "phantom_voxel_size")
+               "phantom_voxel_size", "phantom_version")
 
 
 def _atomic_write(path, data: bytes) -> Path:
@@ -522,7 +523,7 @@ def phantom_table_info(model, settings: dict, *, seed_base: int, max_tp_per_case
             "max_tp_per_case": None if max_tp_per_case is None else int(max_tp_per_case),
             "threshold": float(spec.threshold if threshold is None else threshold),
             "min_volume_mm3": float(spec.min_lesion_mm3 if min_volume_mm3 is None else min_volume_mm3),
-            "phantom_voxel_size": float(voxel_size), "format": TABLE_FORMAT}
+            "phantom_voxel_size": float(voxel_size), "phantom_version": PHANTOM_VERSION, "format": TABLE_FORMAT}
 
 
 def _show(v):
@@ -543,9 +544,10 @@ def _check_saliency_on_resume(out: Path, settings: dict) -> dict:
 
 def _check_resume(out: Path, earlier: dict, now: dict, model) -> None:
     """Refuse to resume a table with other settings than this run's, naming them. Keys an older sidecar
-    lacks: phantom_voxel_size, threshold and min_volume_mm3 had one value in older msis (1 mm, the model's);
+    lacks: phantom_voxel_size, phantom_version, threshold and min_volume_mm3 had one value in older msis (1 mm, phantoms
+    version 1, the model's);
     the model's version and hash are unknown, and the error says how to go on."""
-    legacy = {"phantom_voxel_size": 1.0, "threshold": float(model.spec.threshold), "min_volume_mm3": float(model.spec.min_lesion_mm3)}
+    legacy = {"phantom_voxel_size": 1.0, "phantom_version": 1, "threshold": float(model.spec.threshold), "min_volume_mm3": float(model.spec.min_lesion_mm3)}
     diffs, unknown = [], {}
     for k in RESUME_KEYS:
         if k in earlier:

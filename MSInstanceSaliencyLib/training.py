@@ -165,7 +165,7 @@ def train(
         network_args=dict(cfg["network_args"]),
         roi_size=list(cfg["roi_size"]),
         name=f"msis-{config}-unet",
-        version="1.0.0",
+        version="2.0.0",  # 2: head phantoms, context-restoration patches
         description=f"MONAI UNet ({config} configuration) trained on MSInstanceSaliency phantoms. Demonstration only, not for clinical use.",
     )
     cases = []
