@@ -287,6 +287,13 @@ def test_resuming_with_other_settings_is_refused_naming_them(reference, tmp_path
                         (dict(voxel_size=1.0), "phantom_voxel_size"), (dict(min_volume_mm3=5.0), "min_volume_mm3"),
                         (dict(threshold=0.5), "threshold")):
         assert key in refused(model=demo, **change), key
+    # a table of the earlier phantoms (version 1, skull-stripped) does not take today's head phantoms
+    original = sidecar
+    side.write_text(json.dumps({**json.loads(original), "phantom_version": 1}))
+    sidecar = side.read_bytes()
+    assert "phantom_version" in refused(model=demo)
+    side.write_bytes(original)
+    sidecar = original
     # an older sidecar that does not record the model's identity: refused, saying what to do
     old = json.loads(sidecar)
     for k in ("model_version", "model_sha256", "phantom_voxel_size", "threshold", "min_volume_mm3", "format"):
