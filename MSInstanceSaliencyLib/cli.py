@@ -730,7 +730,7 @@ def cmd_evaluate_classifier(args) -> int:
     cb, ca = rep["counts_before"], rep["counts_after"]
     print(f"U-Net alone:      TP {cb['tp']}  FP {cb['fp']}  FN {cb['fn']}")
     print(f"with classifier:  TP {ca['tp']}  FP {ca['fp']}  FN {ca['fn']}   (P(TP) >= {args.threshold})")
-    for k in ("f1_before", "f1_after", "ppv_before", "ppv_after"):
+    for k in ("f1_before", "f1_after", "f1_change", "ppv_before", "ppv_after", "ppv_change"):
         v = rep[k]
         print(f"{k:<11} {v['point']:.4f}  bootstrap mean {v['mean']:.4f}  95% CI [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]")
     auc, size = rep["roc_auc"], rep["roc_auc_size_only"]

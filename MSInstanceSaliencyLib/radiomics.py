@@ -380,7 +380,8 @@ def bootstrap_detection(is_tp: np.ndarray, keep: np.ndarray, n_fn: int, n_boot: 
     is_tp: per predicted lesion, 1 = TP, 0 = FP; keep: per predicted lesion, kept by the classifier;
     n_fn: GT lesions the network missed. A removed TP becomes a missed lesion (FN). The test lesions
     (predicted lesions and the missed GT lesions) are resampled with replacement `n_boot` times;
-    returned: point estimates, bootstrap means and 95% percentile intervals.
+    returned: point estimates, bootstrap means and 95% percentile intervals, also of the paired changes
+    f1_change and ppv_change (after - before).
     """
     is_tp = np.asarray(is_tp, bool)
     keep = np.asarray(keep, bool)
@@ -401,7 +402,10 @@ def bootstrap_detection(is_tp: np.ndarray, keep: np.ndarray, n_fn: int, n_boot: 
     names = ("f1_before", "ppv_before", "f1_after", "ppv_after")
     out = {"n_boot": n_boot, "seed": seed, "counts_before": {"tp": int(is_tp.sum()), "fp": int((~is_tp).sum()), "fn": int(n_fn)},
            "counts_after": {"tp": int((is_tp & keep).sum()), "fp": int((~is_tp & keep).sum()), "fn": int(n_fn + (is_tp & ~keep).sum())}}
-    for i, name in enumerate(names):
+    # the paired change (after - before on the same resample): its interval says whether the gain is real
+    point = np.concatenate([point, [point[2] - point[0], point[3] - point[1]]])
+    boots = np.column_stack([boots, boots[:, 2] - boots[:, 0], boots[:, 3] - boots[:, 1]])
+    for i, name in enumerate(names + ("f1_change", "ppv_change")):
         out[name] = {"point": float(point[i]), "mean": float(boots[:, i].mean()),
                      "ci95": [float(np.percentile(boots[:, i], 2.5)), float(np.percentile(boots[:, i], 97.5))]}
     return out

@@ -176,6 +176,13 @@ def test_bootstrap_contains_point_and_is_reproducible():
     assert a["ppv_after"]["point"] == pytest.approx(tp2 / (tp2 + fp2))
     assert a["f1_after"]["point"] == pytest.approx(2 * tp2 / (2 * tp2 + fp2 + fn2))
     assert bootstrap_detection(is_tp, keep, 15, n_boot=300, seed=8) != a
+    # paired changes: after - before on each resample
+    assert a["ppv_change"]["point"] == pytest.approx(a["ppv_after"]["point"] - a["ppv_before"]["point"])
+    assert a["f1_change"]["point"] == pytest.approx(a["f1_after"]["point"] - a["f1_before"]["point"])
+    same = bootstrap_detection(is_tp, np.ones(120, bool), n_fn=15, n_boot=300, seed=7)
+    assert same["ppv_change"]["ci95"] == [0.0, 0.0] and same["f1_change"]["ci95"] == [0.0, 0.0]
+    only_fps = bootstrap_detection(is_tp, is_tp, n_fn=15, n_boot=300, seed=7)  # removes every FP and nothing else
+    assert only_fps["ppv_change"]["ci95"][0] > 0 and only_fps["f1_change"]["ci95"][0] > 0
 
 
 @pytest.mark.needs_radiomics
