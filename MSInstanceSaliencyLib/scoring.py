@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .phantom import PHANTOM_VERSION
 from .radiomics import FeatureError, TPClassifier, default_classifier_path, make_extractor, saliency_features
 
 log = logging.getLogger(__name__)
@@ -518,6 +517,7 @@ def evaluate_classifier(classifier: TPClassifier, rows: list[dict], *, threshold
 def phantom_table_info(model, settings: dict, *, seed_base: int, max_tp_per_case, threshold=None, min_volume_mm3=None,
                        voxel_size: float = 1.0) -> dict:
     """What a phantom table's sidecar records: the saliency settings and every RESUME_KEYS value."""
+    from .phantom import PHANTOM_VERSION
     spec = model.spec
     return {"saliency": settings, **model_identity(model), "phantom_seed_base": int(seed_base),
             "max_tp_per_case": None if max_tp_per_case is None else int(max_tp_per_case),
