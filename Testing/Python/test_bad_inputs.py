@@ -479,7 +479,10 @@ def test_sigint_during_start_up_is_one_line(files, tiny_model_dir, tmp_path):
     # the window between Python's handler and the end of a run is short and moves with the machine's
     # load (a fresh clone, the first import of each module), so try many moments
     for delay in (0.15, 0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.7, 2.0, 2.5, 3.0):
-        p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # as from a terminal: a suite started in the background inherits SIGINT ignored, and Python then
+        # installs no handler at all, so the children would never see the signal
+        p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
