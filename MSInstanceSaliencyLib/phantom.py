@@ -246,7 +246,7 @@ def _blend(image, weight, target):
 def _normal_hyperintensities(rng, csf, wm, brain, voxel_size, midline_x):
     """Weights (0..1) of the FLAIR hyperintensities of normal brains, as {name: (weight, FLAIR / WM, T1 / WM)}.
 
-    Ventricles = CSF deeper than 10 mm in the brain. Rims: a thin band of periventricular white matter
+    Ventricles = CSF deeper than 12 mm in the brain and within 30 mm of the midline. Rims: a thin band of periventricular white matter
     (looser ependyma, more interstitial water); caps: thicker and brighter at the frontal and occipital
     horn tips. Septum pellucidum: the midline membrane between the lateral ventricles. Choroid plexus:
     blobs in the atria. Inflow: CSF entering the slice after the inversion pulse is not nulled, so
@@ -265,7 +265,7 @@ def _normal_hyperintensities(rng, csf, wm, brain, voxel_size, midline_x):
         vent = np.isin(lab, 1 + np.flatnonzero(sizes * sp**3 >= 300))
     out = {}
     if not vent.any():
-        return out, vent
+        return out
     d_vent = ndimage.distance_transform_edt(~vent, sampling=sp)
     white = np.clip(wm, 0, 1)
     out["periventricular rim"] = (np.exp(-d_vent / rng.uniform(0.8, 1.6)) * (d_vent > 0) * white, rng.uniform(1.15, 1.4), 1.0)
@@ -302,7 +302,7 @@ def _normal_hyperintensities(rng, csf, wm, brain, voxel_size, midline_x):
     # sulcal CSF next to cortex, partly un-nulled
     sulcal = np.clip(csf, 0, 1) * (depth < 8.0) * (~vent)
     out["sulcal partial volume"] = (sulcal * rng.uniform(0.1, 0.35), 0.9, 0.3)
-    return out, vent
+    return out
 
 
 def make_phantom(
@@ -390,15 +390,15 @@ def make_phantom(
     # FLAIR: CSF dark, WM < GM, lesions bright. (Head phantoms: wider jitter, GM still above WM.)
     j = ranges["tissue_jitter"]
     c = rng.uniform(1 - j, 1 + j, size=3)
-    flair_wm = 0.45 * c[2]
     flair = csf * 0.10 * c[0] + gm * 0.62 * c[1] + wm * 0.45 * c[2]
     mprage = t1 * rng.uniform(0.95, 1.05)
-    t1_wm = float(np.median(mprage[wm > 0.9])) if (wm > 0.9).any() else 1.0
     normal_mask = np.zeros(shape, bool)
     head_labels = None
-    if head:
+    if head:  # levels relative to this scan's white matter
+        flair_wm = 0.45 * c[2]
+        t1_wm = float(np.median(mprage[wm > 0.9])) if (wm > 0.9).any() else 1.0
         midline_x = ref.TransformPhysicalPointToContinuousIndex((0.0, 0.0, 0.0))[0]
-        hyper, _vent = _normal_hyperintensities(extra, csf, wm, brain, voxel_size, midline_x)
+        hyper = _normal_hyperintensities(extra, csf, wm, brain, voxel_size, midline_x)
         for weight, flair_rel, t1_rel in hyper.values():
             flair = _blend(flair, weight, flair_rel * flair_wm)
             mprage = _blend(mprage, weight * (t1_rel < 1), t1_rel * t1_wm)
@@ -411,9 +411,9 @@ def make_phantom(
             mprage += frac * t1_rel * t1_wm * extra.uniform(0.85, 1.15)
         stack = np.stack(layers)
         head_labels = np.where(stack.max(0) >= 0.5, stack.argmax(0) + 1, 0).astype(np.uint8)
-    flair += lesion_pv * (flair_gain[near] - flair)
-    flair += cort_frac * (cort_gain - flair) * (cort_gain > 0)
-    flair += wm_frac * (wm_gain - flair) * (wm_gain > 0)
+    flair = _blend(flair, lesion_pv, flair_gain[near])
+    flair = _blend(flair, cort_frac * (cort_gain > 0), cort_gain)
+    flair = _blend(flair, wm_frac * (wm_gain > 0), wm_gain)
     # MPRAGE: the template's real T1 texture; lesions dark, mimics nearly unchanged.
     mprage *= 1.0 - lesion_pv * t1_drop[near]
     mprage *= 1.0 - wm_frac * rng.uniform(0.0, 0.12)

@@ -518,6 +518,7 @@ def phantom_table_info(model, settings: dict, *, seed_base: int, max_tp_per_case
                        voxel_size: float = 1.0) -> dict:
     """What a phantom table's sidecar records: the saliency settings and every RESUME_KEYS value."""
     from .phantom import PHANTOM_VERSION
+
     spec = model.spec
     return {"saliency": settings, **model_identity(model), "phantom_seed_base": int(seed_base),
             "max_tp_per_case": None if max_tp_per_case is None else int(max_tp_per_case),
@@ -544,9 +545,9 @@ def _check_saliency_on_resume(out: Path, settings: dict) -> dict:
 
 def _check_resume(out: Path, earlier: dict, now: dict, model) -> None:
     """Refuse to resume a table with other settings than this run's, naming them. Keys an older sidecar
-    lacks: phantom_voxel_size, phantom_version, threshold and min_volume_mm3 had one value in older msis (1 mm, phantoms
-    version 1, the model's);
-    the model's version and hash are unknown, and the error says how to go on."""
+    lacks: phantom_voxel_size, phantom_version, threshold and min_volume_mm3 had one value in older msis
+    (1 mm, phantom version 1, the model's); the model's version and hash are unknown, and the error says
+    how to go on."""
     legacy = {"phantom_voxel_size": 1.0, "phantom_version": 1, "threshold": float(model.spec.threshold), "min_volume_mm3": float(model.spec.min_lesion_mm3)}
     diffs, unknown = [], {}
     for k in RESUME_KEYS:
