@@ -499,6 +499,34 @@ def test_sigint_during_start_up_is_one_line(files, tiny_model_dir, tmp_path):
     assert seen, f"no run was interrupted: (delay, exit code) {codes}"
 
 
+def test_ctrl_c_swallowed_by_a_callback_still_stops_the_run(files, tmp_path, capsys, monkeypatch):
+    """CPython only prints ("Exception ignored in ...") a KeyboardInterrupt raised inside a weakref callback
+    or __del__ and goes on: the timing test above met one in an import's module-lock callback. The run
+    must still stop with the one line, no traceback and nothing written."""
+    from MSInstanceSaliencyLib import cli
+
+    class InterruptedWhileCollected:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    reached = []
+
+    def check_then_meet_ctrl_c(args):
+        InterruptedWhileCollected()  # collected at once: its KeyboardInterrupt goes to sys.unraisablehook
+        reached.append(time.monotonic())
+        while time.monotonic() < reached[0] + 10:  # the interrupt, delivered again, ends this work
+            pass
+        raise AssertionError("the run went on after Ctrl-C")
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    hook_before = sys.unraisablehook
+    monkeypatch.setattr(cli, "_check_args", check_then_meet_ctrl_c)
+    rc, _, err = run(capsys, "segment", files["flair"], files["mprage"], "--out", tmp_path / "o")
+    assert (rc, err.strip()) == (130, "msis: interrupted"), err
+    assert time.monotonic() - reached[0] < 5 and not (tmp_path / "o").exists()
+    assert sys.unraisablehook is hook_before  # main() leaves the process as it found it
+
+
 def test_precision_is_refused_for_gradcampp(files, tmp_path, capsys):
     one_error(run(capsys, "explain", files["flair"], tmp_path / "missing.nii.gz", "--mask", files["lesions"], "--method", "gradcampp",
                   "--precision", "bf16", "--out", tmp_path / "o"), "--precision")
