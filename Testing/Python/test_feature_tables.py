@@ -346,4 +346,4 @@ def test_table_readers_refuse_torn_and_duplicate_rows_and_read_the_committed_tab
     rows, settings = read_feature_tables(sorted(tables.glob("features_train*.csv")))
     assert len(rows) == 974 + 395 and settings["n_samples"] == 10
     rows, _ = read_feature_tables(sorted(tables.glob("features_test_*.csv")))
-    assert len(rows) == 154 + 157
+    assert len(rows) == 154 + 169 + 157 + 175  # patients 17-19, 20, 21, 22
