@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import functools
 import json
 import math
 import os
@@ -1052,19 +1053,19 @@ def _check_feature_cells(rows, names) -> None:
 MIN_SIZE_REGISTER_N4 = 16
 
 
-def _redeliver_swallowed_interrupt(unraisable, _default=None) -> None:
+def _redeliver_swallowed_interrupt(previous_hook, unraisable) -> None:
     """A Ctrl-C that lands in a weakref callback or __del__ (an import's module-lock callback, say) is
     "ignored" by CPython with a traceback and the run goes on; deliver it again so that it stops the run.
     From another thread and a moment later: raised here, inside the hook, it would be ignored once more."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         _thread.start_new_thread(lambda: (time.sleep(0.05), _thread.interrupt_main()), ())
     else:
-        (_default or sys.__unraisablehook__)(unraisable)
+        previous_hook(unraisable)
 
 
 def main(argv=None) -> int:
     previous_hook = sys.unraisablehook
-    sys.unraisablehook = lambda u: _redeliver_swallowed_interrupt(u, previous_hook)
+    sys.unraisablehook = functools.partial(_redeliver_swallowed_interrupt, previous_hook)
     try:
         return _main(argv)
     finally:
