@@ -102,10 +102,9 @@ def summarize_context(per_lesion: dict, plateau_tol: float = 0.02) -> dict:
 
 
 def context_figure(summary: dict, path, title: str = "Contextual information"):
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = summary["steps"]
     d = np.array([s["distance_mm"] for s in steps])
@@ -176,10 +175,9 @@ def map_stats(maps: np.ndarray, omega: np.ndarray, channels=("flair", "mprage"))
 
 def control_regions_figure(flair, reference, regions: dict, maps: dict, path):
     """One row per region: axial slice through Ω's centre, FLAIR map on a colour scale shared by all rows."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from .volumes import array_from_image
 
@@ -259,10 +257,9 @@ def copy_region(image: np.ndarray, region: np.ndarray, shift) -> tuple[np.ndarra
 def synthetic_lesion_figure(cases: dict, path, vmax: float | None = None):
     """One row per case: network-input FLAIR, lesion probability and FLAIR SmoothGrad map, axial slice
     through the copy's centre; maps on one colour scale."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     vmax = vmax or max(float(np.abs(c["map"]).max()) for c in cases.values()) or 1.0
     fig, axes = plt.subplots(len(cases), 3, figsize=(10, 3.3 * len(cases)), constrained_layout=True, squeeze=False)
@@ -347,10 +344,9 @@ def modality_contribution(maps: np.ndarray, omega: np.ndarray, channels=("flair"
 
 
 def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "FP", "TP")):
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     present = [g for g in groups if any(r["group"] == g for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)

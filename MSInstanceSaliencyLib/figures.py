@@ -13,6 +13,17 @@ def _lps(img: sitk.Image) -> np.ndarray:
     return array_from_image(sitk.DICOMOrient(img, "LPS"))
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend unless one was chosen: figures are written to files, also
+    on machines without a display. Imported when a figure is made, so that `msis` starts light."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 SMOOTHGRAD_LABEL = "saliency (∂ logit / ∂ input)"
 GRADCAMPP_LABEL = "Grad-CAM++ (ReLU of the layer's weighted activations, upsampled)"
 
@@ -27,10 +38,7 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
     """Axial, coronal and sagittal slices through Ω's centre: FLAIR in grey, the map in a diverging
     colormap symmetric around 0 (blue negative, red positive), Ω's outline, a colour bar. Radiological
     display (patient's right on the image's left); each view shows `fov_mm` around Ω (None: all)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     f = _lps(flair)
     s = _lps(saliency)

@@ -413,10 +413,9 @@ def bootstrap_detection(is_tp: np.ndarray, keep: np.ndarray, n_fn: int, n_boot: 
 
 def importance_figure(clf: TPClassifier, path, top: int = 10):
     """Normalised coefficients: the `top` most positive and `top` most negative features."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     imp = clf.importance()
     items = sorted(imp.items(), key=lambda kv: kv[1])
@@ -458,10 +457,9 @@ def roc_auc_with_ci(is_tp, probability, n_boot: int = 1000, seed: int = 0) -> di
 
 def probability_figure(probability, is_tp, voxels, threshold: float, path):
     """P(TP) of every scored test lesion against its size, TPs and FPs apart, with the threshold."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     p, tp, v = np.asarray(probability, float), np.asarray(is_tp, bool), np.asarray(voxels, float)
     fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
@@ -497,10 +495,9 @@ def threshold_sweep(is_tp, probability, n_fn: int, kept_tp: int = 0, kept_fp: in
 
 def threshold_figure(sweep: list[dict], threshold: float, path):
     """F1 and PPV against the pruning threshold; t = 0 is the network alone."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = [r["threshold"] for r in sweep]
     fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)

@@ -211,10 +211,9 @@ def train(
 
 def plot_training_log(log_json, png):
     """The smoothed training loss and the learning rate over iterations, from training_log.json."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = json.loads(Path(log_json).read_text())
     it = [r["iteration"] for r in rows]
@@ -225,8 +224,8 @@ def plot_training_log(log_json, png):
     ax2 = ax.twinx()
     ax2.plot(it, [r["lr"] for r in rows], color="tab:gray", ls="--", label="learning rate")
     ax2.set_ylabel("learning rate")
-    ax.legend(ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0],
-              ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1], fontsize=8)
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8)
     ax.set_title(f"training: {it[-1]} iterations, {rows[-1]['seconds']:.0f} s", fontsize=9)
     fig.savefig(str(png), dpi=100)
     plt.close(fig)
