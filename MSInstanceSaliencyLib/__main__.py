@@ -2,12 +2,16 @@ import os
 import sys
 
 try:
-    from .cli import main
-except KeyboardInterrupt:  # Ctrl-C while Python is still importing: one line, as main() says it later
-    print("msis: interrupted", file=sys.stderr)
-    sys.exit(130)
+    from .errors import swallowed_interrupts_redelivered
 
-code = main()
+    with swallowed_interrupts_redelivered():  # from the first import on (main() alone would start later)
+        from .cli import main
+
+        code = main()
+except KeyboardInterrupt:  # Ctrl-C while importing, or just before main() handles it: one line, as main() says it
+    print("msis: interrupted", file=sys.stderr)
+    code = 130
+
 if code == 130:
     # Interrupted (or cancelled) and already reported in one line. Exit with 130 as promised: after a
     # Ctrl-C that landed inside an extension's own Python call during an import (torch does that),

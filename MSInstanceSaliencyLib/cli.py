@@ -6,18 +6,15 @@ Set MSIS_DEBUG=1 to see tracebacks of unexpected errors.
 
 from __future__ import annotations
 
-import _thread
 import argparse
-import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, swallowed_interrupts_redelivered
 
 # SmoothGrad work this tool starts without being told how to bound it: backward passes (N x |Ω| for
 # the max over Ω, N x K with --max-omega-voxels K, N for the mean). 10^6 passes of the demo model on
@@ -1053,23 +1050,9 @@ def _check_feature_cells(rows, names) -> None:
 MIN_SIZE_REGISTER_N4 = 16
 
 
-def _redeliver_swallowed_interrupt(previous_hook, unraisable) -> None:
-    """A Ctrl-C that lands in a weakref callback or __del__ (an import's module-lock callback, say) is
-    "ignored" by CPython with a traceback and the run goes on; deliver it again so that it stops the run.
-    From another thread and a moment later: raised here, inside the hook, it would be ignored once more."""
-    if issubclass(unraisable.exc_type, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        _thread.start_new_thread(lambda: (time.sleep(0.05), _thread.interrupt_main()), ())
-    else:
-        previous_hook(unraisable)
-
-
 def main(argv=None) -> int:
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = functools.partial(_redeliver_swallowed_interrupt, previous_hook)
-    try:
+    with swallowed_interrupts_redelivered():
         return _main(argv)
-    finally:
-        sys.unraisablehook = previous_hook
 
 
 def _main(argv) -> int:
