@@ -64,7 +64,6 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), constrained_layout=True)
     lo, hi = np.percentile(f_full, [1, 99.5])
-    im = None
     for ax, (name, fl, sa, ma, origin, aspect) in zip(axes, views):
         ax.imshow(fl, cmap="gray", vmin=lo, vmax=hi, origin=origin, aspect=aspect, interpolation="nearest")
         rgba = plt.get_cmap("RdBu_r")((sa + vmax) / (2 * vmax))
@@ -76,7 +75,6 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
-        im = ax
     sm = plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-vmax, vmax))
     cb = fig.colorbar(sm, ax=axes, shrink=0.8, label=label)
     cb.ax.tick_params(labelsize=8)

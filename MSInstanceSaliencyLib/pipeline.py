@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .instances import label_instances, lesion_table, write_table
-from .preprocessing import PreparedCase, prepare_case
+from .preprocessing import PreparedCase
 from .volumes import image_from_array, write_image
 
 MANIFEST = "msis_run.json"
