@@ -39,11 +39,14 @@ def validation_seed(patient: int, k: int = 0) -> int:
 
 CONFIGS = {
     # context: share of patches that are context-restoration images (lesion + 0..context_mm of its
-    # surroundings, label background); ce: weight of the cross-entropy term (0 = the paper's loss only)
+    # surroundings, label background); ce: weight of the cross-entropy term (0 = the paper's loss only);
+    # transplant: share of patches outside the brain with a pasted lesion + 0..transplant_mm, label
+    # background; contrast: strength of the gain/offset/ramp/noise augmentation (0 = mild scaling only).
+    # The last two were tried for model 3 and not kept (docs/MODEL_CARD.md, "Probes"): off for demo.
     "demo": dict(network_args=DEMO_UNET_ARGS, roi_size=[64, 64, 64], patch=64, batch=4, iterations=6000, lr=2e-3,
-                 context=0.15, context_mm=5, ce=1.0),
+                 context=0.15, context_mm=5, ce=1.0, transplant=0.0, transplant_mm=0, contrast=0.0),
     "paper": dict(network_args=PAPER_UNET_ARGS, roi_size=[96, 96, 96], patch=96, batch=2, iterations=20000, lr=1e-3,
-                  context=0.0, context_mm=0, ce=0.0),
+                  context=0.0, context_mm=0, ce=0.0, transplant=0.0, transplant_mm=0, contrast=0.0),
 }
 
 
@@ -89,12 +92,62 @@ def phantom_case(patient: int, seed: int, spec: ModelSpec, cache_dir: Path | Non
     return case
 
 
-def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_lesion=0.5, p_mimic=0.2, p_context=0.0, context_mm=5):
+def outside_brain_voxels(case: TrainingCase, margin: int = 3, step: int = 11) -> np.ndarray:
+    """Voxels at least `margin` voxels outside the brain (head tissue and the air around it), every step-th.
+
+    The brain mask is rebuilt from the cached every-7th brain voxel (raster order: a 1x1x13 dilation
+    closes the gaps, also those of up to 6 voxels at the ends of a row) and then widened by `margin`.
+    """
+    from scipy import ndimage
+
+    brain = np.zeros(case.instances.shape, bool)
+    brain[tuple(case.brain_voxels.T.astype(int))] = True
+    brain = ndimage.binary_dilation(brain, structure=np.ones((1, 1, 13), bool))
+    brain = ndimage.binary_dilation(brain, iterations=margin)
+    return np.argwhere(~brain)[::step].astype(np.int16)
+
+
+def _crop(volume: np.ndarray, lo, size: int) -> np.ndarray:
+    """volume[..., lo:lo+size] on the last three axes, zero-padded where it leaves the volume."""
+    shape = np.array(volume.shape[-3:])
+    a, b = np.clip(lo, 0, shape), np.clip(np.asarray(lo) + size, 0, shape)
+    out = np.zeros(volume.shape[:-3] + (size,) * 3, volume.dtype)
+    dst = tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))
+    out[(Ellipsis,) + dst] = volume[(Ellipsis,) + tuple(slice(x, y) for x, y in zip(a, b))]
+    return out
+
+
+def _contrast_augmentation(rng, img: np.ndarray, strength: float) -> np.ndarray:
+    """Per channel: gain, offset, a linear bias ramp across the patch and Gaussian noise (z units).
+
+    strength 0 is the mild scaling of model 2.0.0; at 1 the absolute intensity of a patch says little,
+    only how a voxel differs from its surroundings does (lesion and surroundings move together).
+    """
+    c = img.shape[0]
+    gain = rng.uniform(0.9 - 0.15 * strength, 1.1 + 0.25 * strength, size=(c, 1, 1, 1))
+    offset = rng.uniform(-0.1 - 0.4 * strength, 0.1 + 0.4 * strength, size=(c, 1, 1, 1))
+    img = img * gain + offset
+    if strength:
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        ramp = sum(d * np.linspace(-0.5, 0.5, n)[tuple(slice(None) if i == k else None for i in range(3))]
+                   for k, (d, n) in enumerate(zip(direction, img.shape[1:])))
+        img = img + rng.uniform(-0.3, 0.3, size=(c, 1, 1, 1)) * strength * ramp[None]
+        img = img + rng.normal(0.0, rng.uniform(0, 0.15 * strength), size=img.shape)
+    return img
+
+
+def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_lesion=0.5, p_mimic=0.2, p_context=0.0, context_mm=5,
+                 p_transplant=0.0, transplant_mm=3, contrast=0.0, outside=None):
     """One (image, instances) patch centred on a lesion, a mimic or a random brain voxel, randomly flipped.
 
     With probability p_context (taken from the lesion share) it is a context-restoration image: one
     lesion and its 0..context_mm 18-connected dilation steps kept, every other input voxel set to 0 (the
     z-scored image's mean, as in the contextual-information experiment), labelled all background.
+    With probability p_transplant (taken from the random-brain share) it is centred outside the brain
+    (`outside`: voxels from outside_brain_voxels) with one of the case's lesions and 0..transplant_mm of
+    its surroundings pasted in, labelled background: a bright spot is a lesion only inside the brain.
+    `contrast` is the strength of _contrast_augmentation.
     """
     u = rng.random()
     pool = case.brain_voxels
@@ -105,6 +158,9 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
     context = u < p_context and len(case.lesion_voxels) > 0
     if context:
         pool = case.lesion_voxels
+    transplant = u >= 1.0 - p_transplant and outside is not None and len(outside) and len(case.lesion_voxels)
+    if transplant:
+        pool = outside
     voxel = pool[rng.integers(len(pool))].astype(int)
     centre = voxel + rng.integers(-patch // 4, patch // 4 + 1, size=3)
     shape = np.array(case.instances.shape)
@@ -116,10 +172,22 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
     if any(p[1] for p in pad):
         img = np.pad(img, [(0, 0)] + pad)
         inst = np.pad(inst, pad)
+    if transplant:
+        from .experiments import dilation_steps
+
+        size = min(32, patch)
+        src = case.lesion_voxels[rng.integers(len(case.lesion_voxels))].astype(int)
+        src_lo = src - size // 2
+        src_inst = _crop(case.instances, src_lo, size)
+        piece = dilation_steps(src_inst == case.instances[tuple(src)], int(rng.integers(0, transplant_mm + 1)))[-1]
+        src_img = _crop(case.image, src_lo, size).astype(np.float32)
+        at = np.clip(voxel - lo - size // 2, 0, patch - size)
+        dst = tuple(slice(a, a + size) for a in at)
+        img[(slice(None),) + dst][:, piece] = src_img[:, piece]
+        inst[dst][piece] = 0
     if rng.random() < 0.5:  # left-right flip
         img, inst = img[:, ::-1], inst[::-1]
-    # mild intensity augmentation per channel
-    img = img * rng.uniform(0.9, 1.1, size=(img.shape[0], 1, 1, 1)) + rng.uniform(-0.1, 0.1, size=(img.shape[0], 1, 1, 1))
+    img = _contrast_augmentation(rng, img, contrast)
     if context:  # after the augmentation, so the removed context is exactly 0 as in the experiment
         from .experiments import dilation_steps
 
@@ -127,6 +195,12 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
         img = img * keep
         inst = np.zeros_like(inst)
     return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(inst)
+
+
+def _draw_patch(rng, cases, outside, patch, cfg):
+    k = rng.integers(len(cases))
+    return sample_patch(rng, cases[k], patch, p_context=cfg["context"], context_mm=cfg["context_mm"], p_transplant=cfg["transplant"],
+                        transplant_mm=cfg["transplant_mm"], contrast=cfg["contrast"], outside=outside[k])
 
 
 def train(
@@ -175,6 +249,7 @@ def train(
         cases.append(phantom_case(p, s, spec, Path(cache_dir) if cache_dir else None))
         bar(i + 1, len(pairs))
 
+    outside = [outside_brain_voxels(c) if cfg["transplant"] else None for c in cases]
     net = build_network(spec).to(dev)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -185,8 +260,7 @@ def train(
     t0 = time.time()
     running = None
     for it in range(1, iterations + 1):
-        xs, ys = zip(*(sample_patch(rng, cases[rng.integers(len(cases))], patch, p_context=cfg["context"], context_mm=cfg["context_mm"])
-                       for _ in range(batch)))
+        xs, ys = zip(*(_draw_patch(rng, cases, outside, patch, cfg) for _ in range(batch)))
         x = torch.from_numpy(np.stack(xs)).to(dev)
         y = torch.from_numpy(np.stack(ys)).to(dev)
         logits = net(x)
@@ -250,6 +324,8 @@ def _training_record(config, patients, per_patient, iterations, batch, patch, lr
         "seed": seed,
         "loss": "2 * normalised Dice (r=0.001) + blob loss" + (f" + {cfg['ce']} * cross-entropy" if cfg["ce"] else ""),
         "context_restoration": {"share": cfg["context"], "max_mm": cfg["context_mm"], "label": "background"} if cfg["context"] else None,
+        "transplant": {"share": cfg["transplant"], "max_mm": cfg["transplant_mm"], "label": "background"} if cfg["transplant"] else None,
+        "contrast_augmentation": cfg["contrast"],
         "phantom_version": PHANTOM_VERSION,
         "seconds": round(seconds, 1),
         "device": str(dev),

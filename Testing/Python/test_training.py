@@ -67,3 +67,60 @@ def test_context_restoration_patches_keep_one_lesion_and_its_ring_labelled_backg
     small[4:7, 4:7, 4:7] = True
     expected |= {int(m.sum()) for m in dilation_steps(small, 2)}
     assert sizes <= expected and len(sizes) >= 3
+
+
+def _two_region_case():
+    """A 64³ case: brain in x < 32 (value 1; one 4³ lesion of value 5 in a shell of value 2), outside it -1."""
+    from MSInstanceSaliencyLib.training import TrainingCase
+
+    img = np.full((2, 64, 64, 64), -1.0, np.float16)
+    img[:, :32] = 1.0
+    inst = np.zeros((64, 64, 64), np.int16)
+    inst[2:6, 30:34, 30:34] = 1
+    img[:, 0:8, 28:36, 28:36] = 2.0
+    img[:, inst > 0] = 5.0
+    brain = np.zeros(inst.shape, bool)
+    brain[:32] = True
+    return TrainingCase(img, inst, np.argwhere(inst > 0).astype(np.int16), np.zeros((0, 3), np.int16),
+                        np.argwhere(brain)[::7].astype(np.int16))
+
+
+def test_outside_brain_voxels_rebuild_the_brain_from_its_sample_and_keep_a_margin():
+    from MSInstanceSaliencyLib.training import outside_brain_voxels
+
+    out = outside_brain_voxels(_two_region_case(), margin=3, step=1)
+    assert out[:, 0].min() == 35 and len(out) == 29 * 64 * 64  # every voxel of x >= 32 + 3, none inside
+
+
+def test_transplant_patches_paste_a_lesion_outside_the_brain_labelled_background():
+    from MSInstanceSaliencyLib.training import outside_brain_voxels
+
+    case = _two_region_case()
+    outside = outside_brain_voxels(case, margin=3, step=1)
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for _ in range(30):
+        x, y = sample_patch(rng, case, 32, p_lesion=0.0, p_mimic=0.0, p_transplant=1.0, transplant_mm=1, outside=outside)
+        assert y.max() == 0  # the pasted lesion is not a lesion, and the patch holds no real one
+        assert (x[0] < 0).any()  # centred outside the brain (the real lesion and its shell lie out of reach)
+        # values after at most ±10 % gain and ±0.1 offset: lesion 5 -> above 4, shell 2 -> 1.6-2.4
+        sizes.add((int((x[0] > 4).sum()), int(((x[0] > 1.6) & (x[0] < 2.4)).sum())))
+    # the 4³ lesion, with 0 or 1 dilation step (18-connectivity: 6 faces of 16 + 12 edges of 4 voxels)
+    assert sizes == {(64, 0), (64, 144)}
+
+
+def test_contrast_augmentation_moves_a_patch_and_its_lesion_together():
+    from MSInstanceSaliencyLib.training import _contrast_augmentation
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((2, 16, 16, 16), np.float32)
+    img[:, 6:10, 6:10, 6:10] = 2.0
+    mild = [_contrast_augmentation(rng, img, 0.0) for _ in range(50)]
+    strong = [_contrast_augmentation(rng, img, 1.0) for _ in range(50)]
+    for a in mild:  # gain 0.9-1.1 and offset ±0.1 only: a linear map of the input, per channel
+        gain = (a[:, 8, 8, 8] - a[:, 0, 0, 0]) / 2.0
+        assert np.all((gain > 0.9 - 1e-5) & (gain < 1.1 + 1e-5)) and np.all(np.abs(a[:, 0, 0, 0]) <= 0.1 + 1e-5)
+    background = np.array([a[0, :4, :4, :4].mean() for a in strong])
+    contrast = np.array([a[0, 7:9, 7:9, 7:9].mean() - a[0, :4, :4, :4].mean() for a in strong])
+    assert np.ptp(background) > 0.6  # absolute level varies a lot ...
+    assert contrast.min() > 1.0  # ... while the lesion stays well above its surroundings
