@@ -459,11 +459,9 @@ def _tp_lesion(case: Case, lesion_id, max_voxels, min_max_probability=0.0):
     return max(ok, key=lambda i: rows[i]["voxels"])
 
 
-def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
-    """SmoothGrad of a TP lesion, a 93 mm^3 healthy white-matter sphere and the single voxel at the lesion's
-    centre of mass. Returns (rows, summary, regions, maps)."""
-    from .saliency import smoothgrad
-
+def control_regions(case: Case, *, lesion_id=None, max_voxels=300, seed=0) -> tuple[int, dict]:
+    """(TP lesion id, {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre": masks}): a TP lesion,
+    a 93 mm^3 healthy white-matter sphere and the single voxel at the lesion's centre of mass."""
     if case.white_matter is None:
         raise InputError("a white-matter map is needed to place the healthy control sphere")
     res = case.result
@@ -472,7 +470,16 @@ def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_
     one = np.zeros_like(lesion)
     one[tuple(np.round(np.argwhere(lesion).mean(0)).astype(int))] = True
     sphere = healthy_white_matter_sphere(case.white_matter, (res.labels > 0) | (case.gt > 0), 93.0, res.prepared.spacing, seed=seed)
-    regions = {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
+    return lid, {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
+
+
+def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
+    """SmoothGrad of the control regions (control_regions). Returns (rows, summary, regions, maps)."""
+    from .saliency import smoothgrad
+
+    res = case.result
+    lid, regions = control_regions(case, lesion_id=lesion_id, max_voxels=max_voxels, seed=seed)
+    lesion, one = regions["tp_lesion"], regions["single_voxel_at_tp_centre"]
     maps, rows = {}, []
     for region, om in regions.items():
         maps[region] = smoothgrad(model, res.prepared.image, om, n_samples=n_samples, seed=seed, device=device,

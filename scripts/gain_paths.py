@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from MSInstanceSaliencyLib.experiments import _tp_lesion, healthy_white_matter_sphere, phantom_cases
+from MSInstanceSaliencyLib.experiments import control_regions, phantom_cases
 from MSInstanceSaliencyLib.model import load_model
 from MSInstanceSaliencyLib.saliency import smoothgrad
 
@@ -44,10 +44,8 @@ def main(argv=None):
     model = load_model(args.model, device="cpu")
     case = next(phantom_cases(model, [args.patient], device="cpu"))
     res = case.result
-    regions = {
-        "TP lesion": res.labels == _tp_lesion(case, None, 300),
-        "WM sphere": healthy_white_matter_sphere(case.white_matter, (res.labels > 0) | (case.gt > 0), 93.0, res.prepared.spacing, seed=0),
-    }
+    _, masks = control_regions(case)  # the defaults of `msis sanity control-regions`
+    regions = {"TP lesion": masks["tp_lesion"], "WM sphere": masks["wm_sphere_93mm3"]}
     net, roi = model.network.eval(), model.spec.roi_size[0]
     for name, om in regions.items():
         voxels = [tuple(p) for p in np.argwhere(om)[:: max(1, int(om.sum()) // 8)][:8]]
