@@ -149,6 +149,8 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
     its surroundings pasted in, labelled background: a bright spot is a lesion only inside the brain.
     `contrast` is the strength of _contrast_augmentation.
     """
+    from .experiments import dilation_steps
+
     u = rng.random()
     pool = case.brain_voxels
     if u < p_lesion and len(case.lesion_voxels):
@@ -173,8 +175,6 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
         img = np.pad(img, [(0, 0)] + pad)
         inst = np.pad(inst, pad)
     if transplant:
-        from .experiments import dilation_steps
-
         size = min(32, patch)
         src = case.lesion_voxels[rng.integers(len(case.lesion_voxels))].astype(int)
         src_lo = src - size // 2
@@ -189,8 +189,6 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
         img, inst = img[:, ::-1], inst[::-1]
     img = _contrast_augmentation(rng, img, contrast)
     if context:  # after the augmentation, so the removed context is exactly 0 as in the experiment
-        from .experiments import dilation_steps
-
         keep = dilation_steps(inst == case.instances[tuple(voxel)], int(rng.integers(0, context_mm + 1)))[-1]
         img = img * keep
         inst = np.zeros_like(inst)
