@@ -59,7 +59,8 @@ def _detect_file(p: Path) -> tuple[str, Path]:
                          "Export the network's state_dict (torch.save(model.state_dict(), 'weights.pt')) and describe it in a "
                          f"model.json ({MODELS_DOC})")
     if name.endswith((".json", ".yaml", ".yml")):
-        text = p.read_text(errors="replace")[:200_000]
+        with open(p, "rb") as fh:  # its start only: the file may be gigabytes
+            text = fh.read(200_000).decode("utf-8", errors="replace")
         if "_target_" in text or "network_def" in text:
             raise InputError(f"{p} is a MONAI bundle config; a bundle config instantiates any Python object it names, so this tool "
                              "does not run bundles. Take the bundle's network class and arguments and its weights (models/model.pt) "

@@ -23,13 +23,18 @@ import numpy as np
 
 from .errors import InputError
 from .formats import lstai_checkpoints
-from .model import LoadedModel, ModelSpec, checked_channels, freeze, load_weights, mean_of_members
+from .model import (LoadedModel, ModelSpec, _is_int, check_state_dict, checked_channels, freeze, load_weights, mean_of_members,
+                    probe_network)
 
 INPUT_SHAPE = (192, 192, 192)  # LST-AI's crop of the 193 x 229 x 193 MNI grid
 CLIPPING = (0.5, 99.5)  # percentiles over the brain
 LEAKY_SLOPE = 0.3  # TensorFlow-trained numerics the released weights expect
 NORM_EPS = 1e-3
 CONFIG_KEYS = ("in_channels", "n_conv_blocks", "n_filters", "n_classes", "ds_layers", "bottleneck_filters")
+# Ranges of a checkpoint's config, checked before anything is built. The released members have 24-32
+# filters and 5 blocks; the 192^3 crop halves at most 6 times (192 = 3 * 2^6).
+CONFIG_RANGES = {"in_channels": (1, 2), "n_conv_blocks": (1, 6), "n_filters": (1, 256), "n_classes": (1, 8),
+                 "bottleneck_filters": (1, 4096)}
 # Memory of a whole-crop backward pass: benchmarks/model_memory.py (saliency.check_backward_fits refuses what does not fit).
 
 
@@ -90,9 +95,42 @@ def build_lstai_network(config: dict):
                 h = conv(torch.cat([skips[self.n_conv_blocks - 1 - i], up(h)], dim=1))
             return self.out_seg(h)
 
+    return LSTAIUNet(**config)
+
+
+def checked_config(config: dict, source) -> dict:
+    """The network arguments of a checkpoint's config, each of the right type and in range (else one line naming it)."""
     cfg = {k: config[k] for k in CONFIG_KEYS if k in config}
-    cfg["ds_layers"] = tuple(cfg.get("ds_layers", ()))
-    return LSTAIUNet(**cfg)
+    for key, (lo, hi) in CONFIG_RANGES.items():
+        value = cfg.get(key)
+        if key in cfg and not (key == "bottleneck_filters" and value is None) and not (_is_int(value) and lo <= value <= hi):
+            raise InputError(f"{source}: config {key} is {value!r}; it must be an integer from {lo} to {hi}")
+    n = cfg.get("n_conv_blocks", 5)
+    ds = cfg.get("ds_layers", ())
+    if not (isinstance(ds, (list, tuple)) and all(_is_int(d) and -n <= d < n for d in ds)):
+        raise InputError(f"{source}: config ds_layers is {ds!r}; it must list decoder levels from {-n} to {n - 1} "
+                         f"(n_conv_blocks {n})")
+    cfg["ds_layers"] = tuple(ds)
+    return cfg
+
+
+def check_fits(cfg: dict, state: dict, source) -> None:
+    """The checkpoint's tensors have the shapes of the network its config describes, compared on torch's
+    meta device (no memory) before the network is built: a config may describe a network of any size."""
+    import torch
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_lstai_network(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    wrong = [k for k in expected if k in got and expected[k] != got[k]]
+    if wrong:
+        detail = f"{wrong[0]} is {got[wrong[0]]} in the checkpoint, {expected[wrong[0]]} in the network"
+    elif missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+    else:
+        return
+    raise InputError(f"{source}: the weights do not fit the network its config describes ({cfg}): {detail}")
 
 
 @dataclass
@@ -139,6 +177,7 @@ def scale_intensities(a: np.ndarray, clipping=CLIPPING) -> np.ndarray:
 class LSTAIModel(LoadedModel):
     members: list = field(default_factory=list)  # checkpoint files
     input_shape: tuple = INPUT_SHAPE
+    configs: list = field(default_factory=list)  # each member's network arguments, from its checkpoint
 
     format = "lst-ai"
 
@@ -181,6 +220,10 @@ class LSTAIModel(LoadedModel):
         report(progress, len(members), len(members))
         return (joint / len(members)).astype(np.float32)
 
+    def identity_extras(self) -> dict:
+        # the members' weights are hashed as the ensemble's; these decide how they are built and what they see
+        return {"configs": self.configs, "input_shape": list(self.input_shape)}
+
     def describe(self) -> dict:
         return {**super().describe(), "members": [Path(m).name for m in self.members], "input_shape": list(self.input_shape)}
 
@@ -195,12 +238,14 @@ def load_lstai_model(path, *, device="cpu", channels=None) -> LSTAIModel:
     files = [path] if path.is_file() else lstai_checkpoints(path)
     if not files:
         raise InputError(f"{path} holds no LST-AI 2.x checkpoint")
-    nets, config = [], None
+    nets, config, configs = [], None, []
     for f in files:
         ckpt = load_weights(f)  # read once; the format is checked on what was read
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("state_dict"), dict)):
             raise InputError(f"{f} is not an LST-AI 2.x checkpoint ({{'config': ..., 'state_dict': ...}})")
-        cfg = dict(ckpt["config"])
+        cfg = checked_config(ckpt["config"], f)
+        check_state_dict(ckpt["state_dict"], f)  # tensors only, all finite: a NaN bias gives "0 lesions" silently
+        check_fits(cfg, ckpt["state_dict"], f)
         net = build_lstai_network(cfg)
         try:
             net.load_state_dict(ckpt["state_dict"])
@@ -210,6 +255,7 @@ def load_lstai_model(path, *, device="cpu", channels=None) -> LSTAIModel:
             raise InputError(f"{f}: the ensemble's members take different inputs or give different outputs")
         config = config or cfg
         nets.append(net)
+        configs.append(cfg)
     n_in, n_classes = int(config.get("in_channels", 2)), int(config.get("n_classes", 1))
     order = ["flair", "mprage"][:n_in] if channels is None else checked_channels(channels, n_in, str(path))
     network = mean_of_members(nets)
@@ -222,4 +268,6 @@ def load_lstai_model(path, *, device="cpu", channels=None) -> LSTAIModel:
                      output_activation="sigmoid" if n_classes == 1 else "softmax",
                      gradcam_layer=f"members.0.dec_conv.{max(stages - 3, 0)}", weights=",".join(f.name for f in files),
                      name="lst-ai", version="2.x", description=f"LST-AI 2.x U-Net ensemble of {len(files)} member(s)")
-    return LSTAIModel(network, spec, path, members=[str(f) for f in files])
+    # one small forward pass (the smallest input its down-sampling takes), as model.json networks are probed
+    probe_network(network, spec, device, source=str(path), window=[2 ** stages] * 3)
+    return LSTAIModel(network, spec, path, members=[str(f) for f in files], configs=configs)

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,16 @@ ACTIVATIONS = ("softmax", "sigmoid")
 # Spec keys added after the first release: hashed into a model's identity only when they differ from
 # these defaults, so models (and the feature tables and classifiers made with them) keep their identity.
 LATER_KEYS = {"output_activation": "softmax", "target_spacing": None, "orientation": None}
+# A model's JSON files are a few kB: larger ones are refused before they are read, deeper ones after
+# parsing (deep nesting overflows the recursion of json, copy.deepcopy and json.dumps).
+MAX_JSON_BYTES = 8 * 2**20
+MAX_JSON_DEPTH = 64
+# Resampling to a finer grid than this allocates more than any machine has (0.01 mm: 10^12 voxels per image).
+TARGET_SPACING_RANGE_MM = (0.25, 16.0)
+# network_args that make a network download (or read) pretrained weights from elsewhere when built:
+# MONAI's pretrained / pretrained_url, torchvision's weights, Hugging Face's path_or_repo_id, ...
+DOWNLOADING_ARG = re.compile(r"pretrain|url|download|repo_id|(^|_)weights?$|(^|_)path$|cache_dir|(^|_)hub")
+URL_VALUE = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|file:)", re.IGNORECASE)
 
 
 def channel_name(name: str) -> str | None:
@@ -126,15 +137,18 @@ class ModelSpec:
             raise InputError(f"{source}: network_args out_channels is {n_out!r}; " + (
                 "with softmax the network gives one logit per class (background and lesion), so at least 2" if least == 2 else
                 "with sigmoid the network gives a lesion logit, so at least 1") + f" and more than lesion_class ({self.lesion_class})")
+        lo, hi = TARGET_SPACING_RANGE_MM
         if self.target_spacing is not None and not (isinstance(self.target_spacing, list) and len(self.target_spacing) == 3 and all(
-                _is_number(v) and math.isfinite(v) and v > 0 for v in self.target_spacing)):
-            raise InputError(f"{source}: target_spacing must be null or three positive numbers (mm), got {self.target_spacing!r}")
+                _is_number(v) and math.isfinite(v) and lo <= v <= hi for v in self.target_spacing)):
+            raise InputError(f"{source}: target_spacing must be null or three numbers from {lo:g} to {hi:g} (mm), "
+                             f"got {self.target_spacing!r}")
         if self.orientation is not None and not (isinstance(self.orientation, str) and len(self.orientation) == 3 and _axis_codes_ok(
                 self.orientation)):
             raise InputError(f"{source}: orientation must be null or three axis codes such as \"RAS\" or \"LPS\" (one of R/L, A/P, "
                              f"S/I each), got {self.orientation!r}")
-        if not self.weights.strip() or Path(self.weights).is_absolute():
+        if not self.weights.strip() or Path(self.weights).is_absolute() or ".." in Path(self.weights).parts:
             raise InputError(f"{source}: weights must name a file inside the model folder, got {self.weights!r}")
+        _refuse_downloading_args(self.network_args, source)
 
     def _validate_types(self, source: str) -> None:
         """JSON types of every field, so a wrong one is named instead of failing somewhere later."""
@@ -171,6 +185,11 @@ class LoadedModel:
     def to(self, device):
         self.network.to(device)
         return self
+
+    def identity_extras(self) -> dict:
+        """What changes the model's output besides its spec and weights (scoring.model_identity hashes it
+        in): a model.json spec says everything, so nothing here, and models keep their recorded identity."""
+        return {}
 
     # -- running it on a case
     def prepare(self, flair, mprage=None, *, register: bool = False, n4: bool = False):
@@ -245,11 +264,15 @@ def build_network(spec: ModelSpec):
     """Instantiate the spec's MONAI network (only classes from monai.networks.nets)."""
     import inspect
 
+    import torch
     from monai.networks import nets
 
-    cls = getattr(nets, spec.network_class, None)
+    cls = getattr(nets, spec.network_class, None) if not spec.network_class.startswith("_") else None
     if cls is None or not isinstance(cls, type):
         raise InputError(f"network class {spec.network_class!r} is not in monai.networks.nets")
+    if not issubclass(cls, torch.nn.Module):
+        raise InputError(f"{spec.network_class!r} in monai.networks.nets is not a network (a torch.nn.Module); name a network "
+                         "class such as UNet, SegResNet or SwinUNETR")
     args = dict(spec.network_args)
     if "img_size" in args and "img_size" not in inspect.signature(cls.__init__).parameters:
         del args["img_size"]  # SwinUNETR before MONAI 1.5 took the input size; later versions accept any multiple of 32
@@ -267,11 +290,67 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
         raise InputError(f"model folder {d} does not exist (it must hold {SPEC_FILE} and the weights)")
     if not f.is_file():
         raise InputError(f"model folder {d} has no {SPEC_FILE}")
+    return ModelSpec.from_dict(read_json_file(f, "model spec"), source=str(f))
+
+
+def read_json_file(path, what: str):
+    """A JSON file a model brings, read safely: its size bounded before reading, UTF-8, its nesting bounded."""
+    p = Path(path)
     try:
-        data = json.loads(f.read_text())
+        size = p.stat().st_size
+        if size <= MAX_JSON_BYTES:
+            with open(p, "rb") as fh:
+                raw = fh.read(MAX_JSON_BYTES + 1)  # a file that grows, or a device, is still read only this far
+    except OSError as exc:
+        raise InputError(f"{p} ({what}) cannot be read: {exc.strerror or exc}") from None
+    if size > MAX_JSON_BYTES or len(raw) > MAX_JSON_BYTES:
+        raise InputError(f"{p} ({what}) is {max(size, len(raw)) / 2**20:.0f} MiB; a {what} is a few kB (at most "
+                         f"{MAX_JSON_BYTES // 2**20} MiB are read): give the model's own file")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+        too_deep = _nesting_depth(data) > MAX_JSON_DEPTH
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{p} ({what}) is not UTF-8 text (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise InputError(f"{f} is not valid JSON: {exc}") from None
-    return ModelSpec.from_dict(data, source=str(f))
+        raise InputError(f"{p} is not valid JSON: {exc}") from None
+    except RecursionError:  # nested deeper than Python's recursion limit
+        too_deep = True
+    if too_deep:
+        raise InputError(f"{p} ({what}) nests lists or objects more than {MAX_JSON_DEPTH} deep; a {what} is a flat JSON object")
+    return data
+
+
+def _nesting_depth(data) -> int:
+    """How deep lists and objects nest (iteratively: a deep one must not overflow the recursion it guards against)."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _refuse_downloading_args(network_args: dict, source: str) -> None:
+    """network_args that would fetch weights from the internet or a path outside the model folder when the
+    network is built (MONAI downloads pretrained encoders into ~/.cache/torch/hub): the weights are the folder's."""
+    todo = [("network_args", network_args)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if DOWNLOADING_ARG.search(str(k).lower()) and v not in (None, False, 0, "", [], {}):
+                    raise InputError(f"{source}: {where}.{k} is {json.dumps(v, default=repr)[:100]}; building the network would "
+                                     f"fetch pretrained weights from elsewhere. Set {k} to false or remove it: the weights are "
+                                     "the model folder's own")
+                todo.append((f"{where}.{k}", v))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, str) and URL_VALUE.match(value):
+            raise InputError(f"{source}: {where} is the URL {value[:100]!r}; nothing is downloaded: the weights are the model "
+                             "folder's own")
 
 
 def load_model(model: str | os.PathLike | None = None, device="cpu", *, channels=None, folds=None, mirroring: bool = True) -> LoadedModel:
@@ -307,6 +386,9 @@ def load_msis_model(model_dir, device="cpu", channels=None) -> LoadedModel:
     wpath = d / spec.weights
     if not wpath.is_file():
         raise InputError(f"weights file {wpath} named in {d / SPEC_FILE} does not exist")
+    if not wpath.resolve().is_relative_to(d.resolve()):  # a symbolic link may lead out of the folder
+        raise InputError(f"weights file {wpath} named in {d / SPEC_FILE} is {wpath.resolve()}, outside the model folder; "
+                         "copy the weights into the folder")
     state = unwrap_state_dict(load_weights(wpath), wpath)
     check_state_dict(state, wpath)
     try:
@@ -410,13 +492,15 @@ def check_state_dict(state, source) -> None:
                              "NaN probabilities everywhere. Use weights from a training run that did not diverge")
 
 
-def probe_network(net, spec: ModelSpec, device="cpu", source: str = "model") -> None:
+def probe_network(net, spec: ModelSpec, device="cpu", source: str = "model", window=None) -> None:
     """One forward pass of zeros of the shape every sliding window has, (1, channels, *roi_size): a
     network the pipeline cannot use (2D, a tuple output, too few output classes, a roi its
-    down-sampling does not fit) is refused when it is loaded, not after minutes of work."""
+    down-sampling does not fit) is refused when it is loaded, not after minutes of work.
+    window: a smaller input shape to probe with, for networks that run on a whole large crop."""
     import torch
 
-    shape = (1, len(spec.input_channels), *spec.roi_size)
+    window = list(window or spec.roi_size)
+    shape = (1, len(spec.input_channels), *window)
     try:
         with torch.no_grad():
             out = net(torch.zeros(shape, device=device))
@@ -425,9 +509,9 @@ def probe_network(net, spec: ModelSpec, device="cpu", source: str = "model") -> 
         raise InputError(f"{source}: {spec.network_class} cannot run on the windows this tool gives it, shape {shape} "
                          f"(roi_size {spec.roi_size}): {first}") from None
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[2:]) != tuple(spec.roi_size) or out.shape[0] != 1:
+    if not isinstance(out, torch.Tensor) or out.dim() != 5 or list(out.shape[2:]) != window or out.shape[0] != 1:
         raise InputError(f"{source}: {spec.network_class} gives {got} for input {shape}; the pipeline needs a tensor of per-voxel "
-                         f"class logits, (1, classes, {', '.join(map(str, spec.roi_size))})")
+                         f"class logits, (1, classes, {', '.join(map(str, window))})")
     least = 2 if spec.output_activation == "softmax" else 1
     if out.shape[1] < least or out.shape[1] <= spec.lesion_class:
         need = "at least 2 (background and lesion, softmax)" if least == 2 else "at least 1 (the lesion logit, sigmoid)"

@@ -350,6 +350,11 @@ class NNUNetModel(LoadedModel):
         prob = torch.softmax(torch.from_numpy(back).float(), 0)[self.spec.lesion_class].numpy()
         return prepared.only_where_valid(prepared.grid.uncrop_to_reference(prob))
 
+    def identity_extras(self) -> dict:
+        # the spec names the architecture only: the preprocessing (spacing, normalisation), labels and ensemble are here
+        return {"plans": self.plans, "dataset": self.dataset, "configuration": self.spec.training.get("configuration"),
+                "folds": [str(f) for f in self.folds], "mirror_axes": [int(a) for a in self.mirror_axes]}
+
     def describe(self) -> dict:
         d = super().describe()
         d.update({"folds": list(self.folds), "mirroring": bool(self.mirror_axes), "trainer": self.trainer,

@@ -262,9 +262,11 @@ def table_settings(path) -> dict:
 
 
 def model_identity(model) -> dict:
-    """Name, version and a SHA-256 of the spec and the weights (the state_dict's tensors, so the same
-    weights saved differently are the same model). Spec keys added later count only when set
-    (model.LATER_KEYS), so a model keeps the identity its feature tables and classifier record."""
+    """Name, version and a SHA-256 of the spec, the weights (the state_dict's tensors, so the same
+    weights saved differently are the same model) and what else changes the output (the model's
+    identity_extras: nnU-Net's plans, dataset, folds and mirroring; LST-AI's configs). Spec keys added
+    later count only when set (model.LATER_KEYS), and empty extras not at all, so a model keeps the
+    identity its feature tables and classifier record."""
     import torch
 
     from .model import LATER_KEYS
@@ -273,7 +275,10 @@ def model_identity(model) -> dict:
     described = {k: v for k, v in spec.to_dict().items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
     if getattr(model, "format", "msis") != "msis":
         described["format"] = model.format
-    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8"))
+    extras = model.identity_extras()
+    if extras:
+        described["identity_extras"] = extras
+    h = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode("utf-8"))
     for k, t in sorted(model.network.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{k} {t.dtype} {tuple(t.shape)}\n".encode("utf-8"))
