@@ -268,6 +268,7 @@ def load_lstai_model(path, *, device="cpu", channels=None) -> LSTAIModel:
                      output_activation="sigmoid" if n_classes == 1 else "softmax",
                      gradcam_layer=f"members.0.dec_conv.{max(stages - 3, 0)}", weights=",".join(f.name for f in files),
                      name="lst-ai", version="2.x", description=f"LST-AI 2.x U-Net ensemble of {len(files)} member(s)")
-    # one small forward pass (the smallest input its down-sampling takes), as model.json networks are probed
-    probe_network(network, spec, device, source=str(path), window=[2 ** stages] * 3)
+    # one small forward pass, as model.json networks are probed: the smallest input its down-sampling takes
+    # with 2 voxels per axis left at the bottleneck (instance norm needs more than one value)
+    probe_network(network, spec, device, source=str(path), window=[2 ** (stages + 1)] * 3)
     return LSTAIModel(network, spec, path, members=[str(f) for f in files], configs=configs)

@@ -296,6 +296,7 @@ def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
 def read_json_file(path, what: str):
     """A JSON file a model brings, read safely: its size bounded before reading, UTF-8, its nesting bounded."""
     p = Path(path)
+    raw = b""
     try:
         size = p.stat().st_size
         if size <= MAX_JSON_BYTES:
@@ -349,8 +350,8 @@ def _refuse_downloading_args(network_args: dict, source: str) -> None:
         elif isinstance(value, list):
             todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
         elif isinstance(value, str) and URL_VALUE.match(value):
-            raise InputError(f"{source}: {where} is the URL {value[:100]!r}; nothing is downloaded: the weights are the model "
-                             "folder's own")
+            raise InputError(f"{source}: {where} is the URL {value[:100]!r}; nothing is downloaded, the weights are the model "
+                             "folder's own. Remove it")
 
 
 def load_model(model: str | os.PathLike | None = None, device="cpu", *, channels=None, folds=None, mirroring: bool = True) -> LoadedModel:
