@@ -13,8 +13,11 @@ os.replace to part-<uuid>.parquet, so a kill at any moment leaves only whole fil
 hidden names). Every row has a `key`: a hash of the case id, its input files (name, size, mtime),
 the model's sha256 and every setting that shapes the row (lesion rows add the lesion id). A case row
 is written only after all of its lesion rows are durable, so a case with a row is finished; a re-run
-skips finished cases, and of unfinished ones the lesions whose keys are there. DIR/cohort.json records
-the settings; a re-run with other settings is refused. DIR/summary.csv is rewritten at the end.
+skips finished cases, and of unfinished ones the lesions whose keys are there; a case whose inputs changed
+is refused once finished, else done again (its earlier rows dropped). DIR/cohort.json records the
+settings, written once the cluster is up (it marks DIR as a cohort's: without it DIR must be empty); a
+re-run with other settings is refused. DIR/summary.csv is rewritten at the end. Every file goes through
+pipeline.write_output_file (complete, then renamed; never over a file msis did not write).
 
 dask is imported inside functions, so `msis` starts light and the Slicer side never needs it.
 """
