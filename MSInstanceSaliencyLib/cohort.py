@@ -425,8 +425,8 @@ class ResultTable:
         self._put(table, self.folder / f"part-{uuid.uuid4().hex}.parquet")
 
     def _put(self, table, path: Path, replace: bool = False) -> None:
-        """The checked atomic write of every msis output: a hidden .part-<uuid>.parquet.msis-* until whole (readers
-        skip it, open() removes it), then renamed; a full disk is one line naming the part."""
+        """Through pipeline.write_output_file, as every output: a hidden .part-<uuid>.parquet.msis-* until whole
+        (readers skip it, open() removes it), then renamed; a full disk is one line naming the part."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
