@@ -13,8 +13,11 @@ os.replace to part-<uuid>.parquet, so a kill at any moment leaves only whole fil
 hidden names). Every row has a `key`: a hash of the case id, its input files (name, size, mtime),
 the model's sha256 and every setting that shapes the row (lesion rows add the lesion id). A case row
 is written only after all of its lesion rows are durable, so a case with a row is finished; a re-run
-skips finished cases, and of unfinished ones the lesions whose keys are there. DIR/cohort.json records
-the settings; a re-run with other settings is refused. DIR/summary.csv is rewritten at the end.
+skips finished cases, and of unfinished ones the lesions whose keys are there; a case whose inputs changed
+is refused once finished, else done again (its earlier rows dropped). DIR/cohort.json records the
+settings, written once the cluster is up (it marks DIR as a cohort's: without it DIR must be empty); a
+re-run with other settings is refused. DIR/summary.csv is rewritten at the end. Every file goes through
+pipeline.write_output_file (complete, then renamed; never over a file msis did not write).
 
 dask is imported inside functions, so `msis` starts light and the Slicer side never needs it.
 """
@@ -29,6 +32,7 @@ import math
 import os
 import sys
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +49,12 @@ LESIONS = "lesions.parquet"
 CASES = "cases.parquet"
 SUMMARY = "summary.csv"
 MAPS = "maps"
+SUMMARY_HEADER = "case_id,lesions,lesions_failed,n_tp,n_fp,n_fn"  # the first columns of summary.csv
 LOCK = ".cohort.lock"
 PRIORITY_STEP = 10**7  # dask priorities: one band per case (higher runs first)
 FLUSH_SECONDS = 10.0  # lesion rows are written at least this often (and whenever a case completes)
 MAX_LISTED_PROBLEMS = 20
+MAX_NAME_BYTES = 255  # the longest file or folder name of ext4, APFS, NTFS and SMB shares
 # Columns that differ between two runs of the same work (compare rows without them)
 TIMING_COLUMNS = ("seconds", "segment_seconds", "worker")
 
@@ -99,7 +105,15 @@ def _safe_case_id(cid: str) -> str | None:
         return f"must not contain {bad[0]!r} (it names the case's folder under {MAPS}/)"
     if cid != cid.strip():
         return "has leading or trailing spaces"
+    if len(cid.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is {len(cid.encode('utf-8'))} bytes long, more than the {MAX_NAME_BYTES} a folder name may have (it names the case's folder under {MAPS}/)"
     return None
+
+
+def _folder_identity(cid: str) -> str:
+    """The name a case's folder has where names ignore case and Unicode normalisation (macOS, Windows,
+    SMB shares): two ids with the same one would share maps/<id>."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", cid).casefold())
 
 
 def _image_problem(path: Path) -> str | None:
@@ -177,12 +191,16 @@ def read_manifest(path, *, check_images: bool = True) -> list[CohortCase]:
             continue
         cells = {h: c.strip() for h, c in zip(header, row)}
         cid = cells["case_id"]
+        same = seen.get(_folder_identity(cid))
         if not cid:
             problems.append(f"line {start}: empty case_id")
-        elif cid in seen:
-            problems.append(f"line {start}: case_id {cid!r} is already on line {seen[cid]}")
+        elif same is not None and same[0] == cid:
+            problems.append(f"line {start}: case_id {cid!r} is already on line {same[1]}")
+        elif same is not None:
+            problems.append(f"line {start}: case_id {cid!r} differs from {same[0]!r} on line {same[1]} only by upper/lower case or "
+                            f"Unicode normalisation; their folders under {MAPS}/ would be one on macOS, Windows and SMB shares")
         else:
-            seen[cid] = start
+            seen[_folder_identity(cid)] = (cid, start)
             why = _safe_case_id(cid)
             if why:
                 problems.append(f"line {start}: case_id {cid!r} {why}")
@@ -338,7 +356,7 @@ class ResultTable:
 
         new = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".part-*.tmp"):  # a killed writer's unfinished batch
+        for stale in self.folder.glob(".part-*"):  # a killed writer's unfinished batch
             stale.unlink(missing_ok=True)
         parts = sorted(self.folder.glob("part-*.parquet"))
         if new or not parts:
@@ -374,18 +392,50 @@ class ResultTable:
             self.keys.update(seen)
         return len(fresh)
 
-    def _write(self, rows):
+    def drop(self, column: str, values) -> None:
+        """Remove the rows whose `column` is in `values` (rows of inputs that are done again): a part holding
+        some is replaced in one step by the part without them, or removed when nothing is left of it."""
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from .scoring import _atomic_write
+        from .pipeline import fsync_folder
+
+        values = pa.array(sorted(values), pa.string())
+        for part in sorted(self.folder.glob("part-*.parquet")):
+            table = pq.read_table(part)
+            gone = pc.is_in(table.column(column), value_set=values)
+            if not pc.any(gone).as_py():
+                continue
+            self.keys -= set(table.filter(gone).column("key").to_pylist())
+            kept = table.filter(pc.invert(gone))
+            if kept.num_rows:
+                self._put(kept, part, replace=True)
+            else:
+                part.unlink()
+                fsync_folder(self.folder)
+        if not any(self.folder.glob("part-*.parquet")):
+            self._write([])  # the folder keeps a part with the schema, so that it always opens
+
+    def _write(self, rows):
+        import pyarrow as pa
 
         names = [n for n, _ in self.columns]
         table = pa.Table.from_pylist([{n: _cell(r.get(n)) for n in names} for r in rows], schema=self.schema)
+        self._put(table, self.folder / f"part-{uuid.uuid4().hex}.parquet")
+
+    def _put(self, table, path: Path, replace: bool = False) -> None:
+        """Through pipeline.write_output_file, as every output: a hidden .part-<uuid>.parquet.msis-* until whole
+        (readers skip it, open() removes it), then renamed; a full disk is one line naming the part."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .pipeline import write_output_file
+
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
-        # a hidden .part-<uuid>.parquet.<pid>.tmp until whole: readers skip it, open() removes it
-        _atomic_write(self.folder / f"part-{uuid.uuid4().hex}.parquet", buf.getvalue().to_pybytes())
+        data = buf.getvalue().to_pybytes()
+        write_output_file(path, "--out", lambda tmp: Path(tmp).write_bytes(data), replace_own=replace, ours=lambda _: replace)
 
 
 def _cell(v):
@@ -672,27 +722,71 @@ def _lesion_row(state: CaseState, lesion_id: int, maps, cfg: CohortConfig, t0: f
     return row
 
 
-def _write_map(out: str, case_id: str, lesion_id: int, channel: str, array, reference) -> str:
-    """DIR/maps/<case>/lesion<id>_smoothgrad_<channel>.nii.gz, written whole (temporary file, fsync,
-    rename); returns its path relative to DIR. A re-run writes the same map again."""
+MAP_NOTE = "msis cohort saliency map"  # in each map's NIfTI header (descrip): a map there is msis's to replace
+
+
+def map_name(lesion_id: int, channel: str) -> str:
+    return f"lesion{int(lesion_id)}_smoothgrad_{channel}.nii.gz"
+
+
+def is_cohort_map(path) -> bool:
+    """Whether an image file is a map `msis cohort` wrote (its header carries MAP_NOTE)."""
     import SimpleITK as sitk
 
-    from .pipeline import _fsync, fsync_folder
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    try:
+        r.ReadImageInformation()
+        return r.HasMetaDataKey("ITK_FileNotes") and r.GetMetaData("ITK_FileNotes") == MAP_NOTE
+    except RuntimeError:
+        return False
+
+
+def _write_map(out: str, case_id: str, lesion_id: int, channel: str, array, reference) -> str:
+    """DIR/maps/<case>/lesion<id>_smoothgrad_<channel>.nii.gz, by the checked atomic write of every output
+    (complete, then renamed; never over a file msis did not write); returns its path relative to DIR.
+    A re-run writes the same map again. A map that cannot be written is the machine's failure (the disk),
+    not the lesion's: it is raised as OSError, so nothing is recorded and a re-run does the lesion again."""
+    import SimpleITK as sitk
+
+    from .pipeline import write_output_file
     from .volumes import image_from_array
 
-    folder = Path(out) / MAPS / case_id
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"lesion{int(lesion_id)}_smoothgrad_{channel}.nii.gz"
-    tmp = folder / f".tmp-{uuid.uuid4().hex}-{name}"  # ends in .nii.gz so that ITK writes NIfTI
+    name = map_name(lesion_id, channel)
+    img = image_from_array(np.asarray(array, np.float32), reference=reference)
+    img.SetMetaData("ITK_FileNotes", MAP_NOTE)
     try:
-        sitk.WriteImage(image_from_array(np.asarray(array, np.float32), reference=reference), str(tmp), useCompression=True)
-        _fsync(tmp)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(folder)
+        write_output_file(Path(out) / MAPS / case_id / name, "--out", lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True),
+                          ours=is_cohort_map)
+    except InputError as exc:
+        raise OSError(str(exc)) from None
     return f"{MAPS}/{case_id}/{name}"
+
+
+def _check_map_files(out: Path, cases: list[CohortCase], channels) -> None:
+    """Before the work: the maps of the cases to do can be written (a user's file under a map's name is
+    refused; a case's path must fit the system's limit)."""
+    longest = f".{map_name(10**9, max(channels, key=len))}.msis-xxxxxxxx.nii.gz"  # its temporary name, lesion ids of 10 digits
+    try:
+        path_max = os.pathconf(out, "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):
+        path_max = 260 if os.name == "nt" else 4096
+    long_paths = [c for c in cases if len(os.fsencode(str(out / MAPS / c.case_id / longest))) >= path_max]
+    if long_paths:
+        raise InputError(f"the paths of the maps of case{'s' if len(long_paths) > 1 else ''} on line"
+                         f"{'s' if len(long_paths) > 1 else ''} {', '.join(str(c.line) for c in long_paths[:MAX_LISTED_PROBLEMS])} "
+                         f"would be longer than the {path_max} bytes a path may have here; use shorter case ids or a shorter --out")
+    theirs = []
+    for c in cases:
+        folder = out / MAPS / c.case_id
+        if folder.exists() and not folder.is_dir():
+            theirs.append(folder)
+        elif folder.is_dir():
+            theirs += [f for f in folder.iterdir() if f.name.startswith("lesion") and f.name.endswith(tuple(f"_smoothgrad_{ch}.nii.gz" for ch in channels))
+                       and not is_cohort_map(f)]
+    if theirs:
+        raise InputError(f"{theirs[0]} already exists and was not written by msis" + (f" (and {len(theirs) - 1} more)" if len(theirs) > 1 else "")
+                         + "; move it, or give a new --out")
 
 
 # ----------------------------------------------------------------------------- client side
@@ -704,12 +798,10 @@ def n_parts_for(work: int, split_above: int | None) -> int:
     return int(math.ceil(work / split_above))
 
 
-def check_settings_file(out: Path, settings: dict) -> None:
-    """Write DIR/cohort.json on the first run; later runs must have the same settings."""
-    from .scoring import _atomic_write
-
+def check_settings_file(out: Path, settings: dict) -> bool:
+    """Whether DIR/cohort.json pins the settings already (a run made rows there); they must be these."""
     f = out / SETTINGS_FILE
-    if f.exists():
+    if f.exists() or f.is_symlink():
         try:
             earlier = json.loads(f.read_text(encoding="utf-8"))["settings"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -719,8 +811,16 @@ def check_settings_file(out: Path, settings: dict) -> None:
             diff = "; ".join(f"{k} {_short(earlier.get(k))} (in {out}) vs {_short(settings.get(k))} (now)" for k in keys)
             raise InputError(f"{out} holds results made with other settings: {diff}. Run again with those settings to resume, "
                              "or give a new --out")
-        return
-    _atomic_write(f, (json.dumps({"msis_cohort": COHORT_FORMAT, "settings": settings}, indent=2, default=str) + "\n").encode("utf-8"))
+        return True
+    return False
+
+
+def pin_settings(out: Path, settings: dict) -> None:
+    """Write DIR/cohort.json: from now on the folder is a cohort's, and its settings are these."""
+    from .pipeline import write_output_file
+
+    text = json.dumps({"msis_cohort": COHORT_FORMAT, "settings": settings}, indent=2, default=str) + "\n"
+    write_output_file(out / SETTINGS_FILE, "--out", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), replace_own=False)
 
 
 def _short(v) -> str:
@@ -729,10 +829,12 @@ def _short(v) -> str:
 
 
 def _check_out(out: Path) -> None:
+    """--out is a new or empty folder, or one a cohort run pinned (cohort.json, written before any other
+    output): any other file there, even under the name of an output, is the user's."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
     if out.is_dir() and not (out / SETTINGS_FILE).exists():
-        others = [p.name for p in out.iterdir() if p.name not in (LOCK, LESIONS, CASES, MAPS, SUMMARY)]
+        others = [p.name for p in out.iterdir() if p.name != LOCK]
         if others:
             raise InputError(f"--out {out} is a folder with other files in it ({', '.join(sorted(others)[:3])}) but no {SETTINGS_FILE}; "
                              "give a new folder (or one a `msis cohort` run wrote)")
@@ -795,43 +897,72 @@ def run_cohort(manifest, out, cfg: CohortConfig, cases: list[CohortCase], *, wor
                dashboard: bool = False, log=None, progress=None) -> dict:
     """Run (or resume) a cohort; returns {"cases", "lesions_written", "cases_written", "skipped_cases", ...}.
     The manifest's cases come validated (read_manifest); cfg.settings is what cohort.json records."""
+    from .pipeline import check_output_file
+
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        check_settings_file(out, cfg.settings)
-        for stale in (out / MAPS).glob("*/.tmp-*"):  # maps a killed run was writing
-            stale.unlink(missing_ok=True)
-        lesions = ResultTable(out / LESIONS, lesion_columns(cfg)).open()
-        cases_t = ResultTable(out / CASES, CASE_COLUMNS).open()
+        pinned = check_settings_file(out, cfg.settings)
+        for pattern in ("*/.tmp-*", "*/.lesion*_smoothgrad_*.msis-*"):  # maps a killed run was writing
+            for stale in (out / MAPS).glob(pattern):
+                stale.unlink(missing_ok=True)
+        lesions = ResultTable(out / LESIONS, lesion_columns(cfg))
+        cases_t = ResultTable(out / CASES, CASE_COLUMNS)
+        if pinned:
+            lesions.open()
+            cases_t.open()
         keys = {c.case_id: case_key(cfg.settings, c) for c in cases}
-        _check_changed_inputs(out, lesions, cases_t, keys)
+        _drop_changed_inputs(out, lesions, cases_t, keys)
         todo = [c for c in cases if keys[c.case_id] not in cases_t.keys]
+        check_output_file(out / SUMMARY, "--out", ours=is_cohort_summary)  # before the work, not after
+        if cfg.maps:
+            _check_map_files(out, todo, cfg.channels)
+
+        def pin():
+            """Called once the cluster is up: a start that fails leaves the folder free for other settings."""
+            if not pinned:
+                pin_settings(out, cfg.settings)  # first: the folder is then a cohort's (see _check_out)
+                lesions.open()
+                cases_t.open()
+
         stats = {"cases": len(cases), "skipped_cases": len(cases) - len(todo), "lesions_written": 0, "cases_written": 0,
                  "lost": []}
         if todo:
             log(f"{len(todo)} of {len(cases)} cases to do" + (f" ({len(cases) - len(todo)} finished earlier, skipped)" if len(todo) < len(cases) else ""))
             _run(todo, keys, cfg, lesions, cases_t, stats, workers=workers, scheduler=scheduler, dashboard=dashboard, log=log,
-                 progress=progress)
+                 progress=progress, pin=pin)
         else:
             log(f"all {len(cases)} cases are finished in {out}; nothing to do")
         stats["summary"] = str(write_summary(out, lesions, cases_t, [c.case_id for c in cases], cfg))
     return stats
 
 
-def _check_changed_inputs(out, lesions, cases_t, keys) -> None:
-    """A case whose rows in DIR were made from other files (changed since: size or mtime) is refused."""
-    known = {}
-    for table, col in ((cases_t, "key"), (lesions, "case_key")):
-        if table.keys:
-            df = table.read(columns=["case_id", col])
-            for cid, k in zip(df["case_id"], df[col]):
-                known.setdefault(cid, set()).add(k)
-    changed = [cid for cid, k in keys.items() if cid in known and known[cid] - {k}]
-    if changed:
-        raise InputError(f"the input files of case{'s' if len(changed) > 1 else ''} {', '.join(changed[:5])} changed (name, size or "
+def _drop_changed_inputs(out, lesions, cases_t, keys) -> None:
+    """Cases whose rows in DIR were made from other files (changed since: name, size or mtime). A finished
+    case (its case row has no error) is refused: its rows pin its inputs. Any other (its case row is an
+    error, or it has none yet) is done again with the new files, its earlier rows dropped first, so that
+    no case has rows of two inputs."""
+    known, finished = {}, set()
+    if cases_t.keys:
+        df = cases_t.read(columns=["case_id", "key", "error"])
+        finished = set(df["key"][df["error"].isna()])
+        for cid, k in zip(df["case_id"], df["key"]):
+            known.setdefault(cid, set()).add(k)
+    if lesions.keys:
+        df = lesions.read(columns=["case_id", "case_key"])
+        for cid, k in zip(df["case_id"], df["case_key"]):
+            known.setdefault(cid, set()).add(k)
+    earlier = {cid: known[cid] - {k} for cid, k in keys.items() if known.get(cid, set()) - {k}}
+    pinned = [cid for cid, ks in earlier.items() if ks & finished]
+    if pinned:
+        raise InputError(f"the input files of case{'s' if len(pinned) > 1 else ''} {', '.join(pinned[:5])} changed (name, size or "
                          f"modification time) since {out} got rows for them; give a new --out, or restore the files")
+    stale = set().union(*earlier.values()) if earlier else set()
+    if stale:
+        lesions.drop("case_key", stale)
+        cases_t.drop("key", stale)
 
 
 class _Pending:
@@ -845,7 +976,7 @@ class _Pending:
         self.lost = False  # a task of it was lost with a worker: no case row, a re-run does the rest
 
 
-def _run(todo, keys, cfg, lesions, cases_t, stats, *, workers, scheduler, dashboard, log, progress):
+def _run(todo, keys, cfg, lesions, cases_t, stats, *, workers, scheduler, dashboard, log, progress, pin):
     from distributed import as_completed
 
     from .model import resolve_device
@@ -864,6 +995,7 @@ def _run(todo, keys, cfg, lesions, cases_t, stats, *, workers, scheduler, dashbo
         cfg.threads = 1 if gpu else int(os.environ.get("MSIS_THREADS") or max(1, cores // workers))
     client, cluster = _start_client(scheduler, workers, gpu=gpu, dashboard=dashboard)
     try:
+        pin()
         gpu = gpu or (scheduler is not None and _workers_have_gpus(client))
         if dashboard:
             log(f"Dask dashboard: {client.dashboard_link}")
@@ -1035,8 +1167,8 @@ class _Progress:
 
 def write_summary(out: Path, lesions: ResultTable, cases_t: ResultTable, order: list, cfg: CohortConfig) -> Path:
     """DIR/summary.csv, one line per case of the manifest that has a row: lesions, failures, mean TP
-    probability, seconds (rewritten whole, atomically)."""
-    from .scoring import _atomic_write
+    probability, seconds (rewritten whole, atomically; never over a file msis did not write)."""
+    from .pipeline import write_output_file
 
     cdf = cases_t.read()
     cols = ["case_id", "error"] + (["tp_probability"] if cfg.tp_probability else [])
@@ -1054,13 +1186,23 @@ def write_summary(out: Path, lesions: ResultTable, cases_t: ResultTable, order: 
             row["mean_tp_probability"] = round(float(p.mean()), 4) if len(p) else ""
         row.update(seconds=round(float(c["seconds"]), 1) if c["seconds"] == c["seconds"] else "", error=_text_or_blank(c["error"]))
         rows.append(row)
-    fields = ["case_id", "lesions", "lesions_failed", "n_tp", "n_fp", "n_fn"] + (["mean_tp_probability"] if cfg.tp_probability else []) + [
+    fields = SUMMARY_HEADER.split(",") + (["mean_tp_probability"] if cfg.tp_probability else []) + [
         "seconds", "error"]
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
-    return _atomic_write(out / SUMMARY, buf.getvalue().encode("utf-8"))
+    data = buf.getvalue().encode("utf-8")
+    return write_output_file(out / SUMMARY, "--out", lambda tmp: Path(tmp).write_bytes(data), ours=is_cohort_summary)
+
+
+def is_cohort_summary(path) -> bool:
+    """Whether a file is a summary.csv msis wrote (its header line; a user's notes under that name are not)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline().startswith(SUMMARY_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _text_or_blank(v) -> str:

@@ -356,40 +356,51 @@ def written_by_msis(path) -> bool:
     return isinstance(data, dict) and "msis_version" in data
 
 
-def check_output_file(path, option: str, replace_own: bool = True) -> Path:
+def check_output_file(path, option: str, replace_own: bool = True, ours=written_by_msis) -> Path:
     """Refuse, before the work, a single output file that exists and that msis may not replace (any file
-    with replace_own=False; else one msis did not write)."""
+    with replace_own=False; else one msis did not write: `ours(path)` tells, by default a JSON file of msis)."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{option} {p} is a folder; give a file name")
-    if (p.exists() or p.is_symlink()) and not (replace_own and written_by_msis(p)):
+    if (p.exists() or p.is_symlink()) and not (replace_own and ours(p)):
         raise InputError(f"{p} already exists and was not written by msis; choose another {option} or move it")
     return p
 
 
-def write_output_file(path, option: str, write, replace_own: bool = True) -> Path:
-    """write(tmp) into a temporary file beside `path`, then put it in place in one step: never a partial
-    file at `path`, never over a file msis may not replace (see check_output_file)."""
-    p = check_output_file(path, option, replace_own)
+def write_output_file(path, option: str, write, replace_own: bool = True, ours=written_by_msis) -> Path:
+    """write(tmp) into a temporary file beside `path`, check it (not empty; an image: complete), then put it
+    in place in one step: never a partial file at `path`, never over a file msis may not replace (see
+    check_output_file)."""
+    p = check_output_file(path, option, replace_own, ours)
     tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.msis-", dir=p.parent)
+        # the temporary name ends like the output's: writers that choose the format by it (SimpleITK) write the same
+        suffix = next((s for s in IMAGE_SUFFIXES if p.name.lower().endswith(s)), "")
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.msis-", suffix=suffix, dir=p.parent)
         os.close(fd)
         tmp = Path(tmp)
         write(tmp)
         if tmp.stat().st_size == 0:
             raise OSError(f"nothing was written to {p}")
+        if suffix:  # SimpleITK returns normally after writing part of an image on a full disk
+            from .volumes import verify_complete
+
+            try:
+                verify_complete(tmp, "output", shown=p)
+            except InputError as exc:
+                raise InputError(f"{exc}; the disk may be full") from None
         _fsync(tmp)
-        check_output_file(p, option, replace_own)  # again: a file may have appeared meanwhile
+        check_output_file(p, option, replace_own, ours)  # again: a file may have appeared meanwhile
         try:
             os.link(tmp, p)  # fails rather than replace a file that appears in between
         except FileExistsError:
-            if not (replace_own and written_by_msis(p)):
+            if not (replace_own and ours(p)):
                 raise InputError(f"{p} already exists and was not written by msis; choose another {option} or move it") from None
             os.replace(tmp, p)
         except OSError:  # no hard links on this file system
             os.replace(tmp, p)
+        fsync_folder(p.parent)  # make the new name durable
     except InputError:
         raise
     except (OSError, RuntimeError) as exc:
