@@ -130,7 +130,7 @@ class WorkerClient:
             try:
                 self._send({"id": self._new_id(), "cmd": "shutdown"})
                 self._proc.wait(timeout=5)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, subprocess.TimeoutExpired, WorkerError):  # its stdin closed, or it died meanwhile
                 pass
         self.kill()
         if self._own_workdir:

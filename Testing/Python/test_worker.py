@@ -197,7 +197,8 @@ DEEP = b"[" * 200_000 + b"]" * 200_000
     (b'{"id": [1], "cmd": "ping"}', None, "id"), (b'{"id": 1.5, "cmd": "ping"}', None, "id"), (b'{"id": true, "cmd": "ping"}', None, "id"),
     (b'{"id": "../x", "cmd": "ping"}', "../x", "id"), (b'{"id": "a/b", "cmd": "cancel"}', "a/b", "id"),
     (b'{"id": {"a": 1}, "cmd": "cancel"}', None, "id"),
-])
+], ids=["list", "null", "number", "string", "deep", "deep-in-object", "not-json", "not-utf8", "huge", "no-cmd", "cmd-number", "no-id",
+        "id-list", "id-float", "id-bool", "id-dotdot", "cancel-id-slash", "cancel-id-object"])
 def test_a_bad_request_line_gets_an_error_and_the_worker_serves_on(client, line, rid, says):
     pid = client.pid
     _send_raw(client, line)
@@ -296,6 +297,12 @@ def test_a_request_without_progress_fails_when_the_worker_stops_answering(per_re
         c.close()
 
 
+def _stop_at_first_step(done, total):
+    """A request refused up front never reaches its first progress step; work that starts is cancelled there
+    (Cancelled, not InputError: what these tests would see on a worker without the checks, not days of work)."""
+    return done is None
+
+
 @pytest.mark.parametrize("args, names", [
     ({"sigma": math.nan}, "sigma"), ({"sigma": math.inf}, "sigma"), ({"sigma": -0.1}, "sigma"), ({"sigma": "0.1"}, "sigma"),
     ({"n_samples": 0}, "n_samples"), ({"n_samples": -3}, "n_samples"), ({"n_samples": 2.5}, "n_samples"), ({"n_samples": "10"}, "n_samples"),
@@ -305,22 +312,15 @@ def test_a_request_without_progress_fails_when_the_worker_stops_answering(per_re
     ({"lesion_id": 1.5}, "lesion_id"), ({"lesion_id": None}, "lesion_id or mask"), ({"noise": 0.1}, "noise"),
 ])
 def test_explain_in_the_worker_refuses_what_the_cli_refuses(client, segmented, args, names):
-    steps = []
-
-    def record(done, total):
-        if done is not None:
-            steps.append(done)
-
     with pytest.raises(InputError, match=names):
-        client.request("explain", **{"lesion_id": 1, "n_samples": 2, **args}, progress=record)
-    assert not steps  # refused before any work
+        client.request("explain", **{"lesion_id": 1, "n_samples": 2, **args}, progress=_stop_at_first_step)
     assert client.request("ping")["pid"] == client.pid
 
 
 def test_explain_in_the_worker_has_the_backward_pass_cap(client, segmented):
     big = max(segmented[0]["table"], key=lambda r: r["voxels"])
     over = 10**6 // big["voxels"] + 1
-    stop = lambda d, t: d is None  # noqa: E731 - on code without the cap: cancelled at the first step, not days of work
+    stop = _stop_at_first_step
     with pytest.raises(InputError, match=f"{over * big['voxels']:,} backward passes"):
         client.request("explain", lesion_id=big["lesion_id"], n_samples=over, progress=stop)
     # bounded with max_omega_voxels, the same N is within the cap and starts (cancelled at once here)
@@ -340,3 +340,26 @@ def test_one_check_for_every_entry_point():
     check_explain_args(n_samples=MAX_BACKWARD_PASSES // 1100, omega=omega)
     check_explain_args(n_samples=1000, omega=omega, max_omega_voxels=1000)
     check_explain_args("gradcampp", n_samples=10**7, omega=omega)  # Grad-CAM++: one backward pass whatever N
+
+
+@pytest.mark.parametrize("change, names", [({"sigma": math.nan}, "sigma"), ({"sigma": -1.0}, "sigma"), ({"n_samples": 0}, "n_samples"),
+                                           ({"n_samples": 2 * 10**6}, "backward passes"), ({"context": "lesion"}, "context")])
+def test_the_cohort_refuses_them_too_before_writing(tmp_path, change, names):
+    from MSInstanceSaliencyLib.cohort import CohortConfig, run_cohort
+
+    saliency = {"method": "smoothgrad", "aggregation": "max", "channel": "flair", "n_samples": 10, "sigma": 0.05, "sigma_mode": "range",
+                "context": "patch", "max_omega_voxels": None, "seed": 0, **change}
+    cfg = CohortConfig(out=str(tmp_path / "out"), model={}, channels=["flair", "mprage"], threshold=0.3, min_volume_mm3=5.0,
+                       saliency=saliency, tp_probability=False)
+    with pytest.raises(InputError, match=names):
+        run_cohort(tmp_path / "manifest.csv", tmp_path / "out", cfg, [], log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_close_when_the_worker_can_no_longer_be_asked_to_leave():
+    c = WorkerClient()
+    pid = c.request("ping")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # alive, but its stdin is gone: close() cannot send shutdown and kills it instead
+    c._proc.stdin.close()
+    c.close()
+    assert not c.alive
