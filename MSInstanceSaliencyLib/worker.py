@@ -12,6 +12,10 @@ the request's id and a type: "progress" (done, total), "lesion" (one scored lesi
 "result" (the request's answer) or "error" (kind: input | cancelled | internal, message). Arrays go
 through files in the work folder (.npy for arrays, NRRD for images with their geometry), never
 through the pipe. Nothing else is written to stdout: library prints go to stderr, the log.
+Ids are integers or short names of letters, digits, _ and - (they name the answer's files); a line
+that is no such request (not JSON, not an object, no cmd, a bad id, over MAX_REQUEST_BYTES) gets an
+input error (id null when none could be read) and the worker reads on. When stdin closes, the
+running request stops at its next progress step, queued ones are dropped, and the worker exits.
 See worker_client.WorkerClient for the other end.
 """
 
