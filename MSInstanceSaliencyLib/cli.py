@@ -16,10 +16,6 @@ from pathlib import Path
 
 from .errors import Cancelled, InputError, swallowed_interrupts_redelivered
 
-# SmoothGrad work this tool starts without being told how to bound it: backward passes (N x |Ω| for
-# the max over Ω, N x K with --max-omega-voxels K, N for the mean). 10^6 passes of the demo model on
-# a CPU are days of work; every paper setting (N = 50, lesions of thousands of voxels) stays below.
-MAX_BACKWARD_PASSES = 10**6
 N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
 
 
@@ -108,7 +104,12 @@ def _folds(text: str):
     return folds
 
 
-_SAMPLES = _int(1, MAX_BACKWARD_PASSES)
+def _SAMPLES(text):  # noqa: N802 - an argparse type like the others; explain.py imported when used so that `msis` starts light
+    from .explain import MAX_BACKWARD_PASSES
+
+    return _int(1, MAX_BACKWARD_PASSES)(text)
+
+
 _SEED = _int(0)
 _COUNT = _int(1)
 
@@ -503,7 +504,7 @@ def _print_tp_probability_by_kind(result, phantom) -> None:
 
 
 def _explain_and_write(model, dev, prepared, omega, label, args, out):
-    _check_saliency_cost(args, omega)
+    _check_explain_args(args, omega)
     from .explain import explain_case, write_explanation
     from .progress import ProgressBar
 
@@ -991,8 +992,8 @@ COMMANDS = {
 
 def _check_args(args) -> None:
     """What argparse cannot check alone, before any work starts (InputError, one line)."""
-    if args.command == "explain" and args.method == "gradcampp" and args.precision != "fp32":
-        raise InputError(f"--precision {args.precision} applies to SmoothGrad only; Grad-CAM++ runs in fp32 (drop --precision)")
+    if args.command in ("explain", "demo"):
+        _check_explain_args(args)
     if args.command == "cohort" and args.scheduler and args.workers:
         raise InputError("--workers sizes the local cluster; with --scheduler the cluster you started decides (drop --workers)")
     if args.command == "context" and args.size_range[0] > args.size_range[1]:
@@ -1021,20 +1022,18 @@ def _check_register_size(images, args) -> None:
                              f"{tuple(img.GetSize())}. Run without {' and '.join(flags)} or on the full volumes")
 
 
-def _check_saliency_cost(args, omega) -> None:
-    """Refuse SmoothGrad work above MAX_BACKWARD_PASSES before it starts, saying how to reduce it."""
-    if getattr(args, "method", "smoothgrad") != "smoothgrad":
-        return
-    n_omega = int(omega.sum())
-    cap = args.max_omega_voxels
-    per_copy = 1 if args.aggregation == "mean" else min(n_omega, cap) if cap else n_omega
-    passes = args.samples * per_copy
-    if passes > MAX_BACKWARD_PASSES:
-        raise InputError(
-            f"SmoothGrad ({args.aggregation}) of {n_omega} voxels with --samples {args.samples} needs {passes:,} backward passes, "
-            f"more than the {MAX_BACKWARD_PASSES:,} this tool starts (days of work or more); bound it with --max-omega-voxels K "
-            f"(the max over K sampled voxels: {args.samples} x K passes), use fewer --samples, --aggregation mean "
-            f"({args.samples} passes) or a smaller mask")
+_EXPLAIN_FLAGS = {"n_samples": "--samples", "seed": "--noise-seed", "lesion_id": "--lesion", **{
+    a: "--" + a.replace("_", "-") for a in ("method", "sigma", "sigma_mode", "aggregation", "context", "precision", "max_omega_voxels")}}
+
+
+def _check_explain_args(args, omega=None) -> None:
+    """The explain arguments through the checks every entry point shares (explain.check_explain_args);
+    with Ω also SmoothGrad's cost, refused above MAX_BACKWARD_PASSES before it starts."""
+    from .explain import check_explain_args
+
+    check_explain_args(getattr(args, "method", "smoothgrad"), n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode,
+                       aggregation=args.aggregation, context=args.context, seed=args.noise_seed, precision=args.precision,
+                       max_omega_voxels=args.max_omega_voxels, omega=omega, names=_EXPLAIN_FLAGS)
 
 
 def _check_feature_cells(rows, names) -> None:

@@ -900,6 +900,11 @@ def run_cohort(manifest, out, cfg: CohortConfig, cases: list[CohortCase], *, wor
     from .pipeline import check_output_file
 
     log = log or (lambda m: print(m, file=sys.stderr))
+    if cfg.saliency is not None:  # the checks of msis explain and the worker, before anything is written
+        from .explain import check_explain_args
+
+        check_explain_args("smoothgrad", **{k: cfg.saliency[k] for k in ("n_samples", "sigma", "sigma_mode", "aggregation", "context",
+                                                                          "seed", "max_omega_voxels") if k in cfg.saliency})
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)

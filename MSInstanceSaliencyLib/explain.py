@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +13,60 @@ from .errors import InputError
 from .volumes import array_from_image, image_from_array, same_grid
 
 METHODS = ("smoothgrad", "gradcampp")
+CHOICES = {"method": METHODS, "sigma_mode": ("range", "absolute"), "aggregation": ("max", "mean"), "context": ("patch", "full"),
+           "precision": ("fp32", "bf16", "fp16")}
+# SmoothGrad work no entry point starts without being told how to bound it: backward passes (N x |Ω|
+# for the max over Ω, N x K with max_omega_voxels K, N for the mean). 10^6 passes of the demo model on
+# a CPU are days of work; every paper setting (N = 50, lesions of thousands of voxels) stays below.
+MAX_BACKWARD_PASSES = 10**6
+
+
+def check_explain_args(method="smoothgrad", *, n_samples=50, sigma=0.05, sigma_mode="range", aggregation="max", context="patch",
+                       seed=0, precision="fp32", max_omega_voxels=None, lesion_id=None, omega=None, names=None) -> dict:
+    """The explain arguments of every entry point (CLI, worker, cohort), checked before any work: an
+    InputError naming the argument as the caller knows it (`names`: argument -> e.g. its CLI flag).
+    With Ω (a mask, any grid): SmoothGrad above MAX_BACKWARD_PASSES is refused too. Returns the
+    arguments normalised (ints as int, sigma as float) for `explain`."""
+    names = names or {}
+
+    def name(arg):
+        return names.get(arg, arg)
+
+    def given(arg, value):
+        return f"{name(arg)} {value}" if name(arg).startswith("--") else f"{name(arg)}={value!r}"
+
+    def integer(arg, value, lo):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+            raise InputError(f"{name(arg)} must be an integer >= {lo}, got {value!r}")
+        return int(value)
+
+    for arg, value in (("method", method), ("sigma_mode", sigma_mode), ("aggregation", aggregation), ("context", context),
+                       ("precision", precision)):
+        if not isinstance(value, str) or value not in CHOICES[arg]:
+            raise InputError(f"{name(arg)} must be one of {', '.join(CHOICES[arg])}, got {value!r}")
+    if method == "gradcampp" and precision != "fp32":
+        raise InputError(f"{given('precision', precision)} applies to SmoothGrad only; Grad-CAM++ runs in fp32 "
+                         f"(drop {name('precision')})")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+        raise InputError(f"{name('sigma')} must be a finite number >= 0, got {sigma!r}")
+    args = dict(method=method, n_samples=integer("n_samples", n_samples, 1), sigma=float(sigma), sigma_mode=sigma_mode,
+                aggregation=aggregation, context=context, seed=integer("seed", seed, 0), precision=precision,
+                max_omega_voxels=None if max_omega_voxels is None else integer("max_omega_voxels", max_omega_voxels, 1))
+    if lesion_id is not None:
+        args["lesion_id"] = integer("lesion_id", lesion_id, 1)
+    if method == "smoothgrad":
+        n = args["n_samples"]
+        n_omega = None if omega is None else int(np.count_nonzero(omega))
+        cap = args["max_omega_voxels"]
+        per_copy = 1 if aggregation == "mean" or n_omega is None else min(n_omega, cap) if cap else n_omega
+        if n * per_copy > MAX_BACKWARD_PASSES:
+            what = f" of {n_omega} voxels" if n_omega is not None else ""
+            raise InputError(
+                f"SmoothGrad ({aggregation}){what} with {given('n_samples', n)} needs {n * per_copy:,} backward passes, more than the "
+                f"{MAX_BACKWARD_PASSES:,} msis starts (days of work or more); bound it with {name('max_omega_voxels')} K (the max "
+                f"over K sampled voxels: {n} x K passes), use fewer {name('n_samples')}, {name('aggregation')} mean ({n} passes) "
+                "or a smaller region")
+    return args
 
 
 @dataclass

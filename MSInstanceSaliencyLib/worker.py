@@ -12,6 +12,10 @@ the request's id and a type: "progress" (done, total), "lesion" (one scored lesi
 "result" (the request's answer) or "error" (kind: input | cancelled | internal, message). Arrays go
 through files in the work folder (.npy for arrays, NRRD for images with their geometry), never
 through the pipe. Nothing else is written to stdout: library prints go to stderr, the log.
+Ids are integers or short names of letters, digits, _ and - (they name the answer's files); a line
+that is no such request (not JSON, not an object, no cmd, a bad id, over MAX_REQUEST_BYTES) gets an
+input error (id null when none could be read) and the worker reads on. When stdin closes, the
+running request stops at its next progress step, queued ones are dropped, and the worker exits.
 See worker_client.WorkerClient for the other end.
 """
 
@@ -32,6 +36,8 @@ import numpy as np
 from .errors import Cancelled, InputError
 
 PROGRESS_INTERVAL_S = 0.1  # progress messages at most this often (backward passes can be thousands)
+MAX_REQUEST_BYTES = 4 * 2**20  # a request line; arrays go through files, so anything longer is a mistake
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 def save_array(path: str | os.PathLike, array: np.ndarray) -> str:
@@ -99,6 +105,60 @@ def radiomics_version() -> str | None:
         return None
 
 
+class BadRequest(InputError):
+    """A request line the worker cannot take; rid: its id where one could be read (else None)."""
+
+    def __init__(self, message, rid=None):
+        super().__init__(message)
+        self.rid = rid
+
+
+def valid_id(rid) -> bool:
+    """Request ids name the files of their answers (r<id>_*.npy), so: an integer, or a short name of
+    letters, digits, _ and -; never a path."""
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return abs(rid) < 2**63
+    return isinstance(rid, str) and 0 < len(rid) <= 64 and set(rid) <= _ID_CHARS
+
+
+def parse_request(line: bytes) -> dict:
+    """One line from the client as a request {"id", "cmd", ...}, or BadRequest saying what is wrong with it."""
+    if len(line) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"a request line of more than {MAX_REQUEST_BYTES:,} bytes was ignored; send arrays through files "
+                         "in the work folder")
+    try:
+        msg = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"a request line is not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise BadRequest("a request line is JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
+        raise BadRequest(f"not a JSON request: {exc}") from None
+    if not isinstance(msg, dict):
+        raise BadRequest(f'a request is a JSON object {{"id": ..., "cmd": ...}}, got a JSON {type(msg).__name__}')
+    rid = msg.get("id")
+    readable = rid if valid_id(rid) or isinstance(rid, str) and len(rid) <= 200 else None
+    if not isinstance(msg.get("cmd"), str):
+        raise BadRequest('a request needs "cmd", the name of a command', readable)
+    if not (valid_id(rid) or rid is None and msg["cmd"] == "cancel"):  # a cancel without id stops the running request
+        raise BadRequest(f'request id {json.dumps(rid)[:80]}: an id is an integer or up to 64 letters, digits, _ and -', readable)
+    return msg
+
+
+def read_lines(stream, limit: int = MAX_REQUEST_BYTES):
+    """The lines of a binary stream, each cut after limit + 1 bytes (the rest of a longer line is skipped)."""
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while True:
+                rest = stream.readline(limit)
+                if not rest or rest.endswith(b"\n"):
+                    break
+        yield line.strip()
+
+
 class Worker:
     """The request handlers and the state they share (model, prepared case, lesion labels)."""
 
@@ -107,6 +167,7 @@ class Worker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.send = send
         self.cancel_event = threading.Event()
+        self.client_gone = threading.Event()  # stdin closed: stop what runs, run nothing more
         self.model = None
         self.model_key = None
         self.device = "auto"
@@ -120,7 +181,7 @@ class Worker:
         last = [0.0]
 
         def callback(done, total):
-            if self.cancel_event.is_set():
+            if self.cancel_event.is_set() or self.client_gone.is_set():
                 return False
             now = time.monotonic()
             if now - last[0] >= PROGRESS_INTERVAL_S or done >= total:
@@ -131,7 +192,10 @@ class Worker:
         return callback
 
     def out_path(self, rid, name) -> Path:
-        return self.workdir / f"r{rid}_{name}.npy"
+        path = (self.workdir / f"r{rid}_{name}.npy").resolve()
+        if not valid_id(rid) or path.parent != self.workdir.resolve():  # ids are checked on arrival; never write elsewhere
+            raise InputError(f"request id {rid!r} cannot name a file in the work folder")
+        return path
 
     def need(self, what):
         if what == "model" and self.model is None:
@@ -226,10 +290,17 @@ class Worker:
                 "labels": save_array(self.out_path(rid, "labels"), self.labels),
                 "table": lesion_table(labels, self.case.reference, prob), "threshold": thr, "min_volume_mm3": min_vol}
 
-    def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", n_samples=50, sigma=0.05, sigma_mode="range",
-                    aggregation="max", context="patch", seed=0, layer=None, max_omega_voxels=None, precision="fp32"):
-        from .explain import explain_case, omega_from_lesion
+    def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", layer=None, **saliency):
+        """saliency: n_samples, sigma, sigma_mode, aggregation, context, seed, max_omega_voxels, precision
+        (explain.check_explain_args, the checks of the CLI and the cohort too)."""
+        from .explain import check_explain_args, explain_case, omega_from_lesion
 
+        unknown = set(saliency) - {"n_samples", "sigma", "sigma_mode", "aggregation", "context", "seed", "max_omega_voxels", "precision"}
+        if unknown:
+            raise InputError(f"explain does not take {', '.join(sorted(unknown))}")
+        if mask is None and lesion_id is None:
+            raise InputError("explain needs lesion_id or mask")
+        args = check_explain_args(method, lesion_id=None if mask is not None else lesion_id, **saliency)  # before loading anything
         self.need("case")
         if mask is not None:
             omega = load_array(mask).astype(bool)
@@ -238,11 +309,11 @@ class Worker:
             label = "region"
         else:
             self.need("labels")
-            omega, label = omega_from_lesion(self.labels, int(lesion_id)), f"lesion{int(lesion_id)}"
-        exp = explain_case(self.model, self.case, omega, method, label=label, n_samples=int(n_samples),
-                      sigma=float(sigma), sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=int(seed),
-                      layer=layer or None, device=self.device, progress=self.progress_callback(rid), precision=precision,
-                      max_omega_voxels=int(max_omega_voxels) if max_omega_voxels else None)
+            lesion_id = args.pop("lesion_id")
+            omega, label = omega_from_lesion(self.labels, lesion_id), f"lesion{lesion_id}"
+        check_explain_args(method, omega=omega, **saliency)  # the cost, now that Ω is known
+        exp = explain_case(self.model, self.case, omega, label=label, layer=layer or None, device=self.device,
+                           progress=self.progress_callback(rid), **args)
         maps = {name: save_array(self.out_path(rid, f"map_{name}"), m.astype(np.float32)) for name, m in exp.maps.items()}
         result = {"maps": maps, "params": exp.params, "method": exp.method, "tp_probability": None, "tp_note": ""}
         if method == "smoothgrad" and mask is None:
@@ -291,38 +362,51 @@ def serve(workdir, stdin=None, stdout=None) -> int:
     def send(msg: dict) -> None:
         line = json.dumps(msg, default=_json_default)
         with lock:
-            out.write(line + "\n")
-            out.flush()
+            try:
+                out.write(line + "\n")
+                out.flush()
+            except (OSError, ValueError):  # the client is gone (broken pipe): nobody to answer, leave
+                worker.client_gone.set()
+                requests.put(None)
 
     worker = Worker(workdir, send)
     requests: queue.Queue = queue.Queue()
     current = {"id": None}
     cancelled_ids = set()  # a cancel may overtake its request while that still waits in the queue
 
+    def take(line: bytes) -> None:
+        try:
+            msg = parse_request(line)
+        except BadRequest as exc:
+            send({"id": exc.rid, "type": "error", "kind": "input", "message": str(exc)})
+            return
+        if msg["cmd"] == "cancel":
+            cancelled_ids.add(msg.get("id"))
+            if msg.get("id") in (None, current["id"]):
+                worker.cancel_event.set()
+            return
+        requests.put(msg)
+
     def read_requests():
-        # A thread of its own, so that a cancel arrives while the main thread computes.
-        for line in stdin:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError as exc:
-                send({"id": None, "type": "error", "kind": "input", "message": f"not a JSON request: {exc}"})
-                continue
-            if msg.get("cmd") == "cancel":
-                cancelled_ids.add(msg.get("id"))
-                if msg.get("id") in (None, current["id"]):
-                    worker.cancel_event.set()
-                continue
-            requests.put(msg)
-        worker.cancel_event.set()  # the client is gone: stop what runs, then leave
-        requests.put(None)
+        # A thread of its own, so that a cancel arrives while the main thread computes. Whatever a line
+        # holds, this thread answers it and reads on: when it ends, the worker ends.
+        try:
+            for line in read_lines(getattr(stdin, "buffer", stdin)):
+                if line:
+                    try:
+                        take(line)
+                    except Exception as exc:  # noqa: BLE001 - a bug here must not stop the reading
+                        send({"id": None, "type": "error", "kind": "internal", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            worker.client_gone.set()  # stop what runs at its next progress step, cancel what waits, leave
+            requests.put(None)
 
     threading.Thread(target=read_requests, name="msis-worker-stdin", daemon=True).start()
     send({"id": None, "type": "ready", "pid": os.getpid()})
     while True:
         msg = requests.get()
+        if worker.client_gone.is_set():
+            return 0
         if msg is None or msg.get("cmd") == "shutdown":
             if msg is not None:
                 send({"id": msg.get("id"), "type": "result"})

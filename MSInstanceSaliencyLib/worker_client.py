@@ -35,10 +35,14 @@ class WorkerClient:
     alive, or is killed after cancel_grace_s. on_message(msg) receives streamed "lesion" messages.
     `synced` is for the caller's bookkeeping of what the worker holds (model, case, labels): it is
     emptied whenever a new process starts, so a restarted worker is sent everything again.
+    A request without a progress callback has nobody to cancel it: when the worker stays silent (no
+    progress, no answer) for silence_timeout_s (default 600 s; request(..., timeout_s=T) for one
+    request, with or without progress), it is taken for hung, killed, and WorkerError is raised.
     """
 
     def __init__(self, python: str | None = None, workdir: str | None = None, env: dict | None = None, log=None,
-                 cancel_grace_s: float = 10.0, tick_s: float = 0.05, start_timeout_s: float = 120.0):
+                 cancel_grace_s: float = 10.0, tick_s: float = 0.05, start_timeout_s: float = 120.0,
+                 silence_timeout_s: float = 600.0):
         self.python = python or sys.executable
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="msis-worker-"))
@@ -47,6 +51,7 @@ class WorkerClient:
         self.cancel_grace_s = cancel_grace_s
         self.tick_s = tick_s
         self.start_timeout_s = start_timeout_s
+        self.silence_timeout_s = silence_timeout_s
         self.synced: dict = {}
         self.starts = 0
         self._proc = None
@@ -125,7 +130,7 @@ class WorkerClient:
             try:
                 self._send({"id": self._new_id(), "cmd": "shutdown"})
                 self._proc.wait(timeout=5)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, subprocess.TimeoutExpired, WorkerError):  # its stdin closed, or it died meanwhile
                 pass
         self.kill()
         if self._own_workdir:
@@ -139,13 +144,15 @@ class WorkerClient:
 
     # -- requests
 
-    def request(self, cmd: str, progress=None, on_message=None, **arguments) -> dict:
+    def request(self, cmd: str, progress=None, on_message=None, timeout_s: float | None = None, **arguments) -> dict:
         if not self.alive:
             self.start()
         rid = self._new_id()
         self._send({"id": rid, "cmd": cmd, **arguments})
         last = (None, None)
         cancel_deadline = None
+        silence_s = timeout_s if timeout_s is not None else self.silence_timeout_s if progress is None else None
+        heard = time.monotonic()
         while True:
             try:
                 msg = self._messages.get(timeout=self.tick_s)
@@ -153,6 +160,12 @@ class WorkerClient:
                 msg = None
             if msg is not None and msg.get("type") == "exit":
                 self._crashed(cmd)
+            if msg is not None and msg.get("type") != "log":  # stderr lines may come from a thread of a hung worker
+                heard = time.monotonic()
+            elif silence_s is not None and time.monotonic() - heard > silence_s:
+                self.kill()
+                raise WorkerError(f"the worker sent nothing for {silence_s:g} s during '{cmd}' and was stopped (hung?); it will be "
+                                  "restarted on the next request (pass timeout_s for work that is silent longer)")
             if msg is not None and msg.get("id") == rid:
                 kind = msg.get("type")
                 if kind == "result":

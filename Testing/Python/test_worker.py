@@ -1,7 +1,13 @@
 """The worker process as the Slicer module uses it: a real subprocess, the bundled demo model, a phantom."""
 
+import contextlib
+import json
+import math
 import os
+import queue
 import signal
+import subprocess
+import threading
 import time
 
 import numpy as np
@@ -13,7 +19,7 @@ from MSInstanceSaliencyLib.explain import explain
 from MSInstanceSaliencyLib.inference import predict_probability
 from MSInstanceSaliencyLib.model import load_model
 from MSInstanceSaliencyLib.preprocessing import prepare_case
-from MSInstanceSaliencyLib.worker import load_array, save_array
+from MSInstanceSaliencyLib.worker import Worker, load_array, save_array
 from MSInstanceSaliencyLib.worker_client import WorkerClient
 
 
@@ -155,3 +161,205 @@ def test_a_worker_that_ignores_cancel_is_killed_after_the_grace_period(small_pha
                       progress=hang_then_cancel)
         assert not c.alive
         assert c.request("ping")["pid"] != first
+
+
+# ----------------------------------------------------------------------------- the protocol's edges
+
+def _send_raw(c, line: bytes) -> None:
+    """A line of bytes as any client might write it (the client's own requests are well formed)."""
+    c._proc.stdin.flush()
+    c._proc.stdin.buffer.write(line + b"\n")
+    c._proc.stdin.buffer.flush()
+
+
+def _next_answer(c, timeout=20.0) -> dict:
+    """The worker's next protocol message (its stderr lines skipped); fails, rather than waits forever, when none comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = c._messages.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if msg.get("type") != "log":
+            return msg
+    pytest.fail(f"the worker did not answer within {timeout:g} s")
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.mark.parametrize("line, rid, says", [
+    (b"[1,2]", None, "JSON object"), (b"null", None, "JSON object"), (b"5", None, "JSON object"), (b'"ping"', None, "JSON object"),
+    (DEEP, None, "nested too deeply"), (b'{"id": 4, "cmd": "ping", "x": ' + DEEP + b"}", None, "nested too deeply"),
+    (b"{not json", None, "not a JSON request"), (b"\xff\xfe{}", None, "UTF-8"),
+    (b'{"id": 1, "cmd": "ping", "pad": "' + b"x" * (5 * 2**20) + b'"}', None, "bytes"),
+    (b'{"id": 3}', 3, '"cmd"'), (b'{"id": "a", "cmd": 5}', "a", '"cmd"'), (b'{"cmd": "ping"}', None, "id"),
+    (b'{"id": [1], "cmd": "ping"}', None, "id"), (b'{"id": 1.5, "cmd": "ping"}', None, "id"), (b'{"id": true, "cmd": "ping"}', None, "id"),
+    (b'{"id": "../x", "cmd": "ping"}', "../x", "id"), (b'{"id": "a/b", "cmd": "cancel"}', "a/b", "id"),
+    (b'{"id": {"a": 1}, "cmd": "cancel"}', None, "id"),
+], ids=["list", "null", "number", "string", "deep", "deep-in-object", "not-json", "not-utf8", "huge", "no-cmd", "cmd-number", "no-id",
+        "id-list", "id-float", "id-bool", "id-dotdot", "cancel-id-slash", "cancel-id-object"])
+def test_a_bad_request_line_gets_an_error_and_the_worker_serves_on(client, line, rid, says):
+    pid = client.pid
+    _send_raw(client, line)
+    answer = _next_answer(client)
+    assert (answer["type"], answer["kind"], answer["id"]) == ("error", "input", rid) and says in answer["message"], answer
+    _send_raw(client, b'{"id": "after-bad_line", "cmd": "ping"}')
+    assert _next_answer(client) == {"id": "after-bad_line", "type": "result", "pid": pid}
+    assert client.request("ping")["pid"] == pid
+
+
+def test_request_ids_never_name_files_outside_the_work_folder(tmp_path):
+    w = Worker(tmp_path / "w", send=lambda msg: None)
+    for rid in (7, -2, "job-1_A"):
+        assert w.out_path(rid, "labels").parent == (tmp_path / "w").resolve()
+    for rid in ("../x", "a/b", "..", "/etc/x", "", "x" * 65, None, True, 1.5):
+        with pytest.raises(InputError, match="request id"):
+            w.out_path(rid, "labels")
+
+
+def test_segment_with_a_path_as_id_is_refused_and_writes_nothing(client, tmp_path):
+    before = set(os.listdir(client.workdir))
+    _send_raw(client, json.dumps({"id": "r/../../escaped", "cmd": "segment"}).encode())
+    answer = _next_answer(client)
+    assert (answer["type"], answer["kind"]) == ("error", "input") and "id" in answer["message"], answer
+    assert set(os.listdir(client.workdir)) == before and not (client.workdir.parent / "escaped_probability.npy").exists()
+
+
+def _long_explain(c, rid):
+    """SmoothGrad of the largest lesion with N = 500: minutes on a CPU, progress every 0.1 s."""
+    _send_raw(c, json.dumps({"id": rid, "cmd": "explain", "lesion_id": c.big_lesion, "n_samples": 500}).encode())
+
+
+@pytest.fixture
+def segmented_worker(small_phantom):
+    c = WorkerClient()
+    c.request("load_model", device="cpu")
+    sitk.WriteImage(small_phantom.flair, c.path("flair.nrrd"))
+    sitk.WriteImage(small_phantom.mprage, c.path("mprage.nrrd"))
+    c.request("prepare", flair=c.path("flair.nrrd"), mprage=c.path("mprage.nrrd"))
+    table = c.request("segment")["table"]
+    c.big_lesion = max(table, key=lambda r: r["voxels"])["lesion_id"]
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_closed_stdin_cancels_queued_work_and_the_worker_exits(segmented_worker, running):
+    c = segmented_worker
+    proc = c._proc
+    _long_explain(c, "first")
+    if running:  # closed while the first runs (its first progress step seen), or with both still waiting
+        while (msg := _next_answer(c))["type"] != "progress":
+            pass
+    _long_explain(c, "queued")
+    t0 = time.monotonic()
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker went on working after its client closed stdin")
+    assert time.monotonic() - t0 < 15 and proc.returncode == 0
+    assert not [n for n in os.listdir(c.workdir) if n.startswith(("rqueued_", "rfirst_"))]  # neither finished
+
+
+def _request_in_thread(c, *args, **kwargs):
+    """c.request in a thread: (thread, box) with box["error"] once it ends; a test fails instead of hanging."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = c.request(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+@pytest.mark.parametrize("per_request", [True, False])
+def test_a_request_without_progress_fails_when_the_worker_stops_answering(per_request):
+    c = WorkerClient(silence_timeout_s=600.0 if per_request else 1.0)
+    try:
+        pid = c.request("ping")["pid"]
+        os.kill(pid, signal.SIGSTOP)  # a hung worker: alive, silent
+        t0 = time.monotonic()
+        t, box = _request_in_thread(c, "ping", **({"timeout_s": 1.0} if per_request else {}))
+        t.join(timeout=15)
+        assert not t.is_alive(), "request() waited on a silent worker"
+        assert isinstance(box.get("error"), WorkerError) and "sent nothing for 1 s" in str(box["error"])
+        assert time.monotonic() - t0 < 10 and not c.alive  # the hung one is gone; the next request starts a fresh one
+        assert c.request("ping")["pid"] != pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        c.close()
+
+
+def _stop_at_first_step(done, total):
+    """A request refused up front never reaches its first progress step; work that starts is cancelled there
+    (Cancelled, not InputError: what these tests would see on a worker without the checks, not days of work)."""
+    return done is None
+
+
+@pytest.mark.parametrize("args, names", [
+    ({"sigma": math.nan}, "sigma"), ({"sigma": math.inf}, "sigma"), ({"sigma": -0.1}, "sigma"), ({"sigma": "0.1"}, "sigma"),
+    ({"n_samples": 0}, "n_samples"), ({"n_samples": -3}, "n_samples"), ({"n_samples": 2.5}, "n_samples"), ({"n_samples": "10"}, "n_samples"),
+    ({"n_samples": 10**6 + 1, "aggregation": "mean"}, "backward passes"), ({"method": "lime"}, "method"),
+    ({"aggregation": "median"}, "aggregation"), ({"precision": "fp64"}, "precision"), ({"method": "gradcampp", "precision": "bf16"}, "precision"),
+    ({"seed": -1}, "seed"), ({"max_omega_voxels": 2.5}, "max_omega_voxels"), ({"lesion_id": "1"}, "lesion_id"),
+    ({"lesion_id": 1.5}, "lesion_id"), ({"lesion_id": None}, "lesion_id or mask"), ({"noise": 0.1}, "noise"),
+])
+def test_explain_in_the_worker_refuses_what_the_cli_refuses(client, segmented, args, names):
+    with pytest.raises(InputError, match=names):
+        client.request("explain", **{"lesion_id": 1, "n_samples": 2, **args}, progress=_stop_at_first_step)
+    assert client.request("ping")["pid"] == client.pid
+
+
+def test_explain_in_the_worker_has_the_backward_pass_cap(client, segmented):
+    big = max(segmented[0]["table"], key=lambda r: r["voxels"])
+    over = 10**6 // big["voxels"] + 1
+    stop = _stop_at_first_step
+    with pytest.raises(InputError, match=f"{over * big['voxels']:,} backward passes"):
+        client.request("explain", lesion_id=big["lesion_id"], n_samples=over, progress=stop)
+    # bounded with max_omega_voxels, the same N is within the cap and starts (cancelled at once here)
+    with pytest.raises(Cancelled):
+        client.request("explain", lesion_id=big["lesion_id"], n_samples=over, max_omega_voxels=1, progress=stop)
+
+
+def test_one_check_for_every_entry_point():
+    from MSInstanceSaliencyLib.explain import MAX_BACKWARD_PASSES, check_explain_args
+
+    assert check_explain_args(n_samples=np.int64(3), sigma=1, lesion_id=2) == dict(
+        method="smoothgrad", n_samples=3, sigma=1.0, sigma_mode="range", aggregation="max", context="patch", seed=0, precision="fp32",
+        max_omega_voxels=None, lesion_id=2)
+    omega = np.ones((10, 10, 11), bool)
+    with pytest.raises(InputError, match="--samples 1000 needs 1,100,000 backward passes.*--max-omega-voxels"):
+        check_explain_args(n_samples=1000, omega=omega, names={"n_samples": "--samples", "max_omega_voxels": "--max-omega-voxels"})
+    check_explain_args(n_samples=MAX_BACKWARD_PASSES // 1100, omega=omega)
+    check_explain_args(n_samples=1000, omega=omega, max_omega_voxels=1000)
+    check_explain_args("gradcampp", n_samples=10**7, omega=omega)  # Grad-CAM++: one backward pass whatever N
+
+
+@pytest.mark.parametrize("change, names", [({"sigma": math.nan}, "sigma"), ({"sigma": -1.0}, "sigma"), ({"n_samples": 0}, "n_samples"),
+                                           ({"n_samples": 2 * 10**6}, "backward passes"), ({"context": "lesion"}, "context")])
+def test_the_cohort_refuses_them_too_before_writing(tmp_path, change, names):
+    from MSInstanceSaliencyLib.cohort import CohortConfig, run_cohort
+
+    saliency = {"method": "smoothgrad", "aggregation": "max", "channel": "flair", "n_samples": 10, "sigma": 0.05, "sigma_mode": "range",
+                "context": "patch", "max_omega_voxels": None, "seed": 0, **change}
+    cfg = CohortConfig(out=str(tmp_path / "out"), model={}, channels=["flair", "mprage"], threshold=0.3, min_volume_mm3=5.0,
+                       saliency=saliency, tp_probability=False)
+    with pytest.raises(InputError, match=names):
+        run_cohort(tmp_path / "manifest.csv", tmp_path / "out", cfg, [], log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_close_when_the_worker_can_no_longer_be_asked_to_leave():
+    c = WorkerClient()
+    pid = c.request("ping")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # alive, but its stdin is gone: close() cannot send shutdown and kills it instead
+    c._proc.stdin.close()
+    c.close()
+    assert not c.alive
