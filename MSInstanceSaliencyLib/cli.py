@@ -21,6 +21,7 @@ from .errors import Cancelled, InputError, swallowed_interrupts_redelivered
 # a CPU are days of work; every paper setting (N = 50, lesions of thousands of voxels) stays below.
 MAX_BACKWARD_PASSES = 10**6
 N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
+SCHEDULER_TIMEOUT = 10  # seconds: cohort.SCHEDULER_TIMEOUT, for --help (cohort.py is imported when used)
 
 
 def OutputFolder(*args, **kwargs):  # noqa: N802 - the class, imported when used so that `msis` starts light
@@ -304,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_args(p)
     p.add_argument("--workers", type=_COUNT, default=None, help="local dask workers (default: one per CPU core, or per GPU)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="address of a running dask scheduler (dask-jobqueue, dask-cuda; README, Cohorts) instead of a local cluster")
+                   help="address of a running dask scheduler, tcp://HOST:PORT (dask-jobqueue, dask-cuda; README, Cohorts) instead of a "
+                        "local cluster; the scheduler's port (8786 by default), not its dashboard's (8787). Refused, before any "
+                        f"work, when no dask scheduler answers there within {SCHEDULER_TIMEOUT} s")
     p.add_argument("--no-tp-probability", action="store_true", help="skip the TP probability of each lesion")
     p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one in the model's folder)")
     p.add_argument("--features", action="store_true", help="add the 93 saliency radiomic features of each lesion to its row")
@@ -316,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-above", type=_int(0), default=1000, metavar="VOXELS",
                    help="split a lesion whose max runs over more Ω voxels than this into parts of about this many, computed by "
                         "separate tasks and combined exactly (default 1000; 0 = never split)")
-    p.add_argument("--dashboard", action="store_true", help="serve the Dask dashboard (local cluster: port 8787) and print its link")
+    p.add_argument("--dashboard", action="store_true", help="serve the Dask dashboard (local cluster: on this machine only, "
+                   "127.0.0.1:8787 or a free port) and print its link; without it no dask page is served")
     # --- end msis cohort
 
     p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)")
@@ -916,11 +920,13 @@ def cmd_validate_model(args) -> int:
 
 # --- msis cohort (cohort.py)
 def cmd_cohort(args) -> int:
-    from .cohort import CohortConfig, check_mprage, need_cohort_packages, read_manifest, row_settings, run_cohort
+    from .cohort import CohortConfig, check_mprage, check_scheduler, need_cohort_packages, read_manifest, row_settings, run_cohort
     from .model import load_model
     from .scoring import classifier_settings, model_identity, saliency_settings
 
     need_cohort_packages()
+    if args.scheduler:  # a wrong address is refused in seconds, before anything is read, loaded or written
+        args.scheduler = check_scheduler(args.scheduler)
     cases = read_manifest(args.manifest)  # every problem of the manifest, before anything is loaded or started
     model = load_model(args.model, device="cpu", channels=args.model_channels, folds=args.folds, mirroring=not args.no_mirroring)
     check_mprage(cases, model.spec.input_channels, args.manifest)
