@@ -21,6 +21,7 @@ dask is imported inside functions, so `msis` starts light and the Slicer side ne
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -865,9 +866,39 @@ def _start_client(scheduler, n_workers=None, *, gpu=False, dashboard=False):
     config = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
     if not dashboard:
         config.update({"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []})
-    with dask.config.set(config):
-        cluster = LocalCluster(**kw)
-    return Client(cluster), cluster
+    client = cluster = None
+    try:
+        with dask.config.set(config), _sigint_blocked_in_new_threads():
+            cluster = LocalCluster(**kw)
+            client = Client(cluster)
+    except BaseException:  # a Ctrl-C held back while they started arrives as the block ends: stop them again
+        _close(client, cluster)
+        raise
+    return client, cluster
+
+
+@contextlib.contextmanager
+def _sigint_blocked_in_new_threads():
+    """Ctrl-C in a terminal signals the whole process group, so local dask worker processes would print
+    tracebacks of their own beside the client's one line. Threads inherit the signal mask of the thread
+    that creates them, and processes that of the thread that starts them: dask's threads created within
+    (its event loop, which starts the workers, now and when it restarts one) keep SIGINT blocked, and so
+    do the workers. This thread unblocks it at the end, and gets a Ctrl-C that came meanwhile then."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no process groups' SIGINT)
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # whichever thread starts multiprocessing's resource tracker unblocks SIGINT in itself (dask's loop would):
+    # start it here, before
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _workers_have_gpus(client) -> bool:
@@ -1072,10 +1103,9 @@ def _passes(cfg, work) -> int:
 
 
 def _close(client, cluster):
-    import contextlib
-
-    with contextlib.suppress(Exception):
-        client.close(timeout=10)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close(timeout=10)
     if cluster is not None:
         with contextlib.suppress(Exception):
             cluster.close(timeout=10)
