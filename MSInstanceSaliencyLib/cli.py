@@ -21,6 +21,7 @@ from .errors import Cancelled, InputError, swallowed_interrupts_redelivered
 # a CPU are days of work; every paper setting (N = 50, lesions of thousands of voxels) stays below.
 MAX_BACKWARD_PASSES = 10**6
 N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
+PHANTOM_VOXEL_SIZES = (0.5, 4.0)  # mm: what `phantom --voxel-size` and MSIS_PHANTOM_VOXEL_SIZE take
 SCHEDULER_TIMEOUT = 10  # seconds: cohort.SCHEDULER_TIMEOUT, for --help (cohort.py is imported when used)
 
 
@@ -210,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--patient", type=_int(1, N_PATIENTS), default=None, help="lesion geometry of shared patient 1..22 (default: from the seed)")
     p.add_argument("--lesion-mask", type=_path, default=None, help="place exactly the lesions of this MNI-space mask instead")
-    p.add_argument("--voxel-size", type=_real(0.5, 4.0), default=1.0, help="isotropic voxel size in mm, 0.5 to 4 (default 1, the template's)")
+    p.add_argument("--voxel-size", type=_real(*PHANTOM_VOXEL_SIZES), default=None,
+                   help="isotropic voxel size in mm, 0.5 to 4 (default: the environment variable MSIS_PHANTOM_VOXEL_SIZE if set, "
+                        "else 1, the template's)")
     p.add_argument("--skull-stripped", action="store_true", help="the earlier kind: a brain without the head, narrower contrast ranges")
 
     p = sub.add_parser("evaluate", help="lesion-wise TP/FP/FN, F1, PPV, TPR, Dice, nDSC of a prediction")
@@ -560,9 +563,10 @@ def cmd_explain(args) -> int:
 def cmd_phantom(args) -> int:
     from .phantom import make_phantom
 
+    voxel_size = _phantom_voxel_size() if args.voxel_size is None else args.voxel_size
     names = ("flair", "mprage", "lesions", "mimics") + (() if args.skull_stripped else ("head",))
     out = OutputFolder(args.out, protected=[args.lesion_mask] if args.lesion_mask else [], names=[f"{n}.nii.gz" for n in names])
-    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size, skull_stripped=args.skull_stripped)
+    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=voxel_size, skull_stripped=args.skull_stripped)
     from .volumes import write_image
 
     with out.writing():
@@ -605,8 +609,9 @@ def cmd_evaluate(args) -> int:
 
 
 def _phantom_voxel_size() -> float:
-    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of `features --phantom-patients` phantoms (default 1,
-    the model's training phantoms; tests use 2 for small, fast cases). Recorded in the table's sidecar."""
+    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of the phantoms of `phantom` (where --voxel-size
+    overrides it) and of `features --phantom-patients` (default 1, the model's training phantoms; tests
+    use 2 for small, fast cases). Recorded in the phantom's and the feature table's sidecars."""
     text = os.environ.get("MSIS_PHANTOM_VOXEL_SIZE", "").strip()
     if not text:
         return 1.0
@@ -614,8 +619,9 @@ def _phantom_voxel_size() -> float:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not 0.25 <= v <= 4.0:
-        raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between 0.25 and 4, got {text!r}")
+    lo, hi = PHANTOM_VOXEL_SIZES
+    if not lo <= v <= hi:
+        raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between {lo:g} and {hi:g}, got {text!r}")
     return v
 
 

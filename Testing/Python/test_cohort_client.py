@@ -191,27 +191,29 @@ def test_a_running_scheduler_is_accepted(manifest):
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
-@pytest.mark.parametrize("whole_group", [True, False], ids=["terminal-ctrl-c", "kill-INT-main"])
-def test_ctrl_c_is_one_line(whole_group, manifest, tmp_path):
+@pytest.mark.parametrize("whole_group, moment", [(True, "lesions of"), (False, "dask workers")],
+                         ids=["terminal-ctrl-c-during-lesions", "kill-INT-main-during-segmentation"])
+def test_ctrl_c_is_one_line(whole_group, moment, manifest, tmp_path):
     """Ctrl-C in a terminal reaches the whole process group, the dask worker processes too; `kill -INT` the
-    main process alone. Either way: `msis: interrupted`, exit 130, and nothing else after it."""
+    main process alone. Either way: `msis: interrupted`, exit 130, and nothing else after it. At `moment`:
+    the progress bar (the worker runs lesions) or the workers' start (the worker segments the case)."""
     argv = [sys.executable, "-m", "MSInstanceSaliencyLib", "cohort", str(manifest), "--out", str(tmp_path / "out"), "--workers", "1"]
     # as from a terminal: SIGINT at its default (a suite started in the background inherits it ignored), and a
     # process group of its own, so that the group's signal reaches msis and its workers but not pytest
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines, progressing = [], threading.Event()
+    lines, reached = [], threading.Event()
 
     def read():
         for line in p.stderr:
             lines.append(line.rstrip("\n"))
-            if "lesions of" in line:  # the progress bar: the cluster runs the case's lesions
-                progressing.set()
+            if moment in line:
+                reached.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert progressing.wait(180), "\n".join(lines)
+        assert reached.wait(180), "\n".join(lines)
         before = len(lines)
         (os.killpg if whole_group else os.kill)(p.pid, signal.SIGINT)
         p.wait(60)
