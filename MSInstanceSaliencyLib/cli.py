@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skull-stripped", action="store_true", help="the earlier kind: a brain without the head, narrower contrast ranges")
 
     p = sub.add_parser("evaluate", help="lesion-wise TP/FP/FN, F1, PPV, TPR, Dice, nDSC of a prediction")
-    p.add_argument("pred", type=_path, help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
+    p.add_argument("pred", type=_path, help="predicted instance labels (whole numbers >= 1 of any size, integer or float "
+                   "type) or a binary mask (one non-zero value; labelled with 18-connectivity)")
     p.add_argument("gt", type=_path, help="ground-truth lesion mask on the same grid (every non-zero voxel is lesion)")
     p.add_argument("--json", type=_path, default=None, help="also write the metrics to this JSON file")
 
@@ -579,10 +580,7 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-
-    from .evaluation import evaluate_case
-    from .instances import label_instances
+    from .evaluation import evaluate_case, prediction_labels
     from .volumes import array_from_image, mask_from_image, read_image, same_grid
 
     from .pipeline import check_output_file, write_json_output
@@ -594,12 +592,7 @@ def cmd_evaluate(args) -> int:
     if not same_grid(pred_img, gt_img):
         raise InputError("prediction and ground truth are not on the same grid (size, spacing, origin, direction); resample one onto the other first")
     pred = array_from_image(pred_img, None)  # as stored: a cast would turn 0.5 or 256 into 0
-    nonzero = pred[pred != 0]
-    labels_given = (nonzero.size and np.issubdtype(pred.dtype, np.integer) and nonzero.min() > 0 and nonzero.max() > nonzero.min())
-    if labels_given:  # instance labels 1..K
-        pred = pred.astype(np.int64)
-    else:  # a binary mask (one value, whatever it is): make instances
-        pred = label_instances(pred != 0, spacing=pred_img.GetSpacing(), min_volume_mm3=0.0)
+    pred = prediction_labels(pred, pred_img.GetSpacing(), f"prediction {args.pred}")
     m = evaluate_case(pred, mask_from_image(gt_img))  # every non-zero voxel is lesion
     print(f"TP {m['tp']}  FP {m['fp']}  FN {m['fn']}  (GT lesions {m['n_gt']}, detected {m['gt_detected']})")
     print(f"F1 {m['f1']:.4f}  PPV {m['ppv']:.4f}  TPR {m['tpr']:.4f}  Dice {m['dice']:.4f}  nDSC {m['ndsc']:.4f}")
