@@ -163,3 +163,14 @@ def test_evaluate_takes_a_mask_of_any_one_value(tmp_path, capsys, value, dtype):
     rc, reference = _evaluate(tmp_path, capsys, (pred > 0).astype(np.uint8), gt.astype(np.uint8), "mask")
     rc, m = _evaluate(tmp_path, capsys, np.where(pred > 0, value, 0).astype(dtype), gt.astype(np.uint8), "valued")
     assert rc == 0 and m == reference and m["n_pred"] == 3
+
+
+def test_touching_instances_stored_as_floats_stay_apart(tmp_path, capsys):
+    """Labels 1.0 and 2.0 on two halves of one blob are two lesions, as the same labels stored as integers
+    (they were read as one binary mask, and the halves merged)."""
+    pred, gt = _case()
+    split = pred.astype(np.int16)
+    split[2:3, 2:5, 2:5][split[2:3, 2:5, 2:5] > 0] = 4  # the first TP's first slab: a fourth lesion touching it
+    rc, as_int = _evaluate(tmp_path, capsys, split, gt.astype(np.uint8), "int")
+    rc2, as_float = _evaluate(tmp_path, capsys, split.astype(np.float32), gt.astype(np.uint8), "float")
+    assert (rc, rc2) == (0, 0) and as_float == as_int and (as_int["tp"], as_int["n_pred"]) == (3, 4)
