@@ -1103,12 +1103,23 @@ def _passes(cfg, work) -> int:
 
 
 def _close(client, cluster):
-    if client is not None:
-        with contextlib.suppress(Exception):
-            client.close(timeout=10)
-    if cluster is not None:
-        with contextlib.suppress(Exception):
-            cluster.close(timeout=10)
+    """Close the client, and the local cluster if any. dask's loggers are quiet meanwhile: a worker that
+    ended first (a Ctrl-C, its nanny) makes the scheduler log errors that tell a user nothing (the results
+    are written already), after the run's last line."""
+    import logging
+
+    dask_log = logging.getLogger("distributed")
+    level = dask_log.level
+    dask_log.setLevel(logging.CRITICAL)
+    try:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+    finally:
+        dask_log.setLevel(level)
 
 
 class _Progress:
