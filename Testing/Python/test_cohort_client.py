@@ -136,10 +136,10 @@ def test_help_states_the_bound():
 
 # ----------------------------------------------------------------------------- a local cluster: loopback, no pages
 
-def _listening(pids):
+def _listening(processes):
     import psutil
 
-    return [c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return [c.laddr for p in processes for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
 
 
 def _page(port, path):
@@ -156,8 +156,7 @@ def test_local_cluster_listens_on_loopback_and_serves_pages_only_when_asked(dash
     client, lc = cohort._start_client(None, 1, dashboard=dashboard)
     try:
         me = psutil.Process()
-        pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
-        addresses = _listening(pids)
+        addresses = _listening([me, *me.children(recursive=True)])  # the client's process (scheduler, nanny) and the worker
         assert len(addresses) >= 4, addresses  # the scheduler, its HTTP server, the nanny and the worker
         assert {a.ip for a in addresses} == {"127.0.0.1"}, addresses  # nothing on 0.0.0.0 or another interface
         http_port = lc.scheduler.http_server.port
