@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import Cancelled, InputError, swallowed_interrupts_redelivered
 
 N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
+PHANTOM_VOXEL_SIZES = (0.5, 4.0)  # mm: what `phantom --voxel-size` and MSIS_PHANTOM_VOXEL_SIZE take
+SCHEDULER_TIMEOUT = 10  # seconds: cohort.SCHEDULER_TIMEOUT, for --help (cohort.py is imported when used)
 
 
 def OutputFolder(*args, **kwargs):  # noqa: N802 - the class, imported when used so that `msis` starts light
@@ -210,11 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--patient", type=_int(1, N_PATIENTS), default=None, help="lesion geometry of shared patient 1..22 (default: from the seed)")
     p.add_argument("--lesion-mask", type=_path, default=None, help="place exactly the lesions of this MNI-space mask instead")
-    p.add_argument("--voxel-size", type=_real(0.5, 4.0), default=1.0, help="isotropic voxel size in mm, 0.5 to 4 (default 1, the template's)")
+    p.add_argument("--voxel-size", type=_real(*PHANTOM_VOXEL_SIZES), default=None,
+                   help="isotropic voxel size in mm, 0.5 to 4 (default: the environment variable MSIS_PHANTOM_VOXEL_SIZE if set, "
+                        "else 1, the template's)")
     p.add_argument("--skull-stripped", action="store_true", help="the earlier kind: a brain without the head, narrower contrast ranges")
 
     p = sub.add_parser("evaluate", help="lesion-wise TP/FP/FN, F1, PPV, TPR, Dice, nDSC of a prediction")
-    p.add_argument("pred", type=_path, help="predicted instance labels or binary mask (binary masks are labelled with 18-connectivity)")
+    p.add_argument("pred", type=_path, help="predicted instance labels (whole numbers >= 1 of any size, integer or float "
+                   "type) or a binary mask (one non-zero value; labelled with 18-connectivity)")
     p.add_argument("gt", type=_path, help="ground-truth lesion mask on the same grid (every non-zero voxel is lesion)")
     p.add_argument("--json", type=_path, default=None, help="also write the metrics to this JSON file")
 
@@ -305,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_args(p)
     p.add_argument("--workers", type=_COUNT, default=None, help="local dask workers (default: one per CPU core, or per GPU)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="address of a running dask scheduler (dask-jobqueue, dask-cuda; README, Cohorts) instead of a local cluster")
+                   help="address of a running dask scheduler, tcp://HOST:PORT (dask-jobqueue, dask-cuda; README, Cohorts) instead of a "
+                        "local cluster; the scheduler's port (8786 by default), not its dashboard's (8787). Refused, before any "
+                        f"work, when no dask scheduler answers there within {SCHEDULER_TIMEOUT} s")
     p.add_argument("--no-tp-probability", action="store_true", help="skip the TP probability of each lesion")
     p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one in the model's folder)")
     p.add_argument("--features", action="store_true", help="add the 93 saliency radiomic features of each lesion to its row")
@@ -317,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-above", type=_int(0), default=1000, metavar="VOXELS",
                    help="split a lesion whose max runs over more Ω voxels than this into parts of about this many, computed by "
                         "separate tasks and combined exactly (default 1000; 0 = never split)")
-    p.add_argument("--dashboard", action="store_true", help="serve the Dask dashboard (local cluster: port 8787) and print its link")
+    p.add_argument("--dashboard", action="store_true", help="serve the Dask dashboard (local cluster: on this machine only, "
+                   "127.0.0.1:8787 or a free port) and print its link; without it no dask page is served")
     # --- end msis cohort
 
     p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)")
@@ -557,9 +565,10 @@ def cmd_explain(args) -> int:
 def cmd_phantom(args) -> int:
     from .phantom import make_phantom
 
+    voxel_size = _phantom_voxel_size() if args.voxel_size is None else args.voxel_size
     names = ("flair", "mprage", "lesions", "mimics") + (() if args.skull_stripped else ("head",))
     out = OutputFolder(args.out, protected=[args.lesion_mask] if args.lesion_mask else [], names=[f"{n}.nii.gz" for n in names])
-    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=args.voxel_size, skull_stripped=args.skull_stripped)
+    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=voxel_size, skull_stripped=args.skull_stripped)
     from .volumes import write_image
 
     with out.writing():
@@ -572,10 +581,7 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-
-    from .evaluation import evaluate_case
-    from .instances import label_instances
+    from .evaluation import evaluate_case, prediction_labels
     from .volumes import array_from_image, mask_from_image, read_image, same_grid
 
     from .pipeline import check_output_file, write_json_output
@@ -587,12 +593,7 @@ def cmd_evaluate(args) -> int:
     if not same_grid(pred_img, gt_img):
         raise InputError("prediction and ground truth are not on the same grid (size, spacing, origin, direction); resample one onto the other first")
     pred = array_from_image(pred_img, None)  # as stored: a cast would turn 0.5 or 256 into 0
-    nonzero = pred[pred != 0]
-    labels_given = (nonzero.size and np.issubdtype(pred.dtype, np.integer) and nonzero.min() > 0 and nonzero.max() > nonzero.min())
-    if labels_given:  # instance labels 1..K
-        pred = pred.astype(np.int64)
-    else:  # a binary mask (one value, whatever it is): make instances
-        pred = label_instances(pred != 0, spacing=pred_img.GetSpacing(), min_volume_mm3=0.0)
+    pred = prediction_labels(pred, pred_img.GetSpacing(), f"prediction {args.pred}")
     m = evaluate_case(pred, mask_from_image(gt_img))  # every non-zero voxel is lesion
     print(f"TP {m['tp']}  FP {m['fp']}  FN {m['fn']}  (GT lesions {m['n_gt']}, detected {m['gt_detected']})")
     print(f"F1 {m['f1']:.4f}  PPV {m['ppv']:.4f}  TPR {m['tpr']:.4f}  Dice {m['dice']:.4f}  nDSC {m['ndsc']:.4f}")
@@ -602,8 +603,9 @@ def cmd_evaluate(args) -> int:
 
 
 def _phantom_voxel_size() -> float:
-    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of `features --phantom-patients` phantoms (default 1,
-    the model's training phantoms; tests use 2 for small, fast cases). Recorded in the table's sidecar."""
+    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of the phantoms of `phantom` (where --voxel-size
+    overrides it) and of `features --phantom-patients` (default 1, the model's training phantoms; tests
+    use 2 for small, fast cases). Recorded in the phantom's and the feature table's sidecars."""
     text = os.environ.get("MSIS_PHANTOM_VOXEL_SIZE", "").strip()
     if not text:
         return 1.0
@@ -611,8 +613,9 @@ def _phantom_voxel_size() -> float:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not 0.25 <= v <= 4.0:
-        raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between 0.25 and 4, got {text!r}")
+    lo, hi = PHANTOM_VOXEL_SIZES
+    if not lo <= v <= hi:
+        raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between {lo:g} and {hi:g}, got {text!r}")
     return v
 
 
@@ -917,11 +920,13 @@ def cmd_validate_model(args) -> int:
 
 # --- msis cohort (cohort.py)
 def cmd_cohort(args) -> int:
-    from .cohort import CohortConfig, check_mprage, need_cohort_packages, read_manifest, row_settings, run_cohort
+    from .cohort import CohortConfig, check_mprage, check_scheduler, need_cohort_packages, read_manifest, row_settings, run_cohort
     from .model import load_model
     from .scoring import classifier_settings, model_identity, saliency_settings
 
     need_cohort_packages()
+    if args.scheduler:  # a wrong address is refused in seconds, before anything is read, loaded or written
+        args.scheduler = check_scheduler(args.scheduler)
     cases = read_manifest(args.manifest)  # every problem of the manifest, before anything is loaded or started
     model = load_model(args.model, device="cpu", channels=args.model_channels, folds=args.folds, mirroring=not args.no_mirroring)
     check_mprage(cases, model.spec.input_channels, args.manifest)

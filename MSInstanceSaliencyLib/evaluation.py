@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import InputError
 from .instances import label_instances
 
 NDSC_REFERENCE_LOAD = 0.001
@@ -51,19 +52,16 @@ class LesionCounts:
 
 def classify_lesions(pred_labels: np.ndarray, gt_mask: np.ndarray) -> dict:
     """Per-lesion categories: {'tp': [ids], 'fp': [ids], 'fn': [gt ids], 'gt_labels': array}."""
-    pred_labels = np.asarray(pred_labels)
+    pred_labels, ids = _countable_labels(np.asarray(pred_labels))
     gt = np.asarray(gt_mask) != 0  # every non-zero voxel is lesion, whatever its label or type
     if pred_labels.shape != gt.shape:
-        from .errors import InputError
-
         raise InputError(f"prediction {pred_labels.shape} and ground truth {gt.shape} are not on the same grid")
     gt_labels = label_instances(gt, min_volume_mm3=0.0, connectivity=18)
-    n_pred = int(pred_labels.max()) if pred_labels.size else 0
+    n_pred = len(ids)
     n_gt = int(gt_labels.max()) if gt_labels.size else 0
     overlap_pred = np.bincount(pred_labels[gt].ravel(), minlength=n_pred + 1)[1:] if n_pred else np.zeros(0)
     overlap_gt = np.bincount(gt_labels[pred_labels > 0].ravel(), minlength=n_gt + 1)[1:] if n_gt else np.zeros(0)
     present = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:] > 0 if n_pred else np.zeros(0, bool)
-    ids = np.arange(1, n_pred + 1)
     return {
         "tp": [int(i) for i in ids[(overlap_pred > 0) & present]],
         "fp": [int(i) for i in ids[(overlap_pred == 0) & present]],
@@ -72,6 +70,45 @@ def classify_lesions(pred_labels: np.ndarray, gt_mask: np.ndarray) -> dict:
         "n_gt": n_gt,
         "gt_labels": gt_labels,
     }
+
+
+def _countable_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, ids) to count with np.bincount, whose memory follows the largest label: `labels` as given
+    when that is at most the number of voxels (ids 1..max), else renumbered 1..K in the order of the
+    labels present (ids[k - 1] is the label of k). Labels <= 0 are background."""
+    top = int(labels.max()) if labels.size else 0
+    background = labels < 0
+    if top <= labels.size:
+        return (np.where(background, 0, labels) if background.any() else labels), np.arange(1, top + 1)
+    lesion = labels > 0
+    ids = np.unique(labels[lesion])
+    compact = np.zeros(labels.shape, np.int64)
+    compact[lesion] = np.searchsorted(ids, labels[lesion]) + 1
+    return compact, ids
+
+
+def prediction_labels(pred: np.ndarray, spacing=(1.0, 1.0, 1.0), what: str = "the prediction") -> np.ndarray:
+    """Instance labels 1..K of a prediction as stored: a binary mask (one non-zero value, whatever it
+    is) labelled with 18-connectivity, or instance labels (two or more whole numbers >= 1, in any
+    integer or float type, of any size) renumbered 1..K in their order. Anything else is refused
+    (InputError): negative labels, other numbers (a probability map), NaN. Memory follows the voxels,
+    not the largest label."""
+    lesion = pred != 0
+    values = pred[lesion]
+    present = np.unique(values)
+    if present.size <= 1:
+        return label_instances(lesion, spacing=spacing, min_volume_mm3=0.0)
+    if not np.issubdtype(present.dtype, np.integer):
+        whole = np.isfinite(present) & (present == np.round(present))
+        if not whole.all():
+            raise InputError(f"{what} has {present.size} different non-zero values, not all of them whole numbers (such as "
+                             f"{present[~whole][0]:g}): give instance labels (1..K) or a binary mask; threshold a probability map first")
+    if present[0] < 0:
+        raise InputError(f"{what} has negative labels (such as {present[0]:g}): instance labels are whole numbers 1..K, 0 the "
+                         "background; or give a binary mask (one non-zero value)")
+    labels = np.zeros(pred.shape, np.int32 if present.size < 2**31 else np.int64)
+    labels[lesion] = np.searchsorted(present, values) + 1
+    return labels
 
 
 def lesion_counts(pred_labels: np.ndarray, gt_mask: np.ndarray) -> LesionCounts:

@@ -145,3 +145,29 @@ def test_scans_differ_in_contrast_bias_and_noise():
         wm = array_from_image(ph.white_matter) > 0.95
         levels.append(float(np.median(f[wm])))
     assert max(levels) - min(levels) > 0.15
+
+
+def test_phantom_voxel_size_one_way(tmp_path, monkeypatch, capsys):
+    """`msis phantom`: --voxel-size, else MSIS_PHANTOM_VOXEL_SIZE (as for `features --phantom-patients`), else 1 mm."""
+    from MSInstanceSaliencyLib.cli import main
+
+    def spacing(*argv):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        assert main(["phantom", "--out", str(out), "--seed", "1", "--patient", "2", *argv]) == 0
+        return sitk.ReadImage(str(out / "flair.nii.gz")).GetSpacing()
+
+    monkeypatch.setenv("MSIS_PHANTOM_VOXEL_SIZE", "4")
+    assert spacing() == (4.0, 4.0, 4.0)
+    assert spacing("--voxel-size", "3.5") == (3.5, 3.5, 3.5)  # the flag wins
+    for bad in ("abc", "0.3", "nan", "8"):
+        monkeypatch.setenv("MSIS_PHANTOM_VOXEL_SIZE", bad)
+        capsys.readouterr()
+        assert main(["phantom", "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between 0.5 and 4" in err[0], err
+        assert not (tmp_path / "bad").exists()
+    assert spacing("--voxel-size", "4") == (4.0, 4.0, 4.0)  # a bad variable is not read when the flag is given
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["phantom", "--help"])
+    assert "MSIS_PHANTOM_VOXEL_SIZE" in " ".join(capsys.readouterr().out.split())
