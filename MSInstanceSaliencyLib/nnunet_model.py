@@ -446,7 +446,8 @@ def _check_configuration(c: dict, name: str, n_in: int, plans: dict, source) -> 
     at = f"configurations.{name}."
     patch = c.get("patch_size")
     _need(_ints(patch, 3, 1, MAX_PATCH_SIDE) and math.prod(patch) <= MAX_PATCH_VOXELS, source, at + "patch_size", patch,
-          f"three integers from 1 to {MAX_PATCH_SIDE}, at most {MAX_PATCH_VOXELS} voxels in all (this tool runs 3D networks)")
+          f"three integers from 1 to {MAX_PATCH_SIDE}, at most {round(MAX_PATCH_VOXELS ** (1 / 3))}^3 voxels in all (this tool runs "
+          "3D networks)")
     _need(_finite_numbers(c.get("spacing"), 3, positive=True), source, at + "spacing", c.get("spacing"),
           "three positive numbers (mm)")
     schemes, masks = c.get("normalization_schemes"), c.get("use_mask_for_norm")
@@ -478,6 +479,9 @@ def _check_configuration(c: dict, name: str, n_in: int, plans: dict, source) -> 
     strides = kwargs.get("strides")
     _need(isinstance(strides, list) and len(strides) == len(stages) and all(_ints(s, 3, 1) or (_is_int(s) and s >= 1) for s in strides),
           source, at + "architecture.arch_kwargs.strides", strides, f"one stride (an integer or three) per stage ({len(stages)})")
+    step = [math.prod(s[a] if isinstance(s, list) else s for s in strides) for a in range(3)]
+    _need(all(p % d == 0 for p, d in zip(patch, step)), source, at + "patch_size", patch,
+          f"a multiple of the network's down-sampling, {step} voxels per axis (architecture.arch_kwargs.strides)")
 
 
 def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
@@ -543,11 +547,12 @@ def output_labels(dataset: dict, source) -> dict:
     _need(out.get("background") == 0, source, "labels.background", labels.get("background"), "0 (nnU-Net's background label)")
     ignore = out.pop("ignore", None)
     values = sorted(set(out.values()))
+    if ignore is not None and ignore != values[-1] + 1:
+        raise InputError(f"{source}: the ignore label is {ignore}; nnU-Net requires it to be the highest label value, next above "
+                         f"the others ({values[-1] + 1})")
     if values != list(range(len(values))):
         raise InputError(f"{source}: the label values {values} are not consecutive from 0 (nnU-Net's output channel i is label i); "
                          "dataset.json does not fit the network")
-    if ignore is not None and ignore != len(values):
-        raise InputError(f"{source}: the ignore label is {ignore}; nnU-Net requires it to be the highest label value ({len(values)})")
     return out
 
 

@@ -180,3 +180,92 @@ def test_no_usable_fold_lists_why(good, tmp_path):
         shutil.rmtree(d / f"fold_{f}")
     with pytest.raises(InputError, match="no fold has a usable.*fold_2/.*is a folder.*fold_3/.*not a regular file"):
         load_model(d)
+
+
+# ----------------------------------------------------------------------------- 10. malformed fields
+
+def _config(plans):
+    return plans["configurations"]["3d_fullres"]
+
+
+def _set(key, value):
+    def change(d):
+        d[key] = value
+    return change
+
+
+def _set_config(key, value):
+    return lambda plans: _config(plans).__setitem__(key, value)
+
+
+def _no_ct_properties(plans):
+    _config(plans)["normalization_schemes"][1] = "CTNormalization"
+    del plans["foreground_intensity_properties_per_channel"]["1"]
+
+
+MALFORMED = {  # name: (file, change, fragments of the one line)
+    "channel_names list": ("dataset", _set("channel_names", ["FLAIR", "T1"]), ["channel_names"]),
+    "channel_names unknown keys": ("dataset", _set("channel_names", {"0": "FLAIR", "flair2": "T1"}), ["channel_names"]),
+    "label value x": ("dataset", _set("labels", {"background": 0, "lesion": "x"}), ["labels.lesion", '"x"']),
+    "lesion label beyond the outputs": ("dataset", _set("labels", {"background": 0, "lesion": 2}), ["not consecutive", "[0, 2]"]),
+    "transpose [0,0,5]": ("plans", _set("transpose_forward", [0, 0, 5]), ["transpose_forward", "[0, 0, 5]"]),
+    "transpose_backward wrong": ("plans", _set("transpose_backward", [1, 0, 2]), ["transpose_backward"]),
+    "spacing [-1,0,1]": ("plans", _set_config("spacing", [-1, 0, 1]), ["3d_fullres.spacing", "[-1, 0, 1]"]),
+    "patch [0,0,0]": ("plans", _set_config("patch_size", [0, 0, 0]), ["3d_fullres.patch_size", "[0, 0, 0]"]),
+    "patch [2048]*3": ("plans", _set_config("patch_size", [2048] * 3), ["3d_fullres.patch_size", "[2048, 2048, 2048]"]),
+    "patch strides do not divide": ("plans", _set_config("patch_size", [27, 33, 31]), ["3d_fullres.patch_size", "27, 33, 31"]),
+    # passes every field's check, and the network cannot run on it (a bottleneck of one voxel): the probe at load
+    "patch the network cannot run on": ("plans", _set_config("patch_size", [4, 4, 4]), ["3d_fullres.patch_size", "cannot run"]),
+    "patch 2D": ("plans", _set_config("patch_size", [32, 32]), ["3d_fullres.patch_size", "3D"]),
+    "arch_kwargs list": ("plans", lambda p: _config(p)["architecture"].__setitem__("arch_kwargs", [1, 2]), ["arch_kwargs"]),
+    "CTNormalization without properties": ("plans", _no_ct_properties, ["foreground_intensity_properties_per_channel.1"]),
+    "fewer normalization schemes": ("plans", _set_config("normalization_schemes", ["ZScoreNormalization"]),
+                                    ["normalization_schemes", "per input channel (2)"]),
+    "unknown normalization": ("plans", _set_config("normalization_schemes", ["ZScoreNormalization", "Zscore"]),
+                              ["normalization_schemes"]),
+    "resampling order 9": ("plans", _set_config("resampling_fn_data_kwargs", {"order": 9}), ["resampling_fn_data_kwargs"]),
+    "network_weights list": ("checkpoint", lambda c: c.__setitem__("network_weights", list(c["network_weights"].values())),
+                             ["network_weights", "list"]),
+    "mirroring axes (0,1,7)": ("checkpoint", _set("inference_allowed_mirroring_axes", (0, 1, 7)),
+                               ["inference_allowed_mirroring_axes", "[0, 1, 7]"]),
+}
+FILES = {"dataset": "dataset.json", "plans": "plans.json", "checkpoint": CHECKPOINT}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_fields_are_refused_at_load_with_one_line(good, files, tmp_path, capsys, name):
+    target, change, fragments = MALFORMED[name]
+    d = variant(good, tmp_path / "m", **{target: change})
+    one_error(segment_cli(capsys, files, d, tmp_path / "o"), FILES[target], *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spacing", [[0.001] * 3, [0.01, 2.0, 2.0]])
+def test_a_spacing_that_would_resample_to_an_absurd_size_is_refused_before_resampling(good, files, tmp_path, capsys, spacing):
+    d = variant(good, tmp_path / "m", plans=_set_config("spacing", spacing))
+    one_error(segment_cli(capsys, files, d, tmp_path / "o"), "plans.json", f"spacing {spacing}", "would resample")
+
+
+# ----------------------------------------------------------------------------- 11. labels as nnU-Net's LabelManager reads them
+
+@pytest.mark.parametrize("labels, lesion", [({"background": 0, "lesion": 1, "ignore": 2}, 1),
+                                            ({"background": 0, "edema": 1, "lesion": 2, "ignore": 3}, 2)])
+def test_an_ignore_label_has_no_output_channel(tmp_path, small_phantom, labels, lesion):
+    d = write_nnunet_folder(tmp_path / "m", folds=(0,), labels=labels)
+    model = load_model(d, mirroring=False)
+    assert model.spec.network_args["out_channels"] == len(labels) - 1 and model.spec.lesion_class == lesion
+    prob = model.predict_case(model.prepare(small_phantom.flair, small_phantom.mprage), device="cpu")
+    assert prob.shape == tuple(small_phantom.mprage.GetSize()) and 0 <= prob.min() and prob.max() <= 1
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    ({"background": 0, "ignore": 1, "lesion": 2}, "the ignore label is 1; nnU-Net requires it to be the highest label value, next above the others (3)"),
+    ({"background": 0, "lesion": 1, "ignore": 4}, "the ignore label is 4; nnU-Net requires it to be the highest label value, next above the others (2)"),
+    ({"background": 0, "lesion": [1, 2]}, "region-based"),
+    ({"background": 1, "lesion": 0}, "labels.background"),
+])
+def test_labels_nnunet_would_not_accept_are_refused(good, tmp_path, labels, fragment):
+    d = variant(good, tmp_path / "m", dataset=_set("labels", labels))
+    with pytest.raises(InputError) as refused:
+        load_model(d)
+    assert f"{d / 'dataset.json'}: " in str(refused.value) and fragment in str(refused.value), refused.value
