@@ -240,7 +240,7 @@ def test_malformed_fields_are_refused_at_load_with_one_line(good, files, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("spacing", [[0.001] * 3, [0.01, 2.0, 2.0]])
+@pytest.mark.parametrize("spacing", [[0.001] * 3, [0.01, 0.5, 0.5]])
 def test_a_spacing_that_would_resample_to_an_absurd_size_is_refused_before_resampling(good, files, tmp_path, capsys, spacing):
     d = variant(good, tmp_path / "m", plans=_set_config("spacing", spacing))
     one_error(segment_cli(capsys, files, d, tmp_path / "o"), "plans.json", f"spacing {spacing}", "would resample")
