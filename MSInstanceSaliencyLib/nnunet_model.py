@@ -464,7 +464,8 @@ def _check_configuration(c: dict, name: str, n_in: int, plans: dict, source) -> 
                   f"the numbers {', '.join(CT_PROPERTIES)} (channel {ch} uses CTNormalization)")
     for key in ("resampling_fn_data_kwargs", "resampling_fn_probabilities_kwargs"):
         kw = c.get(key, {})
-        _need(isinstance(kw, dict) and all(_is_int(kw[k]) and 0 <= kw[k] <= 5 for k in ("order", "order_z") if k in kw), source, at + key, kw,
+        orders = [kw[k] for k in ("order", "order_z") if k in kw] if isinstance(kw, dict) else None
+        _need(orders is not None and _ints(orders, None, 0, 5), source, at + key, kw,
               "a JSON object whose order and order_z are spline orders from 0 to 5")
     arch = c["architecture"]
     _need(isinstance(arch, dict) and isinstance(arch.get("network_class_name"), str), source, at + "architecture", arch,
