@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .model import LoadedModel, ModelSpec, channel_name, checked_channels, freeze, load_weights, mean_of_members, unwrap_state_dict
+from .model import (LoadedModel, ModelSpec, _is_int, _is_number, channel_name, check_state_dict, checked_channels, freeze, load_weights,
+                    mean_of_members, probe_network, unwrap_state_dict)
 from .progress import report
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")  # dynamic_network_architectures.architectures.unet
@@ -36,6 +38,13 @@ KNOWN_TRAINERS = {"nnUNetTrainer", "nnUNetTrainerNoMirroring", "nnUNetTrainer_on
 KNOWN_TRAINER_PREFIXES = ("nnUNetTrainer_", "nnUNetTrainerNoDeepSupervision")  # nnUNetTrainer_250epochs, ... (schedule only)
 ANISO_THRESHOLD = 3  # nnunetv2.configuration: separate-z resampling above this spacing ratio
 CHECKPOINT = "checkpoint_final.pth"
+NORMALIZATIONS = ("ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization", "CTNormalization")
+CT_PROPERTIES = ("percentile_00_5", "percentile_99_5", "mean", "std")
+# What a plans.json may make us allocate: nnU-Net's patches are some 100-200 voxels a side; a grid of
+# 512^3 voxels is a 0.25 mm whole-head image, and the sliding window holds several arrays of its size.
+MAX_PATCH_SIDE = 512
+MAX_PATCH_VOXELS = 256**3
+MAX_GRID_VOXELS = 512**3
 
 
 def _torch_classes() -> dict:
@@ -227,6 +236,8 @@ class NNUNetModel(LoadedModel):
         if covered is not None:  # a FLAIR slab: outside it nnU-Net would see zeros, as in a cropped acquisition
             data[self.channel_order.index("flair")][~covered.transpose(2, 1, 0)] = 0
         x, grid = self.preprocess(data, list(reference.GetSpacing())[::-1])
+        warnings += self.notes  # folds left out, a custom trainer: the user sees them and msis_run.json keeps them (steps)
+        steps += [f"nnU-Net folds {', '.join(map(str, self.folds))}" + "".join(f"; {n}" for n in self.notes)]
         steps += [f"nnU-Net preprocessing: transpose {grid.transpose_forward}, crop to the non-zero box {grid.bbox}, "
                   f"{', '.join(self.configuration['normalization_schemes'])}, resampled to "
                   f"{', '.join(f'{s:g}' for s in grid.target_spacing)} mm ({'x'.join(map(str, x.shape[1:]))} voxels)"]
@@ -248,11 +259,16 @@ class NNUNetModel(LoadedModel):
             bbox.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, shape_before[a]])
         crop = tuple(slice(lo, hi) for lo, hi in bbox)
         data = np.ascontiguousarray(data[(slice(None), *crop)])
+        target = [float(s) for s in self.configuration["spacing"]]
+        new_shape = [int(round(a / b * n)) for a, b, n in zip(sp, target, data.shape[1:])]
+        if math.prod(new_shape) > MAX_GRID_VOXELS:  # before resampling allocates it
+            raise InputError(f"{Path(self.path or '.') / 'plans.json'}: the plan's spacing {target} mm would resample this image "
+                             f"({'x'.join(map(str, data.shape[1:]))} voxels of {', '.join(f'{v:g}' for v in sp)} mm) to "
+                             f"{'x'.join(map(str, new_shape))} voxels, more than {MAX_GRID_VOXELS:.3g}; the plan's spacing does not "
+                             "fit these images (or plans.json is damaged)")
         mask = nonzero[crop]
         for c, scheme in enumerate(self.configuration["normalization_schemes"]):
             data[c] = self._normalize(data[c], scheme, bool(self.configuration["use_mask_for_norm"][c]), mask, c)
-        target = [float(s) for s in self.configuration["spacing"]]
-        new_shape = [int(round(a / b * n)) for a, b, n in zip(sp, target, data.shape[1:])]
         kw = self.configuration.get("resampling_fn_data_kwargs", {})
         x = resample(data, new_shape, sp, target, int(kw.get("order", 3)), int(kw.get("order_z", 0)))
         pkw = self.configuration.get("resampling_fn_probabilities_kwargs", {})
@@ -381,23 +397,45 @@ def _read_json(p: Path, what: str) -> dict:
     return d
 
 
+def _need(ok: bool, source, key: str, value, what: str) -> None:
+    """One line naming the file, the field, what it must be and what it holds."""
+    if not ok:
+        raise InputError(f"{source}: {key} must be {what}, got {json.dumps(value, default=lambda v: type(v).__name__)[:150]}")
+
+
+def _ints(v, n=None, lo=None, hi=None) -> bool:
+    return isinstance(v, (list, tuple)) and (n is None or len(v) == n) and all(
+        _is_int(x) and (lo is None or x >= lo) and (hi is None or x <= hi) for x in v)
+
+
+def _finite_numbers(v, n, positive=False) -> bool:
+    return isinstance(v, list) and len(v) == n and all(_is_number(x) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+
+
+def _check_transpose(plans: dict, source) -> None:
+    tf, tb = plans.get("transpose_forward"), plans.get("transpose_backward")
+    _need(_ints(tf, 3) and sorted(tf) == [0, 1, 2], source, "transpose_forward", tf, "a permutation of [0, 1, 2]")
+    inverse = [tf.index(i) for i in range(3)]
+    _need(tb == inverse, source, "transpose_backward", tb, f"the inverse of transpose_forward, {inverse}")
+
+
 def _configuration(plans: dict, name: str, source: Path) -> dict:
-    configs = plans.get("configurations", {})
+    configs = plans.get("configurations")
+    _need(isinstance(configs, dict) and all(isinstance(c, dict) for c in configs.values()), source, "configurations", configs,
+          "a JSON object of configuration names to JSON objects")
     if name not in configs:
         raise InputError(f"{source}: configuration {name!r} (from the checkpoint) is not in plans.json ({', '.join(configs)})")
     c = dict(configs[name])
     seen = {name}
     while "inherits_from" in c:  # nnU-Net's configurations may extend another one
         parent = c.pop("inherits_from")
-        if parent in seen or parent not in configs:
+        if not isinstance(parent, str) or parent in seen or parent not in configs:
             raise InputError(f"{source}: configuration {name!r} inherits from {parent!r}, which is missing or circular")
         seen.add(parent)
         c = {**configs[parent], **c}
     if c.get("previous_stage"):
         raise InputError(f"{source}: configuration {name!r} is a cascade stage (it needs {c['previous_stage']}'s segmentation); "
                          "use a 3d_fullres model")
-    if len(c.get("patch_size", [])) != 3:
-        raise InputError(f"{source}: configuration {name!r} is not 3D (patch_size {c.get('patch_size')}); this tool runs 3D networks")
     if "architecture" not in c:
         raise InputError(f"{source}: plans.json has no 'architecture' entry (plans from nnU-Net before 2.4?); "
                          "re-plan or re-export the model with nnU-Net >= 2.4")
@@ -405,6 +443,51 @@ def _configuration(plans: dict, name: str, source: Path) -> dict:
         if c.get(key, "resample_data_or_seg_to_shape") != "resample_data_or_seg_to_shape":
             raise InputError(f"{source}: {key} {c[key]!r} is not supported (only nnU-Net's default resample_data_or_seg_to_shape)")
     return c
+
+
+def _check_configuration(c: dict, name: str, n_in: int, plans: dict, source) -> None:
+    """The types and ranges of every field the loader, the preprocessing and the sliding window read, before
+    anything is built or allocated (a patch or a network sized by a damaged file is refused here)."""
+    at = f"configurations.{name}."
+    patch = c.get("patch_size")
+    _need(_ints(patch, 3, 1, MAX_PATCH_SIDE) and math.prod(patch) <= MAX_PATCH_VOXELS, source, at + "patch_size", patch,
+          f"three integers from 1 to {MAX_PATCH_SIDE}, at most {round(MAX_PATCH_VOXELS ** (1 / 3))}^3 voxels in all (this tool runs "
+          "3D networks)")
+    _need(_finite_numbers(c.get("spacing"), 3, positive=True), source, at + "spacing", c.get("spacing"),
+          "three positive numbers (mm)")
+    schemes, masks = c.get("normalization_schemes"), c.get("use_mask_for_norm")
+    _need(isinstance(schemes, list) and len(schemes) == n_in and all(s in NORMALIZATIONS for s in schemes), source,
+          at + "normalization_schemes", schemes, f"one of {', '.join(NORMALIZATIONS)} per input channel ({n_in})")
+    _need(isinstance(masks, list) and len(masks) == n_in and all(isinstance(m, bool) for m in masks), source,
+          at + "use_mask_for_norm", masks, f"true or false per input channel ({n_in})")
+    for ch, scheme in enumerate(schemes):
+        if scheme == "CTNormalization":  # clips and scales with the training set's foreground intensities
+            props = plans.get("foreground_intensity_properties_per_channel")
+            props = props.get(str(ch)) if isinstance(props, dict) else None
+            _need(isinstance(props, dict) and all(_is_number(props.get(k)) and math.isfinite(props[k]) for k in CT_PROPERTIES), source,
+                  f"foreground_intensity_properties_per_channel.{ch}", props,
+                  f"the numbers {', '.join(CT_PROPERTIES)} (channel {ch} uses CTNormalization)")
+    for key in ("resampling_fn_data_kwargs", "resampling_fn_probabilities_kwargs"):
+        kw = c.get(key, {})
+        orders = [kw[k] for k in ("order", "order_z") if k in kw] if isinstance(kw, dict) else None
+        _need(orders is not None and _ints(orders, None, 0, 5), source, at + key, kw,
+              "a JSON object whose order and order_z are spline orders from 0 to 5")
+    arch = c["architecture"]
+    _need(isinstance(arch, dict) and isinstance(arch.get("network_class_name"), str), source, at + "architecture", arch,
+          "a JSON object with network_class_name and arch_kwargs")
+    kwargs = arch.get("arch_kwargs")
+    _need(isinstance(kwargs, dict), source, at + "architecture.arch_kwargs", kwargs, "a JSON object of the network's arguments")
+    _need(isinstance(arch.get("_kw_requires_import", []), list), source, at + "architecture._kw_requires_import",
+          arch.get("_kw_requires_import"), "a list of argument names")
+    stages = kwargs.get("features_per_stage")
+    _need(_ints(stages, None, 1) and stages, source, at + "architecture.arch_kwargs.features_per_stage", stages,
+          "a list of positive integers")
+    strides = kwargs.get("strides")
+    _need(isinstance(strides, list) and len(strides) == len(stages) and all(_ints(s, 3, 1) or (_is_int(s) and s >= 1) for s in strides),
+          source, at + "architecture.arch_kwargs.strides", strides, f"one stride (an integer or three) per stage ({len(stages)})")
+    step = [math.prod(s[a] if isinstance(s, list) else s for s in strides) for a in range(3)]
+    _need(all(p % d == 0 for p, d in zip(patch, step)), source, at + "patch_size", patch,
+          f"a multiple of the network's down-sampling, {step} voxels per axis (architecture.arch_kwargs.strides)")
 
 
 def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
@@ -427,7 +510,7 @@ def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
         value = kwargs.get(key)
         if value is None:
             continue
-        if value not in classes:
+        if not isinstance(value, str) or value not in classes:
             raise InputError(f"nnU-Net plans name {key} = {value!r}, which is not an allowed torch.nn class "
                              f"({', '.join(sorted({k.rsplit('.', 1)[-1] for k in classes}))})")
         kwargs[key] = classes[value]
@@ -438,8 +521,12 @@ def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
 
 
 def dataset_channels(dataset: dict, channels, source) -> list:
-    names = dataset.get("channel_names") or dataset.get("modality") or {}
-    keys = sorted(names, key=lambda k: int(k))
+    key = "modality" if "channel_names" not in dataset and "modality" in dataset else "channel_names"  # nnU-Net v1: modality
+    names = dataset.get(key)
+    _need(isinstance(names, dict) and names and set(names) == {str(i) for i in range(len(names))}
+          and all(isinstance(v, str) for v in names.values()), source, key, names,
+          'a JSON object naming the input channels from "0", e.g. {"0": "FLAIR", "1": "T1"}')
+    keys = [str(i) for i in range(len(names))]
     if channels is not None:
         return checked_channels(channels, len(keys), f"{source} (channel_names {names})")
     mapped = [channel_name(names[k]) for k in keys]
@@ -449,59 +536,125 @@ def dataset_channels(dataset: dict, channels, source) -> list:
     return mapped
 
 
+def output_labels(dataset: dict, source) -> dict:
+    """{name: value} of the labels the network has an output for, as nnunetv2's LabelManager reads dataset.json:
+    background 0, the values consecutive (output channel i is label i), and an `ignore` label, when there is
+    one, the highest value and no output of its own."""
+    labels = dataset.get("labels")
+    _need(isinstance(labels, dict) and labels, source, "labels", labels, 'a JSON object such as {"background": 0, "lesion": 1}')
+    out = {}
+    for name, value in labels.items():
+        if isinstance(value, list) and len(value) == 1:  # nnU-Net reads a one-label list as that label
+            value = value[0]
+        if isinstance(value, (list, tuple)):
+            raise InputError(f"{source}: region-based nnU-Net training (labels {labels}) is not supported; the tool needs one lesion label")
+        _need(_is_int(value) and value >= 0, source, f"labels.{name}", value, "an integer label value >= 0")
+        out[name] = value
+    _need(out.get("background") == 0, source, "labels.background", labels.get("background"), "0 (nnU-Net's background label)")
+    ignore = out.pop("ignore", None)
+    values = sorted(set(out.values()))
+    if ignore is not None and ignore != values[-1] + 1:
+        raise InputError(f"{source}: the ignore label is {ignore}; nnU-Net requires it to be the highest label value, next above "
+                         f"the others ({values[-1] + 1})")
+    if values != list(range(len(values))):
+        raise InputError(f"{source}: the label values {values} are not consecutive from 0 (nnU-Net's output channel i is label i); "
+                         "dataset.json does not fit the network")
+    return out
+
+
 def lesion_label(dataset: dict, source) -> int:
-    labels = dataset.get("labels", {})
-    if any(isinstance(v, (list, tuple)) for v in labels.values()):
-        raise InputError(f"{source}: region-based nnU-Net training (labels {labels}) is not supported; the tool needs one lesion label")
-    fg = {k: int(v) for k, v in labels.items() if int(v) != 0 and k != "ignore"}
-    if len(fg) == 1:
+    labels = dataset.get("labels")
+    fg = {k: v for k, v in output_labels(dataset, source).items() if v != 0}
+    if len(set(fg.values())) == 1:
         return next(iter(fg.values()))
-    lesion = [v for k, v in fg.items() if any(w in k.lower() for w in ("lesion", "wmh", "ms"))]
+    lesion = {v for k, v in fg.items() if any(w in k.lower() for w in ("lesion", "wmh", "ms"))}
     if len(lesion) == 1:
-        return lesion[0]
+        return lesion.pop()
     raise InputError(f"{source}: the dataset has the labels {labels}; this tool explains one lesion label and cannot tell which")
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why a fold's checkpoint cannot be loaded, asked before torch.load opens it (None: a regular file). A
+    device such as /dev/zero would be read without end; a folder or a symlink loop is named, not skipped."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a link to a missing file" if path.is_symlink() else "does not exist"
+    except OSError as exc:  # a symlink loop (ELOOP), a fold_N that is a file (ENOTDIR), no permission
+        return f"cannot be opened ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, pipe or socket)"
+    return None
+
+
+def choose_folds(folder: Path, folds=None) -> tuple[list, list]:
+    """The folds to load and, when they are found rather than asked for, a note on each fold_N not used."""
+    problems = {int(d.name[5:]): _checkpoint_problem(d / CHECKPOINT) for d in folder.glob("fold_*") if d.name[5:].isdigit()}
+    usable = sorted(f for f, p in problems.items() if p is None)
+    if folds is None:
+        notes = [f"fold_{f}/{CHECKPOINT} {p}: fold {f} not used" for f, p in sorted(problems.items()) if p]
+        chosen = usable or (["all"] if _checkpoint_problem(folder / "fold_all" / CHECKPOINT) is None else [])
+        if not chosen:
+            raise InputError(f"{folder}: no fold has a usable {CHECKPOINT} ({'; '.join(notes) or 'there is no fold_N folder'}); "
+                             "train one, or give the trained-model folder")
+        return chosen, notes
+    for f in folds:
+        problem = _checkpoint_problem(folder / f"fold_{f}" / CHECKPOINT)
+        if problem:
+            raise InputError(f"{folder}: fold {f} cannot be used: fold_{f}/{CHECKPOINT} {problem} (usable folds: "
+                             f"{', '.join(map(str, usable)) or 'none'}); train it or choose --folds")
+    return list(folds), []
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(state_dict, the checkpoint's other entries) of one fold, its weights finite."""
+    ckpt = load_weights(path, _checkpoint_globals())
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise InputError(f"{path} is not an nnU-Net v2 checkpoint (no network_weights)")
+    state = unwrap_state_dict(ckpt["network_weights"])
+    check_state_dict(state, f"{path} (network_weights)")
+    axes = ckpt.get("inference_allowed_mirroring_axes")
+    _need(axes is None or (_ints(axes, None, 0, 2) and len(set(axes)) == len(axes)), path, "inference_allowed_mirroring_axes",
+          axes, "null or distinct axes from 0 to 2")
+    init = ckpt.get("init_args")
+    _need(init is None or (isinstance(init, dict) and isinstance(init.get("configuration", ""), str)), path, "init_args",
+          init, "a dict whose configuration is a name")
+    _need(isinstance(ckpt.get("trainer_name", ""), str), path, "trainer_name", ckpt.get("trainer_name"), "a class name")
+    return state, ckpt
 
 
 def load_nnunet_model(folder, *, device="cpu", folds=None, mirroring: bool = True, channels=None) -> NNUNetModel:
     folder = Path(folder)
     dataset = _read_json(folder / "dataset.json", "nnU-Net dataset.json")
     plans = _read_json(folder / "plans.json", "nnU-Net plans.json")
-    present = sorted(int(d.name.split("_", 1)[1]) for d in folder.glob("fold_*") if d.name.split("_", 1)[1].isdigit()
-                     and (d / CHECKPOINT).is_file())
-    if folds is None or folds == ["all"]:
-        folds = present if folds is None else ["all"]
-        if not folds and (folder / "fold_all" / CHECKPOINT).is_file():
-            folds = ["all"]
-    missing = [f for f in folds if not (folder / f"fold_{f}" / CHECKPOINT).is_file()]
-    if not folds or missing:
-        raise InputError(f"{folder}: no {CHECKPOINT} for fold{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing or ['any']))} "
-                         f"(present: {', '.join(map(str, present)) or 'none'}); train them or choose --folds")
-    states, meta = [], None
-    for f in folds:
-        path = folder / f"fold_{f}" / CHECKPOINT
-        ckpt = load_weights(path, _checkpoint_globals())
-        if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
-            raise InputError(f"{path} is not an nnU-Net v2 checkpoint (no network_weights)")
-        meta = meta or ckpt
-        states.append(unwrap_state_dict(ckpt["network_weights"]))
-    init = meta.get("init_args", {}) if isinstance(meta.get("init_args"), dict) else {}
-    config_name = init.get("configuration") or "3d_fullres"
-    configuration = _configuration(plans, config_name, folder / "plans.json")
-    trainer = str(meta.get("trainer_name") or "nnUNetTrainer")
-    notes = []
-    if trainer not in KNOWN_TRAINERS and not trainer.startswith(KNOWN_TRAINER_PREFIXES):
-        notes.append(f"trained with the custom trainer {trainer}: a custom trainer can change the network; it is built from "
-                     "plans.json as nnUNetTrainer builds it")
     order = dataset_channels(dataset, channels, folder / "dataset.json")
     lesion = lesion_label(dataset, folder / "dataset.json")
-    n_out = len(dataset["labels"])
+    n_out = len(set(output_labels(dataset, folder / "dataset.json").values()))  # the ignore label has no output
+    _check_transpose(plans, folder / "plans.json")
+    folds, notes = choose_folds(folder, folds)
+    states, meta = [], None
+    for f in folds:
+        state, ckpt = _read_checkpoint(folder / f"fold_{f}" / CHECKPOINT)
+        meta = meta or ckpt
+        states.append(state)
+    init = meta.get("init_args") or {}
+    config_name = init.get("configuration") or "3d_fullres"
+    configuration = _configuration(plans, config_name, folder / "plans.json")
+    _check_configuration(configuration, config_name, len(order), plans, folder / "plans.json")
+    trainer = str(meta.get("trainer_name") or "nnUNetTrainer")
+    custom = trainer not in KNOWN_TRAINERS and not trainer.startswith(KNOWN_TRAINER_PREFIXES)
+    if custom:
+        notes.append(f"trained with the custom trainer {trainer}: a custom trainer can change the network; it is built from "
+                     "plans.json as nnUNetTrainer builds it")
     members = []
     for f, state in zip(folds, states):
         net = build_nnunet_network(configuration, len(order), n_out)
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
-            hint = f" (the checkpoint was written by {trainer}, which may build another network)" if notes else ""
+            hint = f" (the checkpoint was written by {trainer}, which may build another network)" if custom else ""
             raise InputError(f"fold_{f}/{CHECKPOINT} does not fit the network plans.json describes{hint}: "
                              f"{str(exc).splitlines()[0][:200]}") from None
         members.append(net)
@@ -517,5 +670,7 @@ def load_nnunet_model(folder, *, device="cpu", folds=None, mirroring: bool = Tru
                      weights=CHECKPOINT, name=str(plans.get("dataset_name", folder.parent.name)), version=folder.name,
                      description=f"nnU-Net v2 {config_name} ({trainer}), folds {', '.join(map(str, folds))}",
                      training={"configuration": config_name, "trainer": trainer, "folds": list(folds)})
+    # one fold is enough: they share the architecture (a patch its strides do not divide fails here, not after the preprocessing)
+    probe_network(members[0], spec, device, source=f"{folder / 'plans.json'} (configurations.{config_name}.patch_size)")
     return NNUNetModel(network, spec, folder, plans=plans, configuration=configuration, dataset=dataset, folds=list(folds),
                        mirror_axes=axes, trainer=trainer, notes=notes, channel_order=order)
