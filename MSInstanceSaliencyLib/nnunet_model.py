@@ -485,9 +485,15 @@ def _check_configuration(c: dict, name: str, n_in: int, plans: dict, source) -> 
     strides = kwargs.get("strides")
     _need(isinstance(strides, list) and len(strides) == len(stages) and all(_ints(s, 3, 1) or (_is_int(s) and s >= 1) for s in strides),
           source, at + "architecture.arch_kwargs.strides", strides, f"one stride (an integer or three) per stage ({len(stages)})")
-    step = [math.prod(s[a] if isinstance(s, list) else s for s in strides) for a in range(3)]
+    step = downsampling(c)
     _need(all(p % d == 0 for p, d in zip(patch, step)), source, at + "patch_size", patch,
           f"a multiple of the network's down-sampling, {step} voxels per axis (architecture.arch_kwargs.strides)")
+
+
+def downsampling(configuration: dict) -> list:
+    """Voxels per axis by which the plan's network down-samples (the product of its strides)."""
+    strides = configuration["architecture"]["arch_kwargs"]["strides"]
+    return [math.prod(s[a] if isinstance(s, list) else s for s in strides) for a in range(3)]
 
 
 def build_nnunet_network(configuration: dict, n_in: int, n_out: int):
@@ -670,7 +676,10 @@ def load_nnunet_model(folder, *, device="cpu", folds=None, mirroring: bool = Tru
                      weights=CHECKPOINT, name=str(plans.get("dataset_name", folder.parent.name)), version=folder.name,
                      description=f"nnU-Net v2 {config_name} ({trainer}), folds {', '.join(map(str, folds))}",
                      training={"configuration": config_name, "trainer": trainer, "folds": list(folds)})
-    # one fold is enough: they share the architecture (a patch its strides do not divide fails here, not after the preprocessing)
-    probe_network(members[0], spec, device, source=f"{folder / 'plans.json'} (configurations.{config_name}.patch_size)")
+    # One fold is enough: they share the architecture. A small window (two voxels at the bottleneck, where instance norm
+    # needs more than one) keeps the probe to a fraction of a second; the patch itself is checked against the strides above.
+    window = [min(p, 2 * d) for p, d in zip(configuration["patch_size"], downsampling(configuration))]
+    field = "patch_size" if window == list(configuration["patch_size"]) else "architecture"
+    probe_network(members[0], spec, device, source=f"{folder / 'plans.json'} (configurations.{config_name}.{field})", window=window)
     return NNUNetModel(network, spec, folder, plans=plans, configuration=configuration, dataset=dataset, folds=list(folds),
                        mirror_axes=axes, trainer=trainer, notes=notes, channel_order=order)
