@@ -645,8 +645,8 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
     def _syntheticCase(self):
         import numpy as np
 
-        from MSInstanceSaliencyLib.instances import label_instances, lesion_table
-        from MSInstanceSaliencyLib.volumes import image_from_array
+        from MSInstanceSaliencyLib.segmentation.instances import label_instances, lesion_table
+        from MSInstanceSaliencyLib.io.volumes import image_from_array
 
         shape = (40, 44, 36)
         flair = np.random.default_rng(0).normal(100, 5, shape).astype("float32")
@@ -748,8 +748,8 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         return True
 
     def _segmentedPhantom(self):
-        from MSInstanceSaliencyLib.phantom import make_phantom
-        from MSInstanceSaliencyLib.volumes import array_from_image
+        from MSInstanceSaliencyLib.research.phantom import make_phantom
+        from MSInstanceSaliencyLib.io.volumes import array_from_image
 
         ph = make_phantom(11800, patient=18, voxel_size=2.0)
         logic = self._logic = MSInstanceSaliencyLogic()
@@ -799,7 +799,7 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         self.assertTrue(0.0 <= probs[lesion] <= 1.0)
         self.assertAlmostEqual(logic.knownTpProbability(p, lesion), probs[lesion], places=5)
         # an explanation made with the classifier's settings gives the same probability, without a second map
-        from MSInstanceSaliencyLib.scoring import DEFAULT_SETTINGS
+        from MSInstanceSaliencyLib.classifier.scoring import DEFAULT_SETTINGS
 
         logic.selectLesion(p, lesion)
         p.method, p.nSamples, p.sigma, p.context, p.maxOmegaVoxels = ("SmoothGrad max", DEFAULT_SETTINGS["n_samples"], DEFAULT_SETTINGS["sigma"],

@@ -22,7 +22,7 @@ SCHEDULER_TIMEOUT = 10  # seconds: cohort.SCHEDULER_TIMEOUT, for --help (cohort.
 
 
 def OutputFolder(*args, **kwargs):  # noqa: N802 - the class, imported when used so that `msis` starts light
-    from .pipeline import OutputFolder as _OutputFolder
+    from .io.outputs import OutputFolder as _OutputFolder
 
     return _OutputFolder(*args, **kwargs)
 
@@ -107,7 +107,7 @@ def _folds(text: str):
 
 
 def _SAMPLES(text):  # noqa: N802 - an argparse type like the others; explain.py imported when used so that `msis` starts light
-    from .explain import MAX_BACKWARD_PASSES
+    from .saliency.explain import MAX_BACKWARD_PASSES
 
     return _int(1, MAX_BACKWARD_PASSES)(text)
 
@@ -358,8 +358,9 @@ def _parse_patients(text: str) -> list[int]:
 
 
 def _load(args):
-    from .model import load_model, resolve_device
-    from .pipeline import env_threads
+    from .models.loading import load_model
+    from .models.device import resolve_device
+    from .models.device import env_threads
 
     env_threads()
     dev = resolve_device(args.device)
@@ -368,15 +369,15 @@ def _load(args):
 
 
 def cmd_segment(args) -> int:
-    from .instances import format_table
-    from .pipeline import run_info, segment, write_segmentation
+    from .segmentation.instances import format_table
+    from .segmentation.pipeline import run_info, segment, write_segmentation
     from .progress import ProgressBar
-    from .volumes import read_image
+    from .io.volumes import read_image
 
     flair = read_image(args.flair, "FLAIR")
     mprage = read_image(args.mprage, "MPRAGE") if args.mprage else None
     _check_register_size([("FLAIR", flair)] + ([("MPRAGE", mprage)] if mprage else []), args)
-    from .pipeline import SEGMENTATION_FILES
+    from .segmentation.pipeline import SEGMENTATION_FILES
 
     pruned = ("lesion_labels_pruned.nii.gz", "lesions_pruned.csv") if args.prune_below is not None else ()
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage) if p], names=SEGMENTATION_FILES + pruned)
@@ -401,7 +402,7 @@ def cmd_segment(args) -> int:
 
 def _classifier_for(model, args):
     """The TP/FP classifier of the model (or --classifier), refused when it was trained for another model."""
-    from .scoring import load_classifier
+    from .classifier.scoring import load_classifier
 
     return load_classifier(args.classifier, model=model)
 
@@ -410,10 +411,10 @@ def _score_lesions(model, dev, result, args, out, clf=None) -> dict:
     """Fill tp_probability for every lesion; with --prune-below also write the pruned labels and table."""
     import numpy as np
 
-    from .instances import write_table
+    from .segmentation.instances import write_table
     from .progress import ProgressBar
-    from .scoring import tp_probabilities
-    from .volumes import image_from_array, write_image
+    from .classifier.scoring import tp_probabilities
+    from .io.volumes import image_from_array, write_image
 
     if args.prune_below is not None and not 0.0 <= args.prune_below <= 1.0:
         raise InputError("--prune-below must be a probability between 0 and 1")
@@ -441,13 +442,13 @@ def _score_lesions(model, dev, result, args, out, clf=None) -> dict:
 
 
 def cmd_demo(args) -> int:
-    from .instances import format_table
-    from .phantom import make_phantom
-    from .pipeline import run_info, segment, write_segmentation
+    from .segmentation.instances import format_table
+    from .research.phantom import make_phantom
+    from .segmentation.pipeline import run_info, segment, write_segmentation
     from .progress import ProgressBar
-    from .volumes import write_image
+    from .io.volumes import write_image
 
-    from .pipeline import SEGMENTATION_FILES
+    from .segmentation.pipeline import SEGMENTATION_FILES
 
     t0 = time.time()
     out = OutputFolder(args.out, names=[f"phantom_{n}.nii.gz" for n in ("flair", "mprage", "lesions")] + list(SEGMENTATION_FILES))
@@ -467,8 +468,8 @@ def cmd_demo(args) -> int:
         args.prune_below = None
         scoring = _score_lesions(model, dev, result, args, out)
     paths = write_segmentation(result, out)
-    from .evaluation import evaluate_case
-    from .volumes import mask_from_image
+    from .segmentation.evaluation import evaluate_case
+    from .io.volumes import mask_from_image
 
     metrics = evaluate_case(result.labels, mask_from_image(ph.lesions))
     print(format_table(result.table))
@@ -477,7 +478,7 @@ def cmd_demo(args) -> int:
         lesion = args.lesion or min(result.table, key=lambda r: abs(r["voxels"] - 100))["lesion_id"]
         print(f"[5/5] SmoothGrad ({args.aggregation}, N={args.samples}) of lesion {lesion} on {dev} ...", file=sys.stderr)
         args.method = "smoothgrad"
-        from .explain import omega_from_lesion
+        from .saliency.explain import omega_from_lesion
 
         t1 = time.time()
         _, saliency_paths = _explain_and_write(model, dev, result.prepared, omega_from_lesion(result.labels, lesion), f"lesion{lesion}", args, out)
@@ -499,8 +500,8 @@ def _print_tp_probability_by_kind(result, phantom) -> None:
     """The classifier's view beside the truth: which lesions are FPs, and the P(TP) of each kind."""
     import numpy as np
 
-    from .evaluation import classify_lesions
-    from .volumes import mask_from_image
+    from .segmentation.evaluation import classify_lesions
+    from .io.volumes import mask_from_image
 
     c = classify_lesions(result.labels, mask_from_image(phantom.lesions))
     prob = {r["lesion_id"]: r["tp_probability"] for r in result.table}
@@ -513,7 +514,7 @@ def _print_tp_probability_by_kind(result, phantom) -> None:
 
 def _explain_and_write(model, dev, prepared, omega, label, args, out):
     _check_explain_args(args, omega)
-    from .explain import explain_case, write_explanation
+    from .saliency.explain import explain_case, write_explanation
     from .progress import ProgressBar
 
     exp = explain_case(model, prepared, omega, args.method, label=label, n_samples=args.samples, sigma=args.sigma,
@@ -528,9 +529,9 @@ def _explain_and_write(model, dev, prepared, omega, label, args, out):
 def cmd_explain(args) -> int:
     import numpy as np
 
-    from .explain import omega_from_lesion, omega_from_mask
-    from .pipeline import segment
-    from .volumes import array_from_image, read_image, same_grid
+    from .saliency.explain import omega_from_lesion, omega_from_mask
+    from .segmentation.pipeline import segment
+    from .io.volumes import array_from_image, read_image, same_grid
 
     flair = read_image(args.flair, "FLAIR")
     mprage = read_image(args.mprage, "MPRAGE") if args.mprage else None
@@ -563,13 +564,13 @@ def cmd_explain(args) -> int:
 
 
 def cmd_phantom(args) -> int:
-    from .phantom import make_phantom
+    from .research.phantom import make_phantom
 
     voxel_size = _phantom_voxel_size() if args.voxel_size is None else args.voxel_size
     names = ("flair", "mprage", "lesions", "mimics") + (() if args.skull_stripped else ("head",))
     out = OutputFolder(args.out, protected=[args.lesion_mask] if args.lesion_mask else [], names=[f"{n}.nii.gz" for n in names])
     ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=voxel_size, skull_stripped=args.skull_stripped)
-    from .volumes import write_image
+    from .io.volumes import write_image
 
     with out.writing():
         for name in names:
@@ -581,10 +582,10 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_case, prediction_labels
-    from .volumes import array_from_image, mask_from_image, read_image, same_grid
+    from .segmentation.evaluation import evaluate_case, prediction_labels
+    from .io.volumes import array_from_image, mask_from_image, read_image, same_grid
 
-    from .pipeline import check_output_file, write_json_output
+    from .io.outputs import check_output_file, write_json_output
 
     if args.json:
         check_output_file(args.json, "--json")
@@ -620,10 +621,11 @@ def _phantom_voxel_size() -> float:
 
 
 def cmd_features(args) -> int:
-    from .radiomics import default_feature_names
-    from .scoring import (case_feature_rows, model_identity, phantom_feature_table, saliency_settings, table_lock, write_feature_rows,
-                          write_table_manifest)
-    from .volumes import mask_from_image, read_image, same_grid
+    from .classifier.radiomics import default_feature_names
+    from .classifier.scoring import case_feature_rows, model_identity, saliency_settings, write_feature_rows, write_table_manifest
+    from .research.phantom_features import phantom_feature_table
+    from .io.outputs import table_lock
+    from .io.volumes import mask_from_image, read_image, same_grid
 
     settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context,
                                  max_omega_voxels=args.max_omega_voxels)
@@ -640,7 +642,7 @@ def cmd_features(args) -> int:
         return 0
     if not args.flair:
         raise InputError("give FLAIR and MPRAGE files (FLAIR-only models: the FLAIR), or --phantom-patients")
-    from .pipeline import segment
+    from .segmentation.pipeline import segment
     from .progress import ProgressBar
 
     out_path = Path(args.out)
@@ -673,8 +675,8 @@ def cmd_features(args) -> int:
 
 
 def cmd_train_classifier(args) -> int:
-    from .radiomics import TPClassifier, default_feature_names
-    from .scoring import labelled_matrix, read_feature_tables, tables_model
+    from .classifier.radiomics import TPClassifier, default_feature_names
+    from .classifier.scoring import labelled_matrix, read_feature_tables, tables_model
 
     out = Path(args.out)
     if out.exists():
@@ -689,7 +691,7 @@ def cmd_train_classifier(args) -> int:
     clf.fit(X, y, names)
     clf.training_info = {"features": [Path(f).name for f in args.features], "n_tp": int(y.sum()), "n_fp": int((y == 0).sum()),
                          "cases": sorted({r["case"] for r in usable})}
-    from .pipeline import write_output_file
+    from .io.outputs import write_output_file
 
     write_output_file(out, "--out", clf.save, replace_own=False)
     nz = int((clf.coef_ != 0).sum())
@@ -708,8 +710,8 @@ def _class_weight(text: str) -> dict:
 
 
 def cmd_evaluate_classifier(args) -> int:
-    from .radiomics import TPClassifier, importance_figure, probability_figure, threshold_figure
-    from .scoring import evaluate_classifier, read_feature_tables
+    from .classifier.radiomics import TPClassifier, importance_figure, probability_figure, threshold_figure
+    from .classifier.scoring import evaluate_classifier, read_feature_tables
 
     clf = TPClassifier.load(args.classifier)
     rows, settings = read_feature_tables(args.features)
@@ -747,7 +749,7 @@ def cmd_evaluate_classifier(args) -> int:
 
 def _cases(args, model, dev):
     """Experiment cases: the given files (with --gt, and --wm where used) or phantom cases."""
-    from .experiments import file_case, phantom_cases
+    from .research.experiments import file_case, phantom_cases
 
     if args.flair or args.mprage:
         if not (args.flair and args.mprage and args.gt):
@@ -777,7 +779,7 @@ def _bars(label):
 
 
 def cmd_context(args) -> int:
-    from .experiments import context_figure, run_context
+    from .research.experiments import context_figure, run_context
 
     model, dev = _load(args)
     out = OutputFolder(args.out, names=["context_raw.csv", "context_summary.json", "context.png"])
@@ -803,7 +805,7 @@ def cmd_sanity(args) -> int:
 
 
 def _sanity_control_regions(args) -> int:
-    from .experiments import control_regions_figure, run_control_regions
+    from .research.experiments import control_regions_figure, run_control_regions
 
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
@@ -821,7 +823,7 @@ def _sanity_control_regions(args) -> int:
 
 
 def _sanity_synthetic_lesion(args) -> int:
-    from .experiments import run_synthetic_lesion, synthetic_lesion_figure
+    from .research.experiments import run_synthetic_lesion, synthetic_lesion_figure
 
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
@@ -842,7 +844,7 @@ def _sanity_synthetic_lesion(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .experiments import peaks_figures, run_peaks
+    from .research.experiments import peaks_figures, run_peaks
 
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
@@ -864,7 +866,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .report import write_reproduction_report
+    from .research.report import write_reproduction_report
 
     out = OutputFolder(args.out, names=["REPORT.md"])
     common = ["--device", args.device] + (["--model", args.model] if args.model else [])
@@ -889,9 +891,9 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import train
+    from .research.training import train
 
-    from .model import SPEC_FILE, ModelSpec
+    from .models.base import SPEC_FILE, ModelSpec
 
     names = [SPEC_FILE, ModelSpec().weights, "training_log.json"]
     out = OutputFolder(args.out, names=names)
@@ -905,8 +907,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate_model(args) -> int:
-    from .pipeline import check_output_file, write_json_output
-    from .validation import format_validation, validate_model
+    from .io.outputs import check_output_file, write_json_output
+    from .research.validation import format_validation, validate_model
 
     if args.json:
         check_output_file(args.json, "--json")
@@ -921,8 +923,8 @@ def cmd_validate_model(args) -> int:
 # --- msis cohort (cohort.py)
 def cmd_cohort(args) -> int:
     from .cohort import CohortConfig, check_mprage, check_scheduler, need_cohort_packages, read_manifest, row_settings, run_cohort
-    from .model import load_model
-    from .scoring import classifier_settings, model_identity, saliency_settings
+    from .models.loading import load_model
+    from .classifier.scoring import classifier_settings, model_identity, saliency_settings
 
     need_cohort_packages()
     if args.scheduler:  # a wrong address is refused in seconds, before anything is read, loaded or written
@@ -1006,7 +1008,7 @@ def _check_args(args) -> None:
     if args.command == "segment" and (args.tp_probability or args.prune_below is not None) or (
             args.command == "demo" and not args.no_tp_probability and args.classifier):
         try:
-            from .scoring import load_classifier
+            from .classifier.scoring import load_classifier
 
             load_classifier(args.classifier)  # a broken classifier is refused now, not after the segmentation
         except ImportError as exc:
@@ -1034,7 +1036,7 @@ _EXPLAIN_FLAGS = {"n_samples": "--samples", "seed": "--noise-seed", "lesion_id":
 def _check_explain_args(args, omega=None) -> None:
     """The explain arguments through the checks every entry point shares (explain.check_explain_args);
     with Ω also SmoothGrad's cost, refused above MAX_BACKWARD_PASSES before it starts."""
-    from .explain import check_explain_args
+    from .saliency.explain import check_explain_args
 
     check_explain_args(getattr(args, "method", "smoothgrad"), n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode,
                        aggregation=args.aggregation, context=args.context, seed=args.noise_seed, precision=args.precision,
@@ -1043,7 +1045,7 @@ def _check_explain_args(args, omega=None) -> None:
 
 def _check_feature_cells(rows, names) -> None:
     """Every feature of every TP/FP row with features is a finite number (a clear error, not a crash in NumPy)."""
-    from .radiomics import feature_value
+    from .classifier.radiomics import feature_value
 
     for r in rows:
         if r.get("kind") in ("TP", "FP") and not r.get("error"):

@@ -296,7 +296,7 @@ def row_settings(cfg: CohortConfig, identity: dict, classifier_sha256: str | Non
 
 def lesion_columns(cfg: CohortConfig) -> list[tuple[str, str]]:
     """(name, type) of the lesion table's columns for these settings: fixed per output folder."""
-    from .instances import TABLE_COLUMNS
+    from .segmentation.instances import TABLE_COLUMNS
 
     cols = [("key", "string"), ("case_key", "string"), ("case_id", "string"), ("lesion_id", "int64")]
     for c in TABLE_COLUMNS[1:]:
@@ -316,7 +316,7 @@ def lesion_columns(cfg: CohortConfig) -> list[tuple[str, str]]:
             for where in ("inside", "ring"):
                 cols += [(f"{c}_{where}_positive", "float64"), (f"{c}_{where}_negative", "float64")]
     if cfg.features:
-        from .radiomics import default_feature_names
+        from .classifier.radiomics import default_feature_names
 
         cols += [(n, "float64") for n in default_feature_names()]
     if cfg.maps:
@@ -400,7 +400,7 @@ class ResultTable:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from .pipeline import fsync_folder
+        from .io.outputs import fsync_folder
 
         values = pa.array(sorted(values), pa.string())
         for part in sorted(self.folder.glob("part-*.parquet")):
@@ -431,7 +431,7 @@ class ResultTable:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .pipeline import write_output_file
+        from .io.outputs import write_output_file
 
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
@@ -453,7 +453,7 @@ _WORKER: dict = {}  # per worker process: the loaded model, classifier, feature 
 
 def _worker_device(model_cfg: dict):
     """The device of this worker: cuda:<worker number modulo the GPUs> when several are visible."""
-    from .model import resolve_device
+    from .models.device import resolve_device
 
     dev = resolve_device(model_cfg.get("device", "auto"))
     if dev.type == "cuda" and dev.index is None:
@@ -477,7 +477,7 @@ def worker_model(model_cfg: dict, threads: int | None = None):
     if _WORKER.get("model_key") != key:
         import torch
 
-        from .model import load_model
+        from .models.loading import load_model
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -491,7 +491,7 @@ def worker_model(model_cfg: dict, threads: int | None = None):
 
 def _worker_classifier(path, model):
     if _WORKER.get("classifier_path") != path:
-        from .scoring import load_classifier
+        from .classifier.scoring import load_classifier
 
         _WORKER["classifier"] = load_classifier(path, model=model)
         _WORKER["classifier_path"] = path
@@ -500,7 +500,7 @@ def _worker_classifier(path, model):
 
 def _worker_extractor():
     if "extractor" not in _WORKER:
-        from .radiomics import make_extractor
+        from .classifier.radiomics import make_extractor
 
         _WORKER["extractor"] = make_extractor()
     return _WORKER["extractor"]
@@ -553,7 +553,7 @@ class CaseState:
 
 def _omega_work(omega, saliency: dict) -> int:
     """Backward passes per noisy copy: the Ω voxels the signed max runs over, or 1 for the mean."""
-    from .saliency import omega_work
+    from .saliency.smoothgrad import omega_work
 
     if saliency.get("aggregation", "max") != "max":
         return 1
@@ -563,9 +563,9 @@ def _omega_work(omega, saliency: dict) -> int:
 def case_task(case: CohortCase, cfg: CohortConfig) -> CaseState:
     """Read, prepare and segment a case; with a ground truth, classify its lesions TP/FP. Failures that
     are the case's (an image that cannot be read, a grid mismatch) become its error, not the run's."""
-    from .evaluation import classify_lesions
-    from .pipeline import segment
-    from .volumes import mask_from_image, read_image, same_grid
+    from .segmentation.evaluation import classify_lesions
+    from .segmentation.pipeline import segment
+    from .io.volumes import mask_from_image, read_image, same_grid
 
     t0 = time.time()
     state = CaseState(case.case_id, worker=_worker_name())
@@ -620,7 +620,7 @@ def _smoothgrad_kwargs(saliency: dict) -> dict:
 
 def lesion_task(state: CaseState, lesion_id: int, cfg: CohortConfig) -> dict:
     """The row of one lesion, its map computed in one piece."""
-    from .saliency import smoothgrad
+    from .saliency.smoothgrad import smoothgrad
 
     t0 = time.time()
     try:
@@ -640,14 +640,14 @@ def lesion_task(state: CaseState, lesion_id: int, cfg: CohortConfig) -> dict:
 def part_task(state: CaseState, lesion_id: int, part: int, n_parts: int, cfg: CohortConfig):
     """One part of a split lesion's map: the signed max over a part of Ω (saliency.smoothgrad_part);
     an error is returned, not raised, so the combining task can put it in the lesion's row."""
-    from . import saliency
+    from .saliency.smoothgrad import smoothgrad_part
 
     t0 = time.time()
     try:
         model, dev = worker_model(cfg.model, cfg.threads)
         omega = state.prepared.to_network(state.labels == lesion_id)
-        return saliency.smoothgrad_part(model, state.prepared.image, omega, part=part, n_parts=n_parts, device=dev,
-                                        **_smoothgrad_kwargs(cfg.saliency)), time.time() - t0
+        return smoothgrad_part(model, state.prepared.image, omega, part=part, n_parts=n_parts, device=dev,
+                               **_smoothgrad_kwargs(cfg.saliency)), time.time() - t0
     except Exception as exc:  # noqa: BLE001
         if _transient(exc):
             raise
@@ -656,7 +656,7 @@ def part_task(state: CaseState, lesion_id: int, part: int, n_parts: int, cfg: Co
 
 def combine_task(state: CaseState, lesion_id: int, parts: list, cfg: CohortConfig) -> dict:
     """The row of a split lesion: its parts combined (exactly the one-piece map), then as lesion_task."""
-    from . import saliency
+    from .saliency.smoothgrad import combine_parts
 
     t0 = time.time()
     spent = sum(s for _, s in parts)
@@ -664,7 +664,7 @@ def combine_task(state: CaseState, lesion_id: int, parts: list, cfg: CohortConfi
     try:
         if failed:
             raise failed[0]
-        maps = saliency.combine_parts([p for p, _ in parts])
+        maps = combine_parts([p for p, _ in parts])
         return _lesion_row(state, lesion_id, maps, cfg, t0 - spent, parts=len(parts))
     except Exception as exc:  # noqa: BLE001
         if _transient(exc):
@@ -700,7 +700,7 @@ def _lesion_row(state: CaseState, lesion_id: int, maps, cfg: CohortConfig, t0: f
         by_channel = dict(zip(prepared.channels, ref))
         row["parts"] = parts
         if cfg.tp_probability or cfg.features:
-            from .radiomics import saliency_features
+            from .classifier.radiomics import saliency_features
 
             model, _ = worker_model(cfg.model, cfg.threads)
             feats = saliency_features(by_channel[cfg.saliency.get("channel", "flair")], omega, prepared.spacing, extractor=_worker_extractor())
@@ -710,7 +710,7 @@ def _lesion_row(state: CaseState, lesion_id: int, maps, cfg: CohortConfig, t0: f
                 clf = _worker_classifier(cfg.classifier, model)
                 row["tp_probability"] = float(clf.predict_proba(clf.features_to_matrix([feats]))[0, 1])
         if cfg.peaks:
-            from .experiments import modality_contribution
+            from .research.experiments import modality_contribution
 
             stacked = np.stack(ref)
             for c, m in by_channel.items():
@@ -750,8 +750,8 @@ def _write_map(out: str, case_id: str, lesion_id: int, channel: str, array, refe
     not the lesion's: it is raised as OSError, so nothing is recorded and a re-run does the lesion again."""
     import SimpleITK as sitk
 
-    from .pipeline import write_output_file
-    from .volumes import image_from_array
+    from .io.outputs import write_output_file
+    from .io.volumes import image_from_array
 
     name = map_name(lesion_id, channel)
     img = image_from_array(np.asarray(array, np.float32), reference=reference)
@@ -818,7 +818,7 @@ def check_settings_file(out: Path, settings: dict) -> bool:
 
 def pin_settings(out: Path, settings: dict) -> None:
     """Write DIR/cohort.json: from now on the folder is a cohort's, and its settings are these."""
-    from .pipeline import write_output_file
+    from .io.outputs import write_output_file
 
     text = json.dumps({"msis_cohort": COHORT_FORMAT, "settings": settings}, indent=2, default=str) + "\n"
     write_output_file(out / SETTINGS_FILE, "--out", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), replace_own=False)
@@ -1011,11 +1011,11 @@ def run_cohort(manifest, out, cfg: CohortConfig, cases: list[CohortCase], *, wor
                dashboard: bool = False, log=None, progress=None) -> dict:
     """Run (or resume) a cohort; returns {"cases", "lesions_written", "cases_written", "skipped_cases", ...}.
     The manifest's cases come validated (read_manifest); cfg.settings is what cohort.json records."""
-    from .pipeline import check_output_file
+    from .io.outputs import check_output_file
 
     log = log or (lambda m: print(m, file=sys.stderr))
     if cfg.saliency is not None:  # the checks of msis explain and the worker, before anything is written
-        from .explain import check_explain_args
+        from .saliency.explain import check_explain_args
 
         check_explain_args("smoothgrad", **{k: cfg.saliency[k] for k in ("n_samples", "sigma", "sigma_mode", "aggregation", "context",
                                                                           "seed", "max_omega_voxels") if k in cfg.saliency})
@@ -1098,7 +1098,7 @@ class _Pending:
 def _run(todo, keys, cfg, lesions, cases_t, stats, *, workers, scheduler, dashboard, log, progress, pin):
     from distributed import as_completed
 
-    from .model import resolve_device
+    from .models.device import resolve_device
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpu = False
@@ -1297,7 +1297,7 @@ class _Progress:
 def write_summary(out: Path, lesions: ResultTable, cases_t: ResultTable, order: list, cfg: CohortConfig) -> Path:
     """DIR/summary.csv, one line per case of the manifest that has a row: lesions, failures, mean TP
     probability, seconds (rewritten whole, atomically; never over a file msis did not write)."""
-    from .pipeline import write_output_file
+    from .io.outputs import write_output_file
 
     cdf = cases_t.read()
     cols = ["case_id", "error"] + (["tp_probability"] if cfg.tp_probability else [])

@@ -86,7 +86,7 @@ def environment_info(device: str = "auto") -> dict:
         info["device_note"] = (f"torch is built for CUDA {info['torch_cuda']} but sees no GPU (driver missing or too old, "
                                "or CUDA_VISIBLE_DEVICES hides it): work runs on the CPU")
     try:
-        from .model import resolve_device
+        from .models.device import resolve_device
 
         info["device"] = str(resolve_device(device))
     except InputError as exc:
@@ -98,7 +98,7 @@ def environment_info(device: str = "auto") -> dict:
 def radiomics_version() -> str | None:
     """pyradiomics' version, or None when it cannot be imported (in Slicer: the SlicerRadiomics extension)."""
     try:
-        from .radiomics import _quiet_radiomics
+        from .classifier.radiomics import _quiet_radiomics
 
         return str(_quiet_radiomics().__version__)
     except Exception:  # ImportError, or a broken build
@@ -206,7 +206,7 @@ class Worker:
             raise InputError("no lesion labels: segment first (or send set_labels)")
 
     def classifier(self):
-        from .scoring import load_classifier
+        from .classifier.scoring import load_classifier
 
         if radiomics_version() is None:
             raise InputError("the TP probability needs pyradiomics, which is not installed: in 3D Slicer install the "
@@ -241,8 +241,9 @@ class Worker:
         return environment_info(device)
 
     def cmd_load_model(self, rid, model=None, device="auto"):
-        from .model import load_model, resolve_device
-        from .saliency import list_layers
+        from .models.loading import load_model
+        from .models.device import resolve_device
+        from .saliency.common import list_layers
 
         dev = resolve_device(device)
         key = (model or None, str(dev))
@@ -255,7 +256,7 @@ class Worker:
                 "classifier": self._classifier_status()}
 
     def cmd_prepare(self, rid, flair, mprage=None, register=False, n4=False):
-        from .volumes import read_image
+        from .io.volumes import read_image
 
         self.need("model")
         self.case = self.labels = None
@@ -273,7 +274,7 @@ class Worker:
         return {"n_lesions": int(np.count_nonzero(np.unique(self.labels)))}
 
     def cmd_segment(self, rid, threshold=None, min_volume_mm3=None):
-        from .instances import label_instances, lesion_table
+        from .segmentation.instances import label_instances, lesion_table
 
         self.need("case")
         spec = self.model.spec
@@ -293,7 +294,7 @@ class Worker:
     def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", layer=None, **saliency):
         """saliency: n_samples, sigma, sigma_mode, aggregation, context, seed, max_omega_voxels, precision
         (explain.check_explain_args, the checks of the CLI and the cohort too)."""
-        from .explain import check_explain_args, explain_case, omega_from_lesion
+        from .saliency.explain import check_explain_args, explain_case, omega_from_lesion
 
         unknown = set(saliency) - {"n_samples", "sigma", "sigma_mode", "aggregation", "context", "seed", "max_omega_voxels", "precision"}
         if unknown:
@@ -322,7 +323,7 @@ class Worker:
 
     def _tp_probability_of(self, exp):
         """P(TP) from this explanation when it was made with the classifier's settings; else a note why not."""
-        from .scoring import classifier_settings, tp_probability_of_explanation
+        from .classifier.scoring import classifier_settings, tp_probability_of_explanation
 
         try:
             clf = self.classifier()
@@ -338,7 +339,7 @@ class Worker:
 
     def cmd_score(self, rid, lesion_ids):
         """TP probability of each lesion, streamed: a cancelled run keeps the lesions already sent."""
-        from .scoring import iter_tp_probabilities
+        from .classifier.scoring import iter_tp_probabilities
 
         self.need("labels")
         clf = self.classifier()
@@ -448,7 +449,7 @@ def main(argv=None) -> int:
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    from .pipeline import env_threads
+    from .models.device import env_threads
 
     env_threads()
     return serve(args.workdir, stdout=protocol)

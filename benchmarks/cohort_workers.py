@@ -41,7 +41,7 @@ SETTINGS = ["--min-volume", "40"]  # lesions of more than 5 voxels: 30-odd lesio
 
 
 def make_cohort(folder: Path, voxel_size: float) -> Path:
-    from MSInstanceSaliencyLib.phantom import make_phantom
+    from MSInstanceSaliencyLib.research.phantom import make_phantom
 
     lines = ["case_id,flair,mprage,gt"]
     for seed, patient in CASES:

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MSInstanceSaliencyLib.radiomics import TPClassifier, default_feature_names  # noqa: E402
-from MSInstanceSaliencyLib.scoring import read_feature_rows  # noqa: E402
+from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier, default_feature_names  # noqa: E402
+from MSInstanceSaliencyLib.classifier.scoring import read_feature_rows  # noqa: E402
 
 
 def main(argv=None):
@@ -39,7 +39,7 @@ def main(argv=None):
     b = np.array([[float(new[k][n]) for n in names] for k in common])
     rel = np.abs(b - a) / np.maximum(np.abs(a), 1e-12)
     per_feature = {n: float(np.median(rel[:, i])) for i, n in enumerate(names)}
-    from MSInstanceSaliencyLib.radiomics import default_classifier_path
+    from MSInstanceSaliencyLib.classifier.radiomics import default_classifier_path
 
     clf = TPClassifier.load(args.classifier or default_classifier_path())
     p_old = clf.predict_proba(clf.features_to_matrix([{n: old[k][n] for n in names} for k in common]))[:, 1]

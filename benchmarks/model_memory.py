@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MSInstanceSaliencyLib.lstai_model import build_lstai_network  # noqa: E402
-from MSInstanceSaliencyLib.saliency import GIB, _activation_bytes, backward_bytes  # noqa: E402
+from MSInstanceSaliencyLib.models.lstai import build_lstai_network  # noqa: E402
+from MSInstanceSaliencyLib.saliency.common import GIB, _activation_bytes, backward_bytes  # noqa: E402
 
 VARIANTS = {  # LST-AI's three released members
     "mdlA": dict(in_channels=2, n_conv_blocks=5, n_filters=28, bottleneck_filters=168, ds_layers=(-2, -3)),

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from saliency_accuracy import compare  # noqa: E402
 
-from MSInstanceSaliencyLib.model import load_model, resolve_device  # noqa: E402
-from MSInstanceSaliencyLib.saliency import smoothgrad  # noqa: E402
+from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
+from MSInstanceSaliencyLib.models.device import resolve_device  # noqa: E402
+from MSInstanceSaliencyLib.saliency.smoothgrad import smoothgrad  # noqa: E402
 
 
 def farthest_point_sample(coords: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -65,13 +66,13 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from MSInstanceSaliencyLib.evaluation import classify_lesions
-    from MSInstanceSaliencyLib.phantom import make_phantom
-    from MSInstanceSaliencyLib.pipeline import segment
-    from MSInstanceSaliencyLib.radiomics import make_extractor, saliency_features
-    from MSInstanceSaliencyLib.scoring import load_classifier
-    from MSInstanceSaliencyLib.training import validation_seed
-    from MSInstanceSaliencyLib.volumes import array_from_image
+    from MSInstanceSaliencyLib.segmentation.evaluation import classify_lesions
+    from MSInstanceSaliencyLib.research.phantom import make_phantom
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
+    from MSInstanceSaliencyLib.classifier.radiomics import make_extractor, saliency_features
+    from MSInstanceSaliencyLib.classifier.scoring import load_classifier
+    from MSInstanceSaliencyLib.research.training import validation_seed
+    from MSInstanceSaliencyLib.io.volumes import array_from_image
 
     dev = resolve_device(args.device)
     model = load_model(args.model, device=dev)

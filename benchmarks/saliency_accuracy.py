@@ -25,8 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MSInstanceSaliencyLib.model import load_model, resolve_device  # noqa: E402
-from MSInstanceSaliencyLib.saliency import gradcampp, smoothgrad  # noqa: E402
+from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
+from MSInstanceSaliencyLib.models.device import resolve_device  # noqa: E402
+from MSInstanceSaliencyLib.saliency.gradcampp import gradcampp  # noqa: E402
+from MSInstanceSaliencyLib.saliency.smoothgrad import smoothgrad  # noqa: E402
 
 
 def compare(ref: np.ndarray, other: np.ndarray) -> dict:
@@ -47,11 +49,11 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from MSInstanceSaliencyLib.evaluation import classify_lesions
-    from MSInstanceSaliencyLib.phantom import make_phantom
-    from MSInstanceSaliencyLib.pipeline import segment
-    from MSInstanceSaliencyLib.training import validation_seed
-    from MSInstanceSaliencyLib.volumes import array_from_image
+    from MSInstanceSaliencyLib.segmentation.evaluation import classify_lesions
+    from MSInstanceSaliencyLib.research.phantom import make_phantom
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
+    from MSInstanceSaliencyLib.research.training import validation_seed
+    from MSInstanceSaliencyLib.io.volumes import array_from_image
 
     dev = resolve_device(args.device)
     model = load_model(args.model, device=dev)

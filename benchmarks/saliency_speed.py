@@ -31,8 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MSInstanceSaliencyLib.model import PAPER_UNET_ARGS, LoadedModel, ModelSpec, build_network, freeze, load_model, resolve_device  # noqa: E402
-from MSInstanceSaliencyLib.saliency import _crop_pad, context_box, noise_sigma, size_divisor, smoothgrad  # noqa: E402
+from MSInstanceSaliencyLib.models.base import PAPER_UNET_ARGS  # noqa: E402
+from MSInstanceSaliencyLib.models.monai import build_network  # noqa: E402
+from MSInstanceSaliencyLib.models.base import LoadedModel, ModelSpec, freeze  # noqa: E402
+from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
+from MSInstanceSaliencyLib.models.device import resolve_device  # noqa: E402
+from MSInstanceSaliencyLib.saliency.context import _crop_pad, context_box  # noqa: E402
+from MSInstanceSaliencyLib.saliency.smoothgrad import noise_sigma, smoothgrad  # noqa: E402
+from MSInstanceSaliencyLib.models.base import size_divisor  # noqa: E402
 
 
 def get_model(name: str, dev) -> LoadedModel:
@@ -155,9 +161,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from MSInstanceSaliencyLib.phantom import make_phantom
-    from MSInstanceSaliencyLib.preprocessing import prepare_case
-    from MSInstanceSaliencyLib.volumes import array_from_image
+    from MSInstanceSaliencyLib.research.phantom import make_phantom
+    from MSInstanceSaliencyLib.models.preprocessing import prepare_case
+    from MSInstanceSaliencyLib.io.volumes import array_from_image
 
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda"

@@ -15,9 +15,9 @@ import argparse
 import numpy as np
 import torch
 
-from MSInstanceSaliencyLib.experiments import control_regions, phantom_cases
-from MSInstanceSaliencyLib.model import load_model
-from MSInstanceSaliencyLib.saliency import smoothgrad
+from MSInstanceSaliencyLib.research.experiments import control_regions, phantom_cases
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.saliency.smoothgrad import smoothgrad
 
 
 def self_gain(net, image, voxel, roi, top_path_only):

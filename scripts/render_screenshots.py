@@ -38,17 +38,17 @@ for p in (ROOT, ROOT / "MSInstanceSaliency", ROOT / "Testing" / "Python"):
 
 import slice_rendering as sr  # noqa: E402  (sets VTK's offscreen window before vtk is used)
 
-from MSInstanceSaliencyLib.volumes import array_from_image, image_from_array  # noqa: E402
+from MSInstanceSaliencyLib.io.volumes import array_from_image, image_from_array  # noqa: E402
 
 CASE_FILES = ("flair", "mprage", "labels", "saliency")
 
 
 def compute_case(args) -> dict:
     """{flair, mprage, labels, saliency: SimpleITK images, lesion_id, ...}: phantom, segmentation, SmoothGrad."""
-    from MSInstanceSaliencyLib.explain import explain, omega_from_lesion
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.phantom import make_phantom
-    from MSInstanceSaliencyLib.pipeline import segment
+    from MSInstanceSaliencyLib.saliency.explain import explain, omega_from_lesion
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.research.phantom import make_phantom
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
 
     t0 = time.time()
     ph = make_phantom(args.seed, patient=args.patient)

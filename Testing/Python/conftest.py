@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from MSInstanceSaliencyLib.model import ModelSpec, build_network, save_model  # noqa: E402
-from MSInstanceSaliencyLib.phantom import make_phantom  # noqa: E402
+from MSInstanceSaliencyLib.models.base import ModelSpec  # noqa: E402
+from MSInstanceSaliencyLib.models.monai import build_network, save_model  # noqa: E402
+from MSInstanceSaliencyLib.research.phantom import make_phantom  # noqa: E402
 
 # Tests that need pyradiomics carry @pytest.mark.needs_radiomics. Where pyradiomics is not
 # installed they are skipped: it cannot be installed on Python 3.12, the Python of Slicer 5.10

@@ -25,8 +25,9 @@ import torch
 
 from MSInstanceSaliencyLib.cli import main
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.model import build_network, load_model, save_model
-from MSInstanceSaliencyLib.volumes import array_from_image, read_image
+from MSInstanceSaliencyLib.models.monai import build_network, save_model
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.io.volumes import array_from_image, read_image
 
 from conftest import tiny_spec
 
@@ -191,7 +192,7 @@ def _set(i, value):
 @pytest.mark.parametrize("key, change", [("coef", _set(3, math.nan)), ("scaler_mean", _set(0, math.inf)),
                                          ("scaler_scale", _set(5, math.nan)), ("intercept", math.nan), ("C", math.inf)])
 def test_a_classifier_with_non_finite_values_is_refused(tmp_path, key, change):
-    from MSInstanceSaliencyLib.radiomics import TPClassifier
+    from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier
 
     with pytest.raises(InputError, match=rf"\b{key}\b"):
         TPClassifier.load(_classifier_with(tmp_path, **{key: change}))
@@ -261,7 +262,7 @@ def test_evaluate_counts_every_non_zero_ground_truth_label(files, tmp_path, caps
 
 
 def test_experiment_cases_read_ground_truth_as_non_zero(files, tiny_model_dir, tmp_path):
-    from MSInstanceSaliencyLib.experiments import file_case
+    from MSInstanceSaliencyLib.research.experiments import file_case
 
     gt = _gt_variant(files, tmp_path, "gt256.nii.gz", sitk.sitkUInt16, 256)
     case = file_case(load_model(tiny_model_dir), files["flair"], files["mprage"], gt, device="cpu")
@@ -344,7 +345,7 @@ def test_networks_the_pipeline_cannot_use_are_refused_at_load(files, tmp_path, c
 @pytest.mark.needs_radiomics
 @pytest.mark.parametrize("key", ["C", "intercept", "class_weight", "feature_names", "coef", "max_iter"])
 def test_a_classifier_with_a_missing_key_is_refused(tmp_path, key):
-    from MSInstanceSaliencyLib.radiomics import TPClassifier
+    from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier
 
     with pytest.raises(InputError, match=rf"\b{key}\b"):
         TPClassifier.load(_classifier_with(tmp_path, **{key: None}))
@@ -354,7 +355,7 @@ def test_a_classifier_with_a_missing_key_is_refused(tmp_path, key):
 @pytest.mark.parametrize("key, value", [("C", "one"), ("class_weight", [0.3, 0.7]), ("coef", "x"), ("saliency", {"n_samples": "ten"}),
                                         ("max_iter", 1.5), ("feature_names", [1, 2])])
 def test_a_classifier_with_badly_typed_values_is_refused(tmp_path, key, value):
-    from MSInstanceSaliencyLib.radiomics import TPClassifier
+    from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier
 
     with pytest.raises(InputError, match=rf"\b{key}\b"):
         TPClassifier.load(_classifier_with(tmp_path, **{key: value}))
@@ -562,8 +563,8 @@ def test_saliency_work_without_end_is_refused(files, tiny_model_dir, tmp_path, c
 def test_gradcampp_figure_says_what_its_colour_bar_shows(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from MSInstanceSaliencyLib.explain import Explanation, write_explanation
-    from MSInstanceSaliencyLib.pipeline import OutputFolder
+    from MSInstanceSaliencyLib.saliency.explain import Explanation, write_explanation
+    from MSInstanceSaliencyLib.io.outputs import OutputFolder
 
     labels = {}
     save = matplotlib.figure.Figure.savefig
@@ -587,7 +588,8 @@ def test_gradcampp_figure_says_what_its_colour_bar_shows(tmp_path, monkeypatch):
 
 
 def test_the_cli_knows_the_phantoms_patients():
-    from MSInstanceSaliencyLib import cli, phantom
+    from MSInstanceSaliencyLib import cli
+    from MSInstanceSaliencyLib.research import phantom
 
     assert cli.N_PATIENTS == phantom.N_PATIENTS
 

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.volumes import array_from_image, same_grid
+from MSInstanceSaliencyLib.io.volumes import array_from_image, same_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,7 @@ def test_demo_with_bundled_model(tmp_path):
 
 def _one_lesion_labels(phantom_files, tmp_path):
     """A labels file on the phantom grid with the phantom's first GT lesion as lesion 1."""
-    from MSInstanceSaliencyLib.instances import label_instances
+    from MSInstanceSaliencyLib.segmentation.instances import label_instances
 
     gt = sitk.ReadImage(str(phantom_files["lesions"]))
     lab = label_instances(array_from_image(gt, np.uint8) > 0, spacing=gt.GetSpacing(), min_volume_mm3=0)
@@ -186,8 +186,8 @@ def _feature_table(path, n_samples=1, cases=("c0", "c1", "c2")):
     """A feature table from real pyradiomics features of synthetic saliency maps, with missed lesions."""
     from test_radiomics import lesion_map
 
-    from MSInstanceSaliencyLib.radiomics import default_feature_names, saliency_features
-    from MSInstanceSaliencyLib.scoring import saliency_settings, write_feature_rows, write_table_manifest
+    from MSInstanceSaliencyLib.classifier.radiomics import default_feature_names, saliency_features
+    from MSInstanceSaliencyLib.classifier.scoring import saliency_settings, write_feature_rows, write_table_manifest
 
     rows = []
     for i in range(30):
@@ -245,7 +245,7 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
 @pytest.mark.needs_radiomics
 def test_segment_with_tp_probability_and_pruning(tmp_path):
     """The bundled demo model on a 1 mm phantom with two small lesions, a classifier trained with N = 1."""
-    from MSInstanceSaliencyLib.phantom import make_phantom, patient_mask_path
+    from MSInstanceSaliencyLib.research.phantom import make_phantom, patient_mask_path
 
     ref = sitk.ReadImage(str(patient_mask_path(1)))
     a = np.zeros(ref.GetSize()[::-1], np.uint8)  # MNI (FSL grid) mask with two small cubes in white matter
@@ -323,7 +323,8 @@ def test_stats_peaks_command_on_a_phantom(tmp_path):
 
 @pytest.mark.needs_radiomics
 def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
-    from MSInstanceSaliencyLib.scoring import phantom_feature_table, saliency_settings
+    from MSInstanceSaliencyLib.research.phantom_features import phantom_feature_table
+    from MSInstanceSaliencyLib.classifier.scoring import saliency_settings
 
     table = _feature_table(tmp_path / "features.csv", n_samples=50)
     before = table.read_bytes()
@@ -337,8 +338,8 @@ def test_a_phantom_table_resumes_only_with_its_own_settings(tmp_path):
 def test_bundled_classifier_is_reproduced_from_the_committed_feature_tables(tmp_path):
     """The shipped tp_classifier.json is what `train-classifier` makes of docs/classifier's training
     tables, uses the pipeline's saliency settings, and gives the model card's test results."""
-    from MSInstanceSaliencyLib.radiomics import TPClassifier, default_classifier_path, default_feature_names
-    from MSInstanceSaliencyLib.scoring import DEFAULT_SETTINGS
+    from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier, default_classifier_path, default_feature_names
+    from MSInstanceSaliencyLib.classifier.scoring import DEFAULT_SETTINGS
 
     bundled = TPClassifier.load(default_classifier_path())
     assert bundled.saliency == DEFAULT_SETTINGS and bundled.feature_names_ == default_feature_names()

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from MSInstanceSaliencyLib import cohort
 from MSInstanceSaliencyLib.cli import main
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.phantom import make_phantom
+from MSInstanceSaliencyLib.research.phantom import make_phantom
 
 pytest.importorskip("distributed")
 pytest.importorskip("pyarrow")
@@ -42,7 +42,7 @@ def _write_manifest(path: Path, rows, header="case_id,flair,mprage,gt"):
 def cohort_dir(tmp_path_factory, small_phantom):
     """Three cases: two phantoms (4 and 6 lesions kept with --min-volume 40) and one whose ground truth
     is on another grid (the case fails; its row says why), a manifest and the N=2 classifier."""
-    from MSInstanceSaliencyLib.radiomics import TPClassifier, default_classifier_path
+    from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier, default_classifier_path
 
     d = tmp_path_factory.mktemp("cohort")
     small_phantom.save(d / "a")
@@ -214,9 +214,9 @@ def test_split_lesion_equals_one_worker_map(cluster, small_phantom):
     """Parts of Ω computed by separate dask tasks and combined give the one-worker SmoothGrad map."""
     from distributed import Client
 
-    from MSInstanceSaliencyLib import saliency
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.pipeline import segment
+    from MSInstanceSaliencyLib.saliency import smoothgrad as saliency
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
 
     model = load_model(None, device="cpu")
     res = segment(small_phantom.flair, small_phantom.mprage, model, device="cpu", min_volume_mm3=40)
@@ -251,8 +251,8 @@ def test_split_lesion_equals_one_worker_map(cluster, small_phantom):
 def test_maps_without_tp_probability(cohort_dir, cluster, small_phantom):
     """--no-tp-probability --maps: the maps with the given SmoothGrad settings, written whole as NIfTI on the
     case's grid, one row per lesion `segment` finds; a manifest without gt has no kind column."""
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.pipeline import segment
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
 
     manifest = _write_manifest(cohort_dir / "maps.csv", [["a", "a/flair.nii.gz", "a/mprage.nii.gz"]], header="case_id,flair,mprage")
     out = cohort_dir / "out_maps"

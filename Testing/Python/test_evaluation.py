@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from MSInstanceSaliencyLib.evaluation import classify_lesions, dice, evaluate_case, normalized_dice, summarize
-from MSInstanceSaliencyLib.instances import label_instances
-from MSInstanceSaliencyLib.losses import blob_loss, soft_ndsc_loss
+from MSInstanceSaliencyLib.segmentation.evaluation import classify_lesions, dice, evaluate_case, normalized_dice, summarize
+from MSInstanceSaliencyLib.segmentation.instances import label_instances
+from MSInstanceSaliencyLib.research.losses import blob_loss, soft_ndsc_loss
 
 
 def _case():

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from MSInstanceSaliencyLib.experiments import (
-    context_experiment, dilation_steps, healthy_white_matter_sphere, sphere_mask, summarize_context,
-)
-from MSInstanceSaliencyLib.model import LoadedModel, build_network, freeze
+from MSInstanceSaliencyLib.research.experiments import context_experiment, healthy_white_matter_sphere, sphere_mask, summarize_context
+from MSInstanceSaliencyLib.segmentation.instances import dilation_steps
+from MSInstanceSaliencyLib.models.base import LoadedModel, freeze
+from MSInstanceSaliencyLib.models.monai import build_network
 
 from conftest import tiny_spec
 
@@ -65,7 +65,7 @@ def test_context_steps_and_full_restoration(tiny_model):
     assert rows[0]["restored_voxels"] == 8
     assert all(a["restored_voxels"] <= b["restored_voxels"] for a, b in zip(rows, rows[1:]))
     # once every voxel of the 16^3 window is restored, the score is the model's on the original window
-    from MSInstanceSaliencyLib.saliency import _crop_pad, context_box
+    from MSInstanceSaliencyLib.saliency.context import _crop_pad, context_box
 
     box = context_box(om, "patch", (16, 16, 16), 4)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_healthy_sphere_avoids_lesions_and_stays_in_white_matter():
 
 
 def test_place_copy_fits_the_exact_shape():
-    from MSInstanceSaliencyLib.experiments import copy_region, place_copy
+    from MSInstanceSaliencyLib.research.experiments import copy_region, place_copy
 
     allowed = np.zeros((40, 40, 40), bool)
     allowed[5:35, 18:22, 5:35] = True  # a thin slab: an elongated lesion fits only lying in it
@@ -135,7 +135,7 @@ def test_place_copy_fits_the_exact_shape():
 def test_tn_spheres_volume_and_no_contact():
     from scipy import ndimage
 
-    from MSInstanceSaliencyLib.experiments import tn_spheres
+    from MSInstanceSaliencyLib.research.experiments import tn_spheres
 
     head = np.zeros((70, 70, 70), bool)
     head[5:65, 5:65, 5:65] = True
@@ -154,7 +154,7 @@ def test_tn_spheres_volume_and_no_contact():
 def test_mannwhitney_and_median_ci():
     from scipy.stats import mannwhitneyu
 
-    from MSInstanceSaliencyLib.experiments import median_ci, pairwise_mannwhitney
+    from MSInstanceSaliencyLib.research.experiments import median_ci, pairwise_mannwhitney
 
     rng = np.random.default_rng(0)
     groups = {"TN": rng.normal(0.5, 0.2, 30), "FP": rng.normal(1.6, 0.5, 12), "TP": rng.normal(2.0, 0.5, 40), "FN": []}
@@ -170,7 +170,7 @@ def test_mannwhitney_and_median_ci():
 
 
 def test_modality_contribution_by_hand():
-    from MSInstanceSaliencyLib.experiments import modality_contribution
+    from MSInstanceSaliencyLib.research.experiments import modality_contribution
 
     om = np.zeros((12, 12, 12), bool)
     om[5:7, 5:7, 5:7] = True

@@ -216,8 +216,9 @@ def test_a_table_left_empty_by_a_kill_at_creation_resumes(reference, tmp_path):
 def test_a_table_without_rows_starts_afresh(reference, tmp_path, left):
     """A 0-byte or header-only CSV holds no rows: whatever its sidecar says, a run starts it afresh (in
     process, with no cases to compute: only the acceptance and the new sidecar are checked)."""
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.scoring import phantom_feature_table, saliency_settings
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.research.phantom_features import phantom_feature_table
+    from MSInstanceSaliencyLib.classifier.scoring import saliency_settings
 
     out = tmp_path / "f.csv"
     side = Path(str(out) + ".json")
@@ -257,8 +258,9 @@ def test_resuming_with_another_model_or_max_tp_is_refused(reference, tmp_path, t
 
 def test_resuming_with_other_settings_is_refused_naming_them(reference, tmp_path, tiny_model_dir):
     """The same checks in-process (no process start per case): every setting that shapes the rows."""
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.scoring import phantom_feature_table, saliency_settings
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.research.phantom_features import phantom_feature_table
+    from MSInstanceSaliencyLib.classifier.scoring import saliency_settings
 
     out = _copy_table(reference, tmp_path)
     side = Path(str(out) + ".json")
@@ -319,15 +321,15 @@ def test_train_and_evaluate_classifier_refuse_duplicate_rows(reference, tmp_path
     want = [f"case {first['case']}", f"lesion {first['lesion_id']}"]
     _one_error_line(_msis("train-classifier", out, "--out", tmp_path / "clf.json"), str(out), *want)
     assert not (tmp_path / "clf.json").exists()
-    from MSInstanceSaliencyLib.radiomics import default_classifier_path
+    from MSInstanceSaliencyLib.classifier.radiomics import default_classifier_path
 
     _one_error_line(_msis("evaluate-classifier", default_classifier_path(), out, "--out", tmp_path / "ev"), *want)
 
 
 def test_table_readers_refuse_torn_and_duplicate_rows_and_read_the_committed_tables(tmp_path):
-    from MSInstanceSaliencyLib.radiomics import default_feature_names
-    from MSInstanceSaliencyLib.scoring import read_feature_rows, read_feature_tables, saliency_settings, write_feature_rows, \
-        write_table_manifest
+    from MSInstanceSaliencyLib.classifier.radiomics import default_feature_names
+    from MSInstanceSaliencyLib.classifier.scoring import (read_feature_rows, read_feature_tables, saliency_settings, write_feature_rows,
+                                                          write_table_manifest)
 
     names = default_feature_names()
     rows = [{"case": "c", "lesion_id": i, "kind": "TP", "label": 1, "voxels": 9, **{n: 0.5 for n in names}} for i in (1, 2, 3)]

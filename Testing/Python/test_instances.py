@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from MSInstanceSaliencyLib.instances import TABLE_COLUMNS, label_instances, lesion_table, read_table, write_table
-from MSInstanceSaliencyLib.volumes import image_from_array
+from MSInstanceSaliencyLib.segmentation.instances import TABLE_COLUMNS, label_instances, lesion_table, read_table, write_table
+from MSInstanceSaliencyLib.io.volumes import image_from_array
 
 from conftest import make_image
 

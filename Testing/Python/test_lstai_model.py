@@ -10,10 +10,10 @@ import torch
 from conftest import require_reference
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.explain import explain_case, omega_from_lesion
-from MSInstanceSaliencyLib.formats import LSTAI_STEMS
-from MSInstanceSaliencyLib.model import load_model
-from MSInstanceSaliencyLib.pipeline import segment
+from MSInstanceSaliencyLib.saliency.explain import explain_case, omega_from_lesion
+from MSInstanceSaliencyLib.models.formats import LSTAI_STEMS
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.segmentation.pipeline import segment
 
 CROP = (48, 48, 48)  # lst_ai's input_shape argument (192^3 for its released models); small for a fast test
 

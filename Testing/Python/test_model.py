@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.model import PAPER_UNET_ARGS, ModelSpec, build_network, default_model_dir, load_model, read_spec, save_model
+from MSInstanceSaliencyLib.models.base import PAPER_UNET_ARGS
+from MSInstanceSaliencyLib.models.monai import build_network, read_spec, save_model
+from MSInstanceSaliencyLib.models.base import ModelSpec
+from MSInstanceSaliencyLib.models.loading import default_model_dir, load_model
 
 from conftest import tiny_spec
 

@@ -13,11 +13,12 @@ import torch
 from conftest import tiny_spec
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.explain import explain_case, omega_from_lesion
-from MSInstanceSaliencyLib.model import build_network, load_model, save_model
-from MSInstanceSaliencyLib.pipeline import segment
-from MSInstanceSaliencyLib.saliency import smoothgrad
-from MSInstanceSaliencyLib.volumes import array_from_image
+from MSInstanceSaliencyLib.saliency.explain import explain_case, omega_from_lesion
+from MSInstanceSaliencyLib.models.monai import build_network, save_model
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.segmentation.pipeline import segment
+from MSInstanceSaliencyLib.saliency.smoothgrad import smoothgrad
+from MSInstanceSaliencyLib.io.volumes import array_from_image
 
 
 def _save(tmp_path, name, seed=0, state_transform=None, **spec_overrides):
@@ -165,8 +166,8 @@ def test_torchscript_bundles_onnx_and_bare_weights_refused(tmp_path, tiny_model_
 
 
 def test_classifier_is_bound_to_its_model(tmp_path, tiny_model_dir):
-    from MSInstanceSaliencyLib.radiomics import TPClassifier
-    from MSInstanceSaliencyLib.scoring import load_classifier, model_identity
+    from MSInstanceSaliencyLib.classifier.radiomics import TPClassifier
+    from MSInstanceSaliencyLib.classifier.scoring import load_classifier, model_identity
 
     demo = load_model()
     clf = load_classifier(model=demo)  # the bundled classifier records the demo model
@@ -184,7 +185,7 @@ def test_classifier_is_bound_to_its_model(tmp_path, tiny_model_dir):
 
 
 def test_backward_that_cannot_fit_is_refused_before_the_work(tiny_model_dir):
-    from MSInstanceSaliencyLib.saliency import GIB, backward_bytes, check_backward_fits
+    from MSInstanceSaliencyLib.saliency.common import GIB, backward_bytes, check_backward_fits
 
     model = load_model(tiny_model_dir)
     small = backward_bytes(model.network, (1, 2, 64, 64, 64))

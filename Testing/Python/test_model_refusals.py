@@ -19,10 +19,11 @@ import torch
 from conftest import tiny_spec
 from test_bad_inputs import _no_debug, one_error, run, subprocess_msis  # noqa: F401  (_no_debug: an autouse fixture)
 
-from MSInstanceSaliencyLib.formats import LSTAI_STEMS
-from MSInstanceSaliencyLib.lstai_model import build_lstai_network
-from MSInstanceSaliencyLib.model import ModelSpec, load_model
-from MSInstanceSaliencyLib.scoring import model_identity
+from MSInstanceSaliencyLib.models.formats import LSTAI_STEMS
+from MSInstanceSaliencyLib.models.lstai import build_lstai_network
+from MSInstanceSaliencyLib.models.base import ModelSpec
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.classifier.scoring import model_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 LSTAI_CONFIG = dict(in_channels=2, n_conv_blocks=2, n_filters=2, n_classes=1, ds_layers=[-2])

@@ -14,8 +14,8 @@ sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
 from MSInstanceSaliencyMRML.colors import saliency_color_node  # noqa: E402
 
-from MSInstanceSaliencyLib.instances import label_instances, lesion_table  # noqa: E402
-from MSInstanceSaliencyLib.volumes import array_from_image  # noqa: E402
+from MSInstanceSaliencyLib.segmentation.instances import label_instances, lesion_table  # noqa: E402
+from MSInstanceSaliencyLib.io.volumes import array_from_image  # noqa: E402
 
 from conftest import make_image  # noqa: E402
 

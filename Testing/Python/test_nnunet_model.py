@@ -14,10 +14,10 @@ import torch
 from conftest import require_reference
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.explain import explain_case, omega_from_lesion
-from MSInstanceSaliencyLib.model import load_model
-from MSInstanceSaliencyLib.pipeline import segment
-from MSInstanceSaliencyLib.saliency import list_layers
+from MSInstanceSaliencyLib.saliency.explain import explain_case, omega_from_lesion
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.segmentation.pipeline import segment
+from MSInstanceSaliencyLib.saliency.common import list_layers
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 from test_bad_inputs import _no_debug, files, one_error, run  # noqa: F401  (fixtures used by name)
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.model import load_model
+from MSInstanceSaliencyLib.models.loading import load_model
 
 CHECKPOINT = "checkpoint_final.pth"
 ARCH_KWARGS = {

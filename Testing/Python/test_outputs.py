@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MSInstanceSaliencyLib.volumes import array_from_image
+from MSInstanceSaliencyLib.io.volumes import array_from_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,7 +124,7 @@ def segment_args(phantom_files, model, out):
 def one_lesion_labels(phantom_files, path):
     gt = sitk.ReadImage(str(phantom_files["lesions"]))
     a = array_from_image(gt, np.uint8)
-    from MSInstanceSaliencyLib.instances import label_instances
+    from MSInstanceSaliencyLib.segmentation.instances import label_instances
 
     lab = label_instances(a > 0, spacing=gt.GetSpacing(), min_volume_mm3=0)
     img = sitk.GetImageFromArray((lab == 1).astype(np.uint16).transpose(2, 1, 0))
@@ -166,9 +166,9 @@ def test_6_train_refuses_a_model_folder_it_did_not_write(tmp_path):
 def test_6_train_writes_a_complete_model_folder_and_may_replace_it(tmp_path, monkeypatch, capsys):
     import functools
 
-    import MSInstanceSaliencyLib.training as training
+    import MSInstanceSaliencyLib.research.training as training
     from MSInstanceSaliencyLib.cli import main
-    from MSInstanceSaliencyLib.model import load_model
+    from MSInstanceSaliencyLib.models.loading import load_model
 
     monkeypatch.setattr(training, "train", functools.partial(training.train, patients=(1,)))
     out = tmp_path / "model"

@@ -3,8 +3,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from MSInstanceSaliencyLib.phantom import make_phantom, patient_mask_path
-from MSInstanceSaliencyLib.volumes import array_from_image, same_grid
+from MSInstanceSaliencyLib.research.phantom import make_phantom, patient_mask_path
+from MSInstanceSaliencyLib.io.volumes import array_from_image, same_grid
 
 
 def test_images_share_one_grid(small_phantom):
@@ -136,7 +136,7 @@ def test_lesion_contrast_ranges_from_subtle_to_bright(head_phantom):
 
 def test_scans_differ_in_contrast_bias_and_noise():
     """Across seeds the z-scored white matter and lesion levels move: intensity alone is not the answer."""
-    from MSInstanceSaliencyLib.preprocessing import normalize
+    from MSInstanceSaliencyLib.models.preprocessing import normalize
 
     levels = []
     for seed in (5, 6, 7, 8):

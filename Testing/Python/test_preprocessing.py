@@ -3,8 +3,8 @@ import pytest
 import SimpleITK as sitk
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.preprocessing import n4_correct, prepare_case, register_rigid
-from MSInstanceSaliencyLib.volumes import array_from_image, same_grid
+from MSInstanceSaliencyLib.models.preprocessing import n4_correct, prepare_case, register_rigid
+from MSInstanceSaliencyLib.io.volumes import array_from_image, same_grid
 
 
 def test_same_grid_used_as_is_and_zscored(small_phantom):
@@ -118,10 +118,10 @@ def small_phantom_std(ph, c):
 def test_zero_padding_keeps_the_lesions_of_the_demo_model():
     """On a 1 mm phantom, the demo model's own domain (on 2 mm phantoms, which it never saw, its many
     borderline detections move with the sliding windows' placement at the far end)."""
-    from MSInstanceSaliencyLib.evaluation import evaluate_case
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.phantom import make_phantom
-    from MSInstanceSaliencyLib.pipeline import segment
+    from MSInstanceSaliencyLib.segmentation.evaluation import evaluate_case
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.research.phantom import make_phantom
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
 
     ph = make_phantom(7, patient=3)
     model = load_model(device="cpu")
@@ -137,9 +137,9 @@ def test_a_flair_slab_is_missing_data_outside_its_coverage(small_phantom):
     """A FLAIR that covers 70% of the MPRAGE: statistics over the covered voxels, no lesion outside or at
     the slab's edge, and a warning with the covered fraction (it was z-scored with the empty part as data,
     and the artificial edge gave 16 lesions along its plane)."""
-    from MSInstanceSaliencyLib.model import load_model
-    from MSInstanceSaliencyLib.pipeline import segment
-    from MSInstanceSaliencyLib.preprocessing import EDGE_MARGIN_VOXELS
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
+    from MSInstanceSaliencyLib.models.preprocessing import EDGE_MARGIN_VOXELS
 
     nz = small_phantom.flair.GetSize()[2]
     start, depth = int(nz * 0.15), int(nz * 0.7)

@@ -9,9 +9,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.radiomics import (
-    N_FEATURES, FeatureError, TPClassifier, bootstrap_detection, default_feature_names, importance_figure, saliency_features,
-)
+from MSInstanceSaliencyLib.classifier.radiomics import (N_FEATURES, FeatureError, TPClassifier, bootstrap_detection,
+                                                        default_feature_names, importance_figure, saliency_features)
 
 
 def lesion_map(seed, positive=True, shape=(24, 24, 24)):
@@ -204,8 +203,8 @@ def test_files_without_omega_cap_refuse_capped_maps(fitted):
 
 @pytest.mark.needs_radiomics
 def test_tp_probability_reuses_an_explanation_only_with_the_classifier_settings(fitted):
-    from MSInstanceSaliencyLib.explain import Explanation
-    from MSInstanceSaliencyLib.scoring import tp_probability_of_explanation
+    from MSInstanceSaliencyLib.saliency.explain import Explanation
+    from MSInstanceSaliencyLib.classifier.scoring import tp_probability_of_explanation
 
     clf, _, _, _ = fitted
     m, les = lesion_map(77)
@@ -223,7 +222,7 @@ def test_tp_probability_reuses_an_explanation_only_with_the_classifier_settings(
 
 
 def test_roc_auc_is_the_share_of_correctly_ordered_tp_fp_pairs():
-    from MSInstanceSaliencyLib.radiomics import roc_auc_with_ci
+    from MSInstanceSaliencyLib.classifier.radiomics import roc_auc_with_ci
 
     rng = np.random.default_rng(3)
     y = rng.random(60) < 0.7
@@ -237,7 +236,7 @@ def test_roc_auc_is_the_share_of_correctly_ordered_tp_fp_pairs():
 
 
 def test_threshold_sweep_runs_from_the_network_alone_to_nothing_kept():
-    from MSInstanceSaliencyLib.radiomics import detection_scores, threshold_sweep
+    from MSInstanceSaliencyLib.classifier.radiomics import detection_scores, threshold_sweep
 
     is_tp = np.array([1, 1, 1, 0, 0, 1], bool)
     p = np.array([0.9, 0.8, 0.3, 0.6, 0.1, 0.55])
@@ -254,9 +253,10 @@ def test_lesion_features_progress_counts_backward_passes_and_cancels():
 
     from conftest import tiny_spec
     from MSInstanceSaliencyLib.errors import Cancelled
-    from MSInstanceSaliencyLib.model import LoadedModel, build_network, freeze
-    from MSInstanceSaliencyLib.preprocessing import PreparedCase
-    from MSInstanceSaliencyLib.scoring import lesion_features, saliency_settings
+    from MSInstanceSaliencyLib.models.base import LoadedModel, freeze
+    from MSInstanceSaliencyLib.models.monai import build_network
+    from MSInstanceSaliencyLib.models.preprocessing import PreparedCase
+    from MSInstanceSaliencyLib.classifier.scoring import lesion_features, saliency_settings
 
     torch.manual_seed(0)
     spec = tiny_spec(roi_size=[16, 16, 16])

@@ -3,7 +3,7 @@
 import csv
 import json
 
-from MSInstanceSaliencyLib.report import write_reproduction_report
+from MSInstanceSaliencyLib.research.report import write_reproduction_report
 
 
 def _write(path, data):

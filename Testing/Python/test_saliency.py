@@ -6,9 +6,10 @@ import torch
 from monai.networks.nets import UNet
 
 from MSInstanceSaliencyLib.errors import Cancelled, InputError
-from MSInstanceSaliencyLib.saliency import (
-    context_box, gradcampp, list_layers, noise_sigma, noise_stream, omega_sample, smoothgrad,
-)
+from MSInstanceSaliencyLib.saliency.context import context_box
+from MSInstanceSaliencyLib.saliency.gradcampp import gradcampp
+from MSInstanceSaliencyLib.saliency.common import list_layers
+from MSInstanceSaliencyLib.saliency.smoothgrad import noise_sigma, noise_stream, omega_sample, smoothgrad
 
 SHAPE = (16, 16, 16)
 LAYER = "model.1.submodule.2.conv"  # decoder transposed conv of a 3-level MONAI UNet
@@ -196,7 +197,7 @@ def test_copies_sharing_backward_passes_equal_one_copy_at_a_time(net, image):
 
 @pytest.mark.parametrize("n_parts", [1, 3, 18])
 def test_parts_of_omega_combine_to_the_one_pass_map(net, image, n_parts):
-    from MSInstanceSaliencyLib.saliency import combine_parts, omega_work, smoothgrad_part
+    from MSInstanceSaliencyLib.saliency.smoothgrad import combine_parts, omega_work, smoothgrad_part
 
     om = lesion()
     kw = dict(n_samples=3, seed=5, context="full", device="cpu", copies_per_pass=3)
@@ -322,7 +323,7 @@ def test_list_layers_names_the_default_layer(net):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_cuda_matches_cpu_and_sizes_chunks_from_memory(net, image):
-    from MSInstanceSaliencyLib.saliency import auto_chunk_size
+    from MSInstanceSaliencyLib.saliency.common import auto_chunk_size
 
     om = lesion()
     cpu = smoothgrad(net, image, om, n_samples=2, context="full", device="cpu")

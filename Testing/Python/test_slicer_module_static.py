@@ -67,8 +67,8 @@ def test_no_top_level_import_of_heavy_packages():
                 if isinstance(m, ast.Import):
                     top |= {a.name.split(".")[0] for a in m.names}
     assert not (top & HEAVY), f"heavy packages imported at module level: {top & HEAVY}"
-    # the Lib's package __init__ and the MRML adapter must stay light too
-    for f in [ROOT / "MSInstanceSaliencyLib" / "__init__.py", ROOT / "MSInstanceSaliencyLib" / "dependencies.py",
+    # the Lib's package __init__ (and its subpackages'), and the MRML adapter must stay light too
+    for f in [*(ROOT / "MSInstanceSaliencyLib").glob("**/__init__.py"), ROOT / "MSInstanceSaliencyLib" / "dependencies.py",
               ROOT / "MSInstanceSaliencyLib" / "errors.py", *(MODULE / "MSInstanceSaliencyMRML").glob("*.py")]:
         mods = {a.name.split(".")[0] for n in ast.parse(f.read_text()).body if isinstance(n, ast.Import) for a in n.names}
         assert not (mods & HEAVY), f
@@ -83,7 +83,7 @@ def _cmake_list(path, var):
 def test_cmake_installs_every_python_file():
     lib = ROOT / "MSInstanceSaliencyLib"
     listed = set(_cmake_list(lib / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
-    assert listed == {p.name for p in lib.glob("*.py")}
+    assert listed == {str(p.relative_to(lib)) for p in lib.rglob("*.py")}  # subpackages too, with their folders
     assert "WITH_SUBDIR" in (lib / "CMakeLists.txt").read_text()
     listed = set(_cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
     actual = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py")}

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from MSInstanceSaliencyLib.model import load_model
-from MSInstanceSaliencyLib.phantom import PHANTOM_VERSION
-from MSInstanceSaliencyLib.training import phantom_case, sample_patch, train
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.research.phantom import PHANTOM_VERSION
+from MSInstanceSaliencyLib.research.training import phantom_case, sample_patch, train
 
 
 @pytest.mark.parametrize("config", ["demo", "paper"])
@@ -23,7 +23,7 @@ def test_train_a_few_iterations(tmp_path, config):
 
 
 def test_patches_are_centred_on_lesions_often(tmp_path):
-    from MSInstanceSaliencyLib.model import ModelSpec
+    from MSInstanceSaliencyLib.models.base import ModelSpec
 
     case = phantom_case(2, 202, ModelSpec(), tmp_path)
     assert (tmp_path / f"p02_s202_zscore_v{PHANTOM_VERSION}.npz").is_file()
@@ -41,8 +41,8 @@ def test_context_restoration_patches_keep_one_lesion_and_its_ring_labelled_backg
     exactly 0 (the z-scored mean, as in the contextual-information experiment), and no lesion label."""
     from scipy import ndimage
 
-    from MSInstanceSaliencyLib.experiments import dilation_steps
-    from MSInstanceSaliencyLib.training import TrainingCase
+    from MSInstanceSaliencyLib.segmentation.instances import dilation_steps
+    from MSInstanceSaliencyLib.research.training import TrainingCase
 
     rng = np.random.default_rng(0)
     img = (rng.normal(size=(2, 64, 64, 64)) + 3).astype(np.float16)  # no zeros of its own
@@ -71,7 +71,7 @@ def test_context_restoration_patches_keep_one_lesion_and_its_ring_labelled_backg
 
 def _two_region_case():
     """A 64³ case: brain in x < 32 (value 1; one 4³ lesion of value 5 in a shell of value 2), outside it -1."""
-    from MSInstanceSaliencyLib.training import TrainingCase
+    from MSInstanceSaliencyLib.research.training import TrainingCase
 
     img = np.full((2, 64, 64, 64), -1.0, np.float16)
     img[:, :32] = 1.0
@@ -86,14 +86,14 @@ def _two_region_case():
 
 
 def test_outside_brain_voxels_rebuild_the_brain_from_its_sample_and_keep_a_margin():
-    from MSInstanceSaliencyLib.training import outside_brain_voxels
+    from MSInstanceSaliencyLib.research.training import outside_brain_voxels
 
     out = outside_brain_voxels(_two_region_case(), margin=3, step=1)
     assert out[:, 0].min() == 35 and len(out) == 29 * 64 * 64  # every voxel of x >= 32 + 3, none inside
 
 
 def test_transplant_patches_paste_a_lesion_outside_the_brain_labelled_background():
-    from MSInstanceSaliencyLib.training import outside_brain_voxels
+    from MSInstanceSaliencyLib.research.training import outside_brain_voxels
 
     case = _two_region_case()
     outside = outside_brain_voxels(case, margin=3, step=1)
@@ -110,7 +110,7 @@ def test_transplant_patches_paste_a_lesion_outside_the_brain_labelled_background
 
 
 def test_contrast_augmentation_moves_a_patch_and_its_lesion_together():
-    from MSInstanceSaliencyLib.training import _contrast_augmentation
+    from MSInstanceSaliencyLib.research.training import _contrast_augmentation
 
     rng = np.random.default_rng(0)
     img = np.zeros((2, 16, 16, 16), np.float32)

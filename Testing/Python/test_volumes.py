@@ -3,7 +3,7 @@ import pytest
 import SimpleITK as sitk
 
 from MSInstanceSaliencyLib.errors import InputError
-from MSInstanceSaliencyLib.volumes import array_from_image, image_from_array, overlap_fraction, read_image, same_grid, write_image
+from MSInstanceSaliencyLib.io.volumes import array_from_image, image_from_array, overlap_fraction, read_image, same_grid, write_image
 
 from conftest import make_image
 

@@ -15,10 +15,10 @@ import pytest
 import SimpleITK as sitk
 
 from MSInstanceSaliencyLib.errors import Cancelled, InputError, WorkerError
-from MSInstanceSaliencyLib.explain import explain
-from MSInstanceSaliencyLib.inference import predict_probability
-from MSInstanceSaliencyLib.model import load_model
-from MSInstanceSaliencyLib.preprocessing import prepare_case
+from MSInstanceSaliencyLib.saliency.explain import explain
+from MSInstanceSaliencyLib.models.sliding_window import predict_probability
+from MSInstanceSaliencyLib.models.loading import load_model
+from MSInstanceSaliencyLib.models.preprocessing import prepare_case
 from MSInstanceSaliencyLib.worker import Worker, load_array, save_array
 from MSInstanceSaliencyLib.worker_client import WorkerClient
 
@@ -329,7 +329,7 @@ def test_explain_in_the_worker_has_the_backward_pass_cap(client, segmented):
 
 
 def test_one_check_for_every_entry_point():
-    from MSInstanceSaliencyLib.explain import MAX_BACKWARD_PASSES, check_explain_args
+    from MSInstanceSaliencyLib.saliency.explain import MAX_BACKWARD_PASSES, check_explain_args
 
     assert check_explain_args(n_samples=np.int64(3), sigma=1, lesion_id=2) == dict(
         method="smoothgrad", n_samples=3, sigma=1.0, sigma_mode="range", aggregation="max", context="patch", seed=0, precision="fp32",

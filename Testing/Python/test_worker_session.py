@@ -15,10 +15,10 @@ import MSInstanceSaliencyMRML as mrml  # noqa: E402
 from MSInstanceSaliencyMRML.worker_session import WorkerSession, known_tp_probability  # noqa: E402
 
 from MSInstanceSaliencyLib.errors import InputError  # noqa: E402
-from MSInstanceSaliencyLib.explain import explain  # noqa: E402
-from MSInstanceSaliencyLib.model import load_model  # noqa: E402
-from MSInstanceSaliencyLib.pipeline import segment  # noqa: E402
-from MSInstanceSaliencyLib.volumes import array_from_image  # noqa: E402
+from MSInstanceSaliencyLib.saliency.explain import explain  # noqa: E402
+from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
+from MSInstanceSaliencyLib.segmentation.pipeline import segment  # noqa: E402
+from MSInstanceSaliencyLib.io.volumes import array_from_image  # noqa: E402
 
 from test_mrml_adapter import scene  # noqa: E402,F401  (the slicer-core scene fixture)
 
@@ -83,7 +83,7 @@ def test_explain_a_lesion_and_a_custom_region(session, case):
     assert node.GetName() == f"Lesion {lesion} SmoothGrad FLAIR"
     np.testing.assert_allclose(mrml.ijk_to_ras(node), mrml.ijk_to_ras(p.mprageVolume))
     model = load_model(device="cpu")
-    from MSInstanceSaliencyLib.preprocessing import prepare_case
+    from MSInstanceSaliencyLib.models.preprocessing import prepare_case
 
     prepared = prepare_case(mrml.image_from_volume_node(p.flairVolume), mrml.image_from_volume_node(p.mprageVolume), model.spec)
     labels = mrml.array_from_volume_node(p.lesionLabels)

@@ -1,6 +1,7 @@
 """Probe: channel dropout (p=0.5) on the top-level skip copy during training, so the shallow path cannot carry the answer."""
 import torch
-from MSInstanceSaliencyLib import training, model as M
+from MSInstanceSaliencyLib.research import training
+from MSInstanceSaliencyLib.models import monai as M
 
 orig_build = M.build_network
 

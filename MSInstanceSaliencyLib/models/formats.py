@@ -11,7 +11,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 LSTAI_STEMS = ("UNet3D_MS_final_mdlA", "UNet3D_MS_final_mdlB", "UNet3D_MS_final_mdlC")
 MODELS_DOC = "docs/MODELS.md"

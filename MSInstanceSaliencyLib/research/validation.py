@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 
-from .evaluation import evaluate_case, summarize
-from .progress import ProgressBar
+from ..progress import ProgressBar
+from ..segmentation.evaluation import evaluate_case, summarize
 from .training import VAL_PATIENTS, validation_seed
 
 
 def validate_model(model, patients=VAL_PATIENTS, per_patient: int = 1, device="auto", progress=None) -> dict:
     """Segment validation phantoms and score them lesion-wise; returns per-case rows and the totals."""
     from .phantom import make_phantom
-    from .pipeline import segment
-    from .volumes import mask_from_image
+    from ..segmentation.pipeline import segment
+    from ..io.volumes import mask_from_image
 
     pairs = [(p, validation_seed(p, k)) for p in patients for k in range(per_patient)]
     bar = progress or ProgressBar(len(pairs), "validation phantoms")

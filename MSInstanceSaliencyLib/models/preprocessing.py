@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
+from ..io.volumes import array_from_image, check_intensities, image_from_array, overlap_fraction, same_grid
 from .grids import ResampledGrid, SameGrid
-from .volumes import array_from_image, check_intensities, image_from_array, overlap_fraction, same_grid
 
 MIN_OVERLAP = 0.5  # of the MPRAGE field of view that FLAIR must cover
 FULL_COVERAGE = 0.999  # of the MPRAGE's acquired voxels; below this the FLAIR counts as partial

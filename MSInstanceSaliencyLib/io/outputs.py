@@ -1,4 +1,5 @@
-"""Segmentation of one case end to end: prepare inputs, run the model, label instances, write outputs.
+"""Every safe write of the project: an output folder staged and put in place whole (OutputFolder, with its
+manifest and lock), single files written atomically, table locks, and protection of the user's own files.
 
 Outputs go only into the output folder. A manifest (msis_run.json) lists what the tool wrote there,
 so a second run may replace its own earlier outputs but never a file the user put there. A run
@@ -13,68 +14,17 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 
-from .errors import InputError
-from .instances import label_instances, lesion_table, write_table
-from .preprocessing import PreparedCase
-from .volumes import image_from_array, write_image
+from ..errors import InputError
 
 MANIFEST = "msis_run.json"
 LOCK = ".msis.lock"
 STAGING_PREFIX = ".msis-staging-"
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _OPEN_STAGING: set[str] = set()  # staging folders of this process's open OutputFolders
-
-
-@dataclass
-class SegmentationResult:
-    prepared: PreparedCase
-    probability: np.ndarray  # (X, Y, Z) float32
-    labels: np.ndarray  # (X, Y, Z) int32, 1..K
-    table: list
-    threshold: float
-    min_volume_mm3: float
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def reference(self) -> sitk.Image:
-        return self.prepared.reference
-
-    def probability_image(self) -> sitk.Image:
-        return image_from_array(self.probability.astype(np.float32), reference=self.reference)
-
-    def labels_image(self) -> sitk.Image:
-        dtype = np.uint16 if self.labels.max() < 65535 else np.uint32
-        return image_from_array(self.labels.astype(dtype), reference=self.reference)
-
-
-def segment(flair: sitk.Image, mprage: sitk.Image, model, *, device="auto", threshold=None, min_volume_mm3=None,
-            register=False, n4=False, progress=None) -> SegmentationResult:
-    """Segment lesions; threshold and minimum volume default to the model spec's."""
-    spec = model.spec
-    t = {}
-    t0 = time.time()
-    prepared = model.prepare(flair, mprage, register=register, n4=n4)
-    t["prepare_s"] = time.time() - t0
-    t0 = time.time()
-    prob = model.predict_case(prepared, device=device, progress=progress)
-    t["inference_s"] = time.time() - t0
-    thr = spec.threshold if threshold is None else float(threshold)
-    if not 0.0 < thr < 1.0:
-        raise InputError(f"threshold must be between 0 and 1, got {thr}")
-    min_vol = spec.min_lesion_mm3 if min_volume_mm3 is None else float(min_volume_mm3)
-    if min_vol < 0:
-        raise InputError(f"minimum lesion volume must be >= 0 mm^3, got {min_vol}")
-    labels = label_instances(prob > thr, spacing=prepared.spacing, min_volume_mm3=min_vol)
-    table = lesion_table(labels, prepared.reference, prob)
-    return SegmentationResult(prepared, prob, labels, table, thr, min_vol, t)
 
 
 class OutputFolder:
@@ -190,7 +140,7 @@ class OutputFolder:
                     verify_complete(staged, "output", shown=target)
                 except InputError as exc:
                     raise InputError(f"{exc}; the disk may be full. Nothing was changed in {self.path}") from None
-        from . import __version__
+        from .. import __version__
 
         files = sorted(set(self.written) | {n for n in self.previous if (self.path / n).exists()})
         self.record = {"files": files, "written": sorted(self.written), "msis_version": __version__, **info}
@@ -415,51 +365,89 @@ def write_output_file(path, option: str, write, replace_own: bool = True, ours=w
 
 def write_json_output(path, data: dict, option: str) -> Path:
     """A JSON result file (marked with "msis_version", so that a later run may replace it), atomically."""
-    from . import __version__
+    from .. import __version__
 
     text = json.dumps({"msis_version": __version__, **data}, indent=2, default=str) + "\n"
     return write_output_file(path, option, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-SEGMENTATION_FILES = ("probability.nii.gz", "lesion_labels.nii.gz", "lesions.csv")
+def _atomic_write(path, data: bytes) -> Path:
+    """Write a file whole or not at all: a temporary file in the same folder, fsync, os.replace. A kill at
+    any moment leaves either the old file or the new one (and at worst a stale `.NAME.PID.tmp`)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    from .outputs import fsync_folder
+
+    fsync_folder(p.parent)  # make the rename itself durable
+    return p
 
 
-def write_segmentation(result: SegmentationResult, out: OutputFolder) -> dict:
-    """Stage the three outputs of a segmentation; the paths they will have once `out` is closed."""
-    with out.writing():
-        paths = {
-            "probability": write_image(result.probability_image(), out.file("probability.nii.gz")),
-            "labels": write_image(result.labels_image(), out.file("lesion_labels.nii.gz")),
-            "table": write_table(result.table, out.file("lesions.csv")),
-        }
-    return {k: out.final(v) for k, v in paths.items()}
+def table_lock(path):
+    """Context manager holding PATH.lock (filelock: an OS lock that dies with its process, so a kill
+    leaves no stale lock) while PATH is written. Non-blocking: a second writer is refused at once with
+    an InputError naming the first one's pid. Stale temporary files of killed writers are removed."""
+    return _TableLock(Path(path))
 
 
-def run_info(model, result: SegmentationResult, **extra) -> dict:
-    import torch
+class _TableLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = Path(str(path) + ".lock")
 
-    from . import __version__
+    def __enter__(self):
+        from filelock import FileLock, Timeout
 
-    return {
-        "msis_version": __version__,
-        "torch": torch.__version__,
-        "model": str(model.path) if model.path else model.spec.name,
-        "model_name": model.spec.name,
-        "model_version": model.spec.version,
-        "threshold": result.threshold,
-        "min_lesion_mm3": result.min_volume_mm3,
-        "preprocessing": result.prepared.steps,
-        "n_lesions": len(result.table),
-        "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
-        **extra,
-    }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.lock_path))
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            pid = self._pid()
+            who = f" (pid {pid})" if pid else ""
+            raise InputError(f"{self.path} is being written by another msis process{who}; wait for it to end, or choose another --out") from None
+        try:
+            self._set_pid(os.getpid())
+            names = {f".{self.path.name}", f".{self.path.name}.json"}
+            for t in self.path.parent.glob(".*.tmp"):  # left by a writer killed while it wrote
+                stem, _, pid = t.name[:-len(".tmp")].rpartition(".")
+                if stem in names and pid.isdigit():
+                    t.unlink(missing_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
 
+    def __exit__(self, *exc):
+        self._set_pid(None)
+        self.lock.release()
+        return False
 
-def env_threads() -> None:
-    """Use all cores for torch on CPU (torch defaults may be lower inside some launchers), or
-    MSIS_THREADS of them (to run several jobs side by side)."""
-    import torch
+    def _pid(self):
+        try:
+            text = self.lock_path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
 
-    n = int(os.environ.get("MSIS_THREADS") or os.cpu_count() or 1)
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    def _set_pid(self, pid):
+        """The holder's pid in the lock file, for the message to a second writer; only where the file is
+        empty or holds a pid (a lock file holding anything else belongs to filelock's fallback)."""
+        try:
+            text = self.lock_path.read_text().strip()
+            if text and not text.isdigit():
+                return
+            with open(self.lock_path, "r+") as f:
+                f.truncate(0)
+                if pid is not None:
+                    f.write(f"{pid}\n")
+        except (OSError, UnicodeDecodeError):
+            pass

@@ -13,25 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .instances import CONNECTIVITY_STRUCTURES
-
-STRUCT18 = CONNECTIVITY_STRUCTURES[18]
+from ..errors import InputError
+from ..segmentation.instances import dilation_steps
 
 
 # ----------------------------------------------------------------------------- contextual information
 
-def dilation_steps(omega: np.ndarray, n_steps: int) -> list[np.ndarray]:
-    """[Ω, D(Ω), D(D(Ω)), ...]: n_steps + 1 masks, D = binary dilation with the 18-connectivity element."""
-    out = [np.asarray(omega, bool)]
-    for _ in range(n_steps):
-        out.append(ndimage.binary_dilation(out[-1], structure=STRUCT18))
-    return out
-
-
 def _network_window(model, omega):
     """The model's roi centred on Ω (the only sliding windows whose output covers Ω's neighbourhood)."""
-    from .saliency import context_box, size_divisor
+    from ..saliency.context import context_box
+    from ..models.base import size_divisor
 
     return context_box(omega, "patch", tuple(model.spec.roi_size), size_divisor(model.spec))
 
@@ -47,8 +38,8 @@ def context_experiment(model, image: np.ndarray, omega: np.ndarray, *, n_steps: 
     """
     import torch
 
-    from .model import resolve_device
-    from .saliency import _crop_pad
+    from ..models.device import resolve_device
+    from ..saliency.context import _crop_pad
 
     omega = np.asarray(omega, bool)
     if not omega.any():
@@ -102,7 +93,7 @@ def summarize_context(per_lesion: dict, plateau_tol: float = 0.02) -> dict:
 
 
 def context_figure(summary: dict, path, title: str = "Contextual information"):
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 
@@ -175,11 +166,11 @@ def map_stats(maps: np.ndarray, omega: np.ndarray, channels=("flair", "mprage"))
 
 def control_regions_figure(flair, reference, regions: dict, maps: dict, path):
     """One row per region: axial slice through Ω's centre, FLAIR map on a colour scale shared by all rows."""
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 
-    from .volumes import array_from_image
+    from ..io.volumes import array_from_image
 
     f = array_from_image(flair)
     flo, fhi = np.percentile(f, [1, 99.5])  # one grey scale for every panel
@@ -257,7 +248,7 @@ def copy_region(image: np.ndarray, region: np.ndarray, shift) -> tuple[np.ndarra
 def synthetic_lesion_figure(cases: dict, path, vmax: float | None = None):
     """One row per case: network-input FLAIR, lesion probability and FLAIR SmoothGrad map, axial slice
     through the copy's centre; maps on one colour scale."""
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 
@@ -344,7 +335,7 @@ def modality_contribution(maps: np.ndarray, omega: np.ndarray, channels=("flair"
 
 
 def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "FP", "TP")):
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 
@@ -384,8 +375,8 @@ class Case:
 def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
     from pathlib import Path
 
-    from .pipeline import segment
-    from .volumes import array_from_image, mask_from_image, read_image, same_grid
+    from ..segmentation.pipeline import segment
+    from ..io.volumes import array_from_image, mask_from_image, read_image, same_grid
 
     res = segment(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), model, device=device)
     arrays = {}
@@ -402,9 +393,9 @@ def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
 def phantom_cases(model, patients, device="auto"):
     """Validation phantoms (seed 10000 + 100 * patient), segmented, one at a time."""
     from .phantom import make_phantom
-    from .pipeline import segment
+    from ..segmentation.pipeline import segment
     from .training import validation_seed
-    from .volumes import array_from_image, mask_from_image
+    from ..io.volumes import array_from_image, mask_from_image
 
     for pt in patients:
         ph = make_phantom(validation_seed(pt), patient=pt)
@@ -418,7 +409,7 @@ def _noop(*_a, **_k):
 
 def run_context(model, cases, size_range=(90, 120), *, n_steps=34, device="auto", progress=None, warn=None) -> tuple[list, dict]:
     """The contextual-information experiment over the TP lesions of size_range voxels of the cases."""
-    from .evaluation import classify_lesions
+    from ..segmentation.evaluation import classify_lesions
 
     warn = warn or _noop
     lo, hi = size_range
@@ -444,7 +435,7 @@ def run_context(model, cases, size_range=(90, 120), *, n_steps=34, device="auto"
 
 
 def _tp_lesion(case: Case, lesion_id, max_voxels, min_max_probability=0.0):
-    from .evaluation import classify_lesions
+    from ..segmentation.evaluation import classify_lesions
 
     tps = classify_lesions(case.result.labels, case.gt)["tp"]
     rows = {r["lesion_id"]: r for r in case.result.table}
@@ -475,7 +466,7 @@ def control_regions(case: Case, *, lesion_id=None, max_voxels=300, seed=0) -> tu
 
 def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
     """SmoothGrad of the control regions (control_regions). Returns (rows, summary, regions, maps)."""
-    from .saliency import smoothgrad
+    from ..saliency.smoothgrad import smoothgrad
 
     res = case.result
     lid, regions = control_regions(case, lesion_id=lesion_id, max_voxels=max_voxels, seed=seed)
@@ -501,9 +492,9 @@ def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n
     """Copy a clearly visible TP lesion (both channels of the network input) into (a) healthy white matter
     10 mm from other lesions, (b) the background outside the head, (c) the background together with its
     3 mm surroundings; segment each and compute the copy's SmoothGrad map. Returns (rows, summary, panels)."""
-    from .inference import predict_probability
-    from .instances import label_instances
-    from .saliency import smoothgrad
+    from ..models.sliding_window import predict_probability
+    from ..segmentation.instances import label_instances
+    from ..saliency.smoothgrad import smoothgrad
 
     if case.white_matter is None:
         raise InputError("a white-matter map is needed to place the copy in healthy white matter")
@@ -557,8 +548,8 @@ PAPER_MEDIAN_POSITIVE_PEAK = {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997
 def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volume_mm3=None, device="auto", progress=None, warn=None):
     """SmoothGrad peaks of TP, FP, FN lesions and ten TN spheres per case, their medians with CIs, pairwise
     Mann-Whitney U, and the FLAIR vs MPRAGE contribution. Returns (rows, summary)."""
-    from .evaluation import classify_lesions
-    from .saliency import smoothgrad
+    from ..segmentation.evaluation import classify_lesions
+    from ..saliency.smoothgrad import smoothgrad
 
     warn = warn or _noop
     cases = list(cases)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .instances import label_instances
 
 NDSC_REFERENCE_LOAD = 0.001

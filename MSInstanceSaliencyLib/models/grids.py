@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .volumes import array_from_image, image_from_array
+from ..io.volumes import array_from_image, image_from_array
 
 
 class SameGrid:
@@ -60,7 +60,7 @@ class ResampledGrid:
             out.SetDirection(grid.GetDirection())
             out.SetOrigin(tuple(origin))
             grid = out
-        from .volumes import same_grid
+        from ..io.volumes import same_grid
 
         if same_grid(grid, reference):
             return SameGrid()

@@ -122,3 +122,12 @@ def format_table(rows: list[dict], max_rows: int = 50) -> str:
         lines.append(f"... {len(rows) - max_rows} more lesions in the CSV")
     lines.append(f"{len(rows)} lesions. Centroids in RAS mm (Slicer's convention).")
     return "\n".join(lines)
+
+
+# Rings of context around Ω (the context experiment; training's lesion-context patches).
+def dilation_steps(omega: np.ndarray, n_steps: int) -> list[np.ndarray]:
+    """[Ω, D(Ω), D(D(Ω)), ...]: n_steps + 1 masks, D = binary dilation with the 18-connectivity element."""
+    out = [np.asarray(omega, bool)]
+    for _ in range(n_steps):
+        out.append(ndimage.binary_dilation(out[-1], structure=CONNECTIVITY_STRUCTURES[18]))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .volumes import array_from_image
+from ..io.volumes import array_from_image
 
 
 def _lps(img: sitk.Image) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 N_FEATURES = 93
 FEATURE_CLASSES = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
@@ -71,7 +71,7 @@ def saliency_features(saliency_map: np.ndarray, lesion_mask: np.ndarray, spacing
     """
     from radiomics import imageoperations
 
-    from .volumes import image_from_array
+    from ..io.volumes import image_from_array
 
     saliency_map = np.asarray(saliency_map, dtype=np.float32)
     mask = np.asarray(lesion_mask) > 0
@@ -352,14 +352,14 @@ def default_classifier_path() -> Path:
     env = os.environ.get("MSIS_CLASSIFIER")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / "demo_unet" / "tp_classifier.json"
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / "demo_unet" / "tp_classifier.json"  # Resources/ is beside the Lib folder
 
 
 def _versions() -> dict:
     import sklearn
 
     radiomics = _quiet_radiomics()
-    from . import __version__
+    from .. import __version__
 
     return {"msis": __version__, "scikit-learn": sklearn.__version__, "pyradiomics": str(radiomics.__version__), "numpy": np.__version__}
 
@@ -412,7 +412,7 @@ def bootstrap_detection(is_tp: np.ndarray, keep: np.ndarray, n_fn: int, n_boot: 
 
 def importance_figure(clf: TPClassifier, path, top: int = 10):
     """Normalised coefficients: the `top` most positive and `top` most negative features."""
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 
@@ -456,7 +456,7 @@ def roc_auc_with_ci(is_tp, probability, n_boot: int = 1000, seed: int = 0) -> di
 
 def probability_figure(probability, is_tp, voxels, threshold: float, path):
     """P(TP) of every scored test lesion against its size, TPs and FPs apart, with the threshold."""
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 
@@ -494,7 +494,7 @@ def threshold_sweep(is_tp, probability, n_fn: int, kept_tp: int = 0, kept_fp: in
 
 def threshold_figure(sweep: list[dict], threshold: float, path):
     """F1 and PPV against the pruning threshold; t = 0 is the network alone."""
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
+from .base import _is_int, check_state_dict, checked_channels, freeze, load_weights, LoadedModel, mean_of_members, ModelSpec, probe_network
 from .formats import lstai_checkpoints
-from .model import (LoadedModel, ModelSpec, _is_int, check_state_dict, checked_channels, freeze, load_weights, mean_of_members,
-                    probe_network)
 
 INPUT_SHAPE = (192, 192, 192)  # LST-AI's crop of the 193 x 229 x 193 MNI grid
 CLIPPING = (0.5, 99.5)  # percentiles over the brain
@@ -187,7 +186,7 @@ class LSTAIModel(LoadedModel):
 
     def prepare(self, flair, mprage=None, *, register: bool = False, n4: bool = False):
         from .preprocessing import PreparedCase, align_inputs
-        from .volumes import array_from_image
+        from ..io.volumes import array_from_image
 
         if register or n4:
             raise InputError("LST-AI models take LST-AI's own registered, skull-stripped MNI-space images (its --temp outputs "
@@ -205,8 +204,8 @@ class LSTAIModel(LoadedModel):
         """The mean of the members' sigmoid probabilities on the whole crop, as LST-AI averages them."""
         import torch
 
-        from .model import resolve_device
-        from .progress import report
+        from .device import resolve_device
+        from ..progress import report
 
         dev = resolve_device(device)
         self.network.to(dev)

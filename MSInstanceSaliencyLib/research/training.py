@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import DEMO_UNET_ARGS, PAPER_UNET_ARGS, ModelSpec, build_network, save_model
-from .progress import ProgressBar
+from ..models.base import DEMO_UNET_ARGS, ModelSpec, PAPER_UNET_ARGS
+from ..models.monai import build_network, save_model
+from ..progress import ProgressBar
 
 TRAIN_PATIENTS = tuple(range(1, 17))
 VAL_PATIENTS = tuple(range(17, 23))
@@ -64,8 +65,8 @@ def phantom_case(patient: int, seed: int, spec: ModelSpec, cache_dir: Path | Non
     from scipy import ndimage
 
     from .phantom import PHANTOM_VERSION, make_phantom
-    from .preprocessing import prepare_case
-    from .volumes import array_from_image
+    from ..models.preprocessing import prepare_case
+    from ..io.volumes import array_from_image
 
     cache = None
     if cache_dir is not None:
@@ -149,7 +150,7 @@ def sample_patch(rng: np.random.Generator, case: TrainingCase, patch: int, p_les
     its surroundings pasted in, labelled background: a bright spot is a lesion only inside the brain.
     `contrast` is the strength of _contrast_augmentation.
     """
-    from .experiments import dilation_steps
+    from ..segmentation.instances import dilation_steps
 
     u = rng.random()
     pool = case.brain_voxels
@@ -220,7 +221,7 @@ def train(
     import torch
 
     from .losses import ndsc_blob_loss
-    from .model import resolve_device
+    from ..models.device import resolve_device
 
     cfg = dict(CONFIGS[config])
     ce_weight = cfg["ce"]
@@ -283,7 +284,7 @@ def train(
 
 def plot_training_log(log_json, png):
     """The smoothed training loss and the learning rate over iterations, from training_log.json."""
-    from .figures import pyplot
+    from ..saliency.figures import pyplot
 
     plt = pyplot()
 

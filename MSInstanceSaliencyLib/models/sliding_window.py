@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
-from .progress import report
+from ..errors import InputError
+from ..progress import report
 
 
 def predict_probability(model, image: np.ndarray, *, device="auto", sw_batch_size: int = 1, progress=None) -> np.ndarray:
@@ -25,7 +25,7 @@ def sliding_window_probability(model, image: np.ndarray, *, device="auto", sw_ba
     import torch
     from monai.inferers import sliding_window_inference
 
-    from .model import resolve_device
+    from .device import resolve_device
 
     spec = model.spec
     n_in = spec.network_args.get("in_channels", len(spec.input_channels))

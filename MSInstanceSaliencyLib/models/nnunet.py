@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .model import (LoadedModel, ModelSpec, _is_int, _is_number, channel_name, check_state_dict, checked_channels, freeze, load_weights,
-                    mean_of_members, probe_network, unwrap_state_dict)
-from .progress import report
+from ..errors import InputError
+from .base import (LoadedModel, ModelSpec, _is_int, _is_number, channel_name, check_state_dict, checked_channels, freeze, load_weights,
+                   mean_of_members, probe_network, unwrap_state_dict)
+from ..progress import report
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")  # dynamic_network_architectures.architectures.unet
 # nnU-Net's trainer and the variants of it that change training only, not the network.
@@ -335,7 +335,7 @@ class NNUNetModel(LoadedModel):
         """Fold-averaged float16 logits (K, network grid) as nnU-Net's predictor computes them."""
         import torch
 
-        from .model import resolve_device
+        from .device import resolve_device
 
         dev = resolve_device(device)
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))

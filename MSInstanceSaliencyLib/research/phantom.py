@@ -37,8 +37,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError
-from .volumes import image_from_array, read_image
+from ..errors import InputError
+from ..io.volumes import image_from_array, read_image
 
 N_PATIENTS = 22
 PHANTOM_VERSION = 2  # bump when the same seed makes a different phantom (caches key on it); 2 = the head
@@ -96,7 +96,7 @@ def lesion_mask_dir() -> Path:
     env = os.environ.get("MSIS_LESION_MASKS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "LesionMasks"
+    return Path(__file__).resolve().parents[2] / "Resources" / "LesionMasks"  # Resources/ is beside the Lib folder
 
 
 def patient_mask_path(patient: int) -> Path:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .volumes import array_from_image, image_from_array, same_grid
+from ..errors import InputError
+from ..io.volumes import array_from_image, image_from_array, same_grid
 
 METHODS = ("smoothgrad", "gradcampp")
 CHOICES = {"method": METHODS, "sigma_mode": ("range", "absolute"), "aggregation": ("max", "mean"), "context": ("patch", "full"),
@@ -88,7 +88,7 @@ def omega_from_lesion(labels: np.ndarray, lesion_id: int) -> np.ndarray:
 def omega_from_mask(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
     """A user's voxel set as Ω on the reference grid (resampled, nearest neighbour, when needed)."""
     if not same_grid(mask, reference):
-        from .volumes import overlap_fraction
+        from ..io.volumes import overlap_fraction
 
         if overlap_fraction(mask, reference) == 0.0:
             raise InputError("the mask does not overlap the MPRAGE volume in physical space")
@@ -102,17 +102,20 @@ def omega_from_mask(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
 def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgrad", *, label="lesion", channels=("flair", "mprage"),
             n_samples=50, sigma=0.05, sigma_mode="range", aggregation="max", context="patch", seed=0, layer=None,
             alpha="paper", device="auto", progress=None, precision="fp32", max_omega_voxels=None) -> Explanation:
-    from . import saliency
 
     if method == "smoothgrad":
-        maps = saliency.smoothgrad(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
-                                   context=context, seed=seed, device=device, progress=progress, precision=precision,
-                                   max_omega_voxels=max_omega_voxels)
+        from .smoothgrad import smoothgrad
+
+        maps = smoothgrad(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
+                          context=context, seed=seed, device=device, progress=progress, precision=precision,
+                          max_omega_voxels=max_omega_voxels)
         params = dict(n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=seed,
                       precision=precision, max_omega_voxels=max_omega_voxels if aggregation == "max" else None)
         return Explanation(method, {c: maps[i] for i, c in enumerate(channels)}, omega, label, params)
     if method == "gradcampp":
-        m = saliency.gradcampp(model, image, omega, layer=layer, alpha=alpha, device=device, context=context)
+        from .gradcampp import gradcampp
+
+        m = gradcampp(model, image, omega, layer=layer, alpha=alpha, device=device, context=context)
         if progress is not None:
             progress(1, 1)
         return Explanation(method, {"gradcampp": m}, omega, label, dict(layer=layer or model.spec.gradcam_layer, alpha=alpha, context=context))

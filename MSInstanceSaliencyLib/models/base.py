@@ -12,12 +12,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 SPEC_FILE = "model.json"
 KNOWN_CHANNELS = ("flair", "mprage")
@@ -44,6 +43,7 @@ def channel_name(name: str) -> str | None:
     """'flair' or 'mprage' for a channel name or alias (case and separators ignored), else None."""
     key = "".join(ch for ch in str(name).lower() if ch.isalnum() or ch == "_").strip("_")
     return CHANNEL_ALIASES.get(key) or CHANNEL_ALIASES.get(key.replace("_", ""))
+
 
 # The journal paper's U-Net (METHOD.md).
 PAPER_UNET_ARGS = {
@@ -200,7 +200,7 @@ class LoadedModel:
 
     def predict_probability(self, image, *, device="auto", progress=None, sw_batch_size: int = 1):
         """Lesion probability (X, Y, Z) float32 on the network's grid for a prepared image (C, X, Y, Z)."""
-        from .inference import sliding_window_probability
+        from .sliding_window import sliding_window_probability
 
         return sliding_window_probability(self, image, device=device, progress=progress, sw_batch_size=sw_batch_size)
 
@@ -224,8 +224,6 @@ class LoadedModel:
     @property
     def size_divisor(self) -> int:
         """Input sizes the network accepts are multiples of this."""
-        from .saliency import size_divisor
-
         return size_divisor(self.spec)
 
     def default_classifier(self) -> Path | None:
@@ -250,47 +248,6 @@ class LoadedModel:
         grid = f", resampled to {'x'.join(f'{v:g}' for v in self.spec.target_spacing)} mm" if self.spec.target_spacing else ""
         orient = f", reoriented to {self.spec.orientation}" if self.spec.orientation else ""
         return f"{names}{grid}{orient}; {self.spec.normalization} per image; {self.spec.output_activation} output"
-
-
-def default_model_dir() -> Path:
-    """The bundled demo model (override with MSIS_MODEL_DIR)."""
-    env = os.environ.get("MSIS_MODEL_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / "demo_unet"
-
-
-def build_network(spec: ModelSpec):
-    """Instantiate the spec's MONAI network (only classes from monai.networks.nets)."""
-    import inspect
-
-    import torch
-    from monai.networks import nets
-
-    cls = getattr(nets, spec.network_class, None) if not spec.network_class.startswith("_") else None
-    if cls is None or not isinstance(cls, type):
-        raise InputError(f"network class {spec.network_class!r} is not in monai.networks.nets")
-    if not issubclass(cls, torch.nn.Module):
-        raise InputError(f"{spec.network_class!r} in monai.networks.nets is not a network (a torch.nn.Module); name a network "
-                         "class such as UNet, SegResNet or SwinUNETR")
-    args = dict(spec.network_args)
-    if "img_size" in args and "img_size" not in inspect.signature(cls.__init__).parameters:
-        del args["img_size"]  # SwinUNETR before MONAI 1.5 took the input size; later versions accept any multiple of 32
-    try:
-        return cls(**args)
-    except Exception as exc:  # wrong, missing or inconsistent arguments; optional packages the class needs
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot build {spec.network_class} with {spec.network_args}: {first}") from None
-
-
-def read_spec(model_dir: str | os.PathLike) -> ModelSpec:
-    d = Path(model_dir)
-    f = d / SPEC_FILE
-    if not d.is_dir():
-        raise InputError(f"model folder {d} does not exist (it must hold {SPEC_FILE} and the weights)")
-    if not f.is_file():
-        raise InputError(f"model folder {d} has no {SPEC_FILE}")
-    return ModelSpec.from_dict(read_json_file(f, "model spec"), source=str(f))
 
 
 def read_json_file(path, what: str):
@@ -352,54 +309,6 @@ def _refuse_downloading_args(network_args: dict, source: str) -> None:
         elif isinstance(value, str) and URL_VALUE.match(value):
             raise InputError(f"{source}: {where} is the URL {value[:100]!r}; nothing is downloaded, the weights are the model "
                              "folder's own. Remove it")
-
-
-def load_model(model: str | os.PathLike | None = None, device="cpu", *, channels=None, folds=None, mirroring: bool = True) -> LoadedModel:
-    """Load a model in eval mode, parameters frozen: a model.json folder (default: the bundled demo
-    model), an nnU-Net v2 trained-model folder or an LST-AI 2.x checkpoint folder (formats.py).
-
-    channels: the images the network's input channels are, in order ("flair", "mprage"), when the
-    model's own names are to be overridden. folds, mirroring: nnU-Net's (default: every fold present,
-    test-time mirroring on, as nnU-Net's predictor does)."""
-    from .formats import detect_format
-
-    p = Path(model) if model is not None else default_model_dir()
-    fmt, where = detect_format(p)
-    if fmt != "nnunet" and (folds is not None):
-        raise InputError(f"--folds is for nnU-Net models; {p} is {'a ' + fmt if fmt != 'msis' else 'a model.json'} model")
-    if fmt == "nnunet":
-        from .nnunet_model import load_nnunet_model
-
-        return load_nnunet_model(where, device=device, folds=folds, mirroring=mirroring, channels=channels)
-    if fmt == "lst-ai":
-        from .lstai_model import load_lstai_model
-
-        return load_lstai_model(where, device=device, channels=channels)
-    return load_msis_model(where, device=device, channels=channels)
-
-
-def load_msis_model(model_dir, device="cpu", channels=None) -> LoadedModel:
-    d = Path(model_dir)
-    spec = read_spec(d)
-    if channels is not None:
-        spec.input_channels = checked_channels(channels, len(spec.input_channels), str(d / SPEC_FILE))
-    net = build_network(spec)
-    wpath = d / spec.weights
-    if not wpath.is_file():
-        raise InputError(f"weights file {wpath} named in {d / SPEC_FILE} does not exist")
-    if not wpath.resolve().is_relative_to(d.resolve()):  # a symbolic link may lead out of the folder
-        raise InputError(f"weights file {wpath} named in {d / SPEC_FILE} is {wpath.resolve()}, outside the model folder; "
-                         "copy the weights into the folder")
-    state = unwrap_state_dict(load_weights(wpath), wpath)
-    check_state_dict(state, wpath)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise InputError(f"weights {wpath} do not fit {spec.network_class}{spec.network_args}: {str(exc).splitlines()[0][:300]}") from None
-    freeze(net)
-    net.to(device)
-    probe_network(net, spec, device, source=str(d / SPEC_FILE))
-    return LoadedModel(net, spec, d)
 
 
 def mean_of_members(members):
@@ -540,28 +449,14 @@ def freeze(net) -> None:
         p.requires_grad_(False)
 
 
-def save_model(network, spec: ModelSpec, out_dir: str | os.PathLike) -> Path:
-    """Write a model folder: the spec as JSON and the weights as a plain state_dict."""
-    import torch
-
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    torch.save(state, str(d / spec.weights))
-    (d / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+def size_divisor(spec) -> int:
+    """Input sizes the network accepts are multiples of this (product of the down-sampling strides)."""
+    if spec is None:
+        return 16
+    strides = spec.network_args.get("strides")
+    if not strides:
+        return 32 if "swin" in spec.network_class.lower() else 16
+    d = 1
+    for s in strides:
+        d *= int(max(s) if isinstance(s, (list, tuple)) else s)
     return d
-
-
-def resolve_device(device: str = "auto"):
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
-    import torch
-
-    if isinstance(device, torch.device):
-        device = str(device)
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device != "cpu" and not str(device).startswith("cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)

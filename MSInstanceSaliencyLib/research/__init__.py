@@ -1,0 +1,1 @@
+"""Research: phantoms, training, losses, validation, the papers' experiments and the reproduction report."""
