@@ -3,7 +3,7 @@
 Work units: one task per case (read, prepare, segment; its state, the prepared image and the lesion
 labels, stays on the worker as a future), then one task per lesion that depends on it, so that dask
 runs a case's lesions where its image is (data locality). A confluent lesion is split into parts of
-Ω, each a task (`saliency.smoothgrad_part`), and one task combines them: the signed maximum of Eq. 3
+Ω, each a task (`saliency.smoothgrad.smoothgrad_part`), and one task combines them: the signed maximum of Eq. 3
 is associative, so the combined map is the one-worker map. The model is loaded once per worker
 process (a worker plugin, and a per-process cache for workers that join later).
 
@@ -17,7 +17,7 @@ skips finished cases, and of unfinished ones the lesions whose keys are there; a
 is refused once finished, else done again (its earlier rows dropped). DIR/cohort.json records the
 settings, written once the cluster is up (it marks DIR as a cohort's: without it DIR must be empty); a
 re-run with other settings is refused. DIR/summary.csv is rewritten at the end. Every file goes through
-pipeline.write_output_file (complete, then renamed; never over a file msis did not write).
+io.outputs.write_output_file (complete, then renamed; never over a file msis did not write).
 
 dask is imported inside functions, so `msis` starts light and the Slicer side never needs it.
 """
@@ -426,7 +426,7 @@ class ResultTable:
         self._put(table, self.folder / f"part-{uuid.uuid4().hex}.parquet")
 
     def _put(self, table, path: Path, replace: bool = False) -> None:
-        """Through pipeline.write_output_file, as every output: a hidden .part-<uuid>.parquet.msis-* until whole
+        """Through io.outputs.write_output_file, as every output: a hidden .part-<uuid>.parquet.msis-* until whole
         (readers skip it, open() removes it), then renamed; a full disk is one line naming the part."""
         import pyarrow as pa
         import pyarrow.parquet as pq

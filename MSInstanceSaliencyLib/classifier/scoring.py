@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Cancelled, InputError
-from ..io.outputs import _atomic_write
-from .radiomics import default_classifier_path, FeatureError, make_extractor, saliency_features, TPClassifier
+from ..io.outputs import atomic_write
+from .radiomics import FeatureError, TPClassifier, default_classifier_path, make_extractor, saliency_features
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,14 @@ def write_feature_rows(rows: list[dict], path, feature_names: list, append: bool
     p.parent.mkdir(parents=True, exist_ok=True)
     fields = META_COLUMNS + list(feature_names)
     earlier = _resumable_rows(p, fields)[0] if append else []
-    return _atomic_write(p, _csv_bytes(earlier + list(rows), fields))
+    return atomic_write(p, _csv_bytes(earlier + list(rows), fields))
 
 
 def write_table_manifest(path, settings: dict, **info) -> Path:
     """The saliency settings of a feature table and what else made it, beside it (FEATURES.csv.json),
     written atomically."""
     side = Path(str(path) + ".json")
-    _atomic_write(side, (json.dumps({"saliency": settings, **info}, indent=2) + "\n").encode("utf-8"))
+    atomic_write(side, (json.dumps({"saliency": settings, **info}, indent=2) + "\n").encode("utf-8"))
     return side
 
 
@@ -238,7 +238,7 @@ def model_identity(model) -> dict:
     """Name, version and a SHA-256 of the spec, the weights (the state_dict's tensors, so the same
     weights saved differently are the same model) and what else changes the output (the model's
     identity_extras: nnU-Net's plans, dataset, folds and mirroring; LST-AI's configs). Spec keys added
-    later count only when set (model.LATER_KEYS), and empty extras not at all, so a model keeps the
+    later count only when set (models.base.LATER_KEYS), and empty extras not at all, so a model keeps the
     identity its feature tables and classifier record."""
     import torch
 

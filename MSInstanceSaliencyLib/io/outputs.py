@@ -371,7 +371,7 @@ def write_json_output(path, data: dict, option: str) -> Path:
     return write_output_file(path, option, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _atomic_write(path, data: bytes) -> Path:
+def atomic_write(path, data: bytes) -> Path:
     """Write a file whole or not at all: a temporary file in the same folder, fsync, os.replace. A kill at
     any moment leaves either the old file or the new one (and at worst a stale `.NAME.PID.tmp`)."""
     p = Path(path)
@@ -385,8 +385,6 @@ def _atomic_write(path, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    from .outputs import fsync_folder
-
     fsync_folder(p.parent)  # make the rename itself durable
     return p
 

@@ -172,7 +172,7 @@ class ModelSpec:
 @dataclass
 class LoadedModel:
     """A network in eval mode with frozen parameters, the spec of what it takes, and how to run it on a
-    case. This class runs model.json folders (MONAI networks); nnunet_model and lstai_model subclass it
+    case. This class runs model.json folders (MONAI networks); models.nnunet and models.lstai subclass it
     for their formats' own pre-processing and prediction. Saliency needs only `network` (input on the
     network's grid -> per-voxel logits), `spec` and `lesion_logits`."""
 

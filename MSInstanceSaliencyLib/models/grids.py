@@ -2,7 +2,7 @@
 
 Every output lies on the reference grid (the MPRAGE, or the FLAIR for a FLAIR-only case). A model
 may run on another grid: a MONAI model with a target spacing or orientation (`ResampledGrid`), an
-nnU-Net plan's cropped, transposed and resampled array (nnunet_model.NNUNetGrid). A grid maps a
+nnU-Net plan's cropped, transposed and resampled array (nnunet.NNUNetGrid). A grid maps a
 lesion mask to the network's grid (saliency's Ω) and the network's arrays (probabilities, maps) back.
 Arrays are (X, Y, Z) as everywhere in this package.
 """

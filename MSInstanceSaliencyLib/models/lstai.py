@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .base import _is_int, check_state_dict, checked_channels, freeze, load_weights, LoadedModel, mean_of_members, ModelSpec, probe_network
+from .base import LoadedModel, ModelSpec, _is_int, check_state_dict, checked_channels, freeze, load_weights, mean_of_members, probe_network
 from .formats import lstai_checkpoints
 
 INPUT_SHAPE = (192, 192, 192)  # LST-AI's crop of the 193 x 229 x 193 MNI grid
@@ -34,7 +34,7 @@ CONFIG_KEYS = ("in_channels", "n_conv_blocks", "n_filters", "n_classes", "ds_lay
 # filters and 5 blocks; the 192^3 crop halves at most 6 times (192 = 3 * 2^6).
 CONFIG_RANGES = {"in_channels": (1, 2), "n_conv_blocks": (1, 6), "n_filters": (1, 256), "n_classes": (1, 8),
                  "bottleneck_filters": (1, 4096)}
-# Memory of a whole-crop backward pass: benchmarks/model_memory.py (saliency.check_backward_fits refuses what does not fit).
+# Memory of a whole-crop backward pass: benchmarks/model_memory.py (saliency.common.check_backward_fits refuses what does not fit).
 
 
 def build_lstai_network(config: dict):

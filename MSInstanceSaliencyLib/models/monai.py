@@ -14,9 +14,8 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from .base import (check_state_dict, checked_channels, freeze, load_weights, LoadedModel, ModelSpec, probe_network, read_json_file,
-                   SPEC_FILE, unwrap_state_dict)
-
+from .base import (LoadedModel, ModelSpec, SPEC_FILE, check_state_dict, checked_channels, freeze, load_weights, probe_network,
+                   read_json_file, unwrap_state_dict)
 
 
 def build_network(spec: ModelSpec):

@@ -27,9 +27,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..progress import report
 from .base import (LoadedModel, ModelSpec, _is_int, _is_number, channel_name, check_state_dict, checked_channels, freeze, load_weights,
                    mean_of_members, probe_network, unwrap_state_dict)
-from ..progress import report
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")  # dynamic_network_architectures.architectures.unet
 # nnU-Net's trainer and the variants of it that change training only, not the network.

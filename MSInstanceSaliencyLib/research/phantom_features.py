@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classifier.scoring import (_resumable_rows, case_feature_rows, lesion_sizes, META_COLUMNS, model_identity, table_manifest,
+from ..classifier.scoring import (META_COLUMNS, _resumable_rows, case_feature_rows, lesion_sizes, model_identity, table_manifest,
                                   write_feature_rows, write_table_manifest)
 from ..errors import InputError
 from ..io.outputs import table_lock
@@ -16,7 +16,7 @@ from ..io.outputs import table_lock
 
 TABLE_FORMAT = 2
 # What a phantom table's sidecar records besides the saliency settings: everything that shapes its rows.
-# A resume must match all of them (scoring.phantom_feature_table).
+# A resume must match all of them (phantom_feature_table).
 RESUME_KEYS = ("model", "model_version", "model_sha256", "phantom_seed_base", "max_tp_per_case", "threshold", "min_volume_mm3",
                "phantom_voxel_size", "phantom_version")
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 from .common import _check_inputs, _divisor, _lesion_head, _network_and_spec, check_backward_fits, frozen, list_layers
-from .context import _crop_pad, context_box, DEFAULT_ROI
+from .context import DEFAULT_ROI, _crop_pad, context_box
 
 
 # ----------------------------------------------------------------------------- Grad-CAM++

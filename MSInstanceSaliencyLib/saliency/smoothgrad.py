@@ -18,9 +18,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import report
-from .common import (_activation_bytes, _autocast, _available_bytes, _check_inputs, _chunk_fitting, _divisor, _halved_after_oom, _is_oom,
-                     _lesion_head, _network_and_spec, check_backward_fits, frozen, MAX_COPIES_PER_PASS)
-from .context import _crop_pad, _uncrop, context_box, ContextBox, DEFAULT_ROI
+from .common import (MAX_COPIES_PER_PASS, _activation_bytes, _autocast, _available_bytes, _check_inputs, _chunk_fitting, _divisor,
+                     _halved_after_oom, _is_oom, _lesion_head, _network_and_spec, check_backward_fits, frozen)
+from .context import ContextBox, DEFAULT_ROI, _crop_pad, _uncrop, context_box
 
 
 # ----------------------------------------------------------------------------- SmoothGrad

@@ -37,7 +37,7 @@ def _killed_mid_write(img, path, *a, **k):
 sitk.WriteImage = _killed_mid_write
 """
 SMALL_DEMO_PHANTOM = """
-import MSInstanceSaliencyLib.phantom as _ph
+import MSInstanceSaliencyLib.research.phantom as _ph
 _make = _ph.make_phantom
 _ph.make_phantom = lambda *a, **k: _make(*a, **{**k, "voxel_size": 2.0})
 """
