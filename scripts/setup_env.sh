@@ -51,8 +51,9 @@ install_pyradiomics() { pip_install numpy versioneer && pip_install --no-build-i
 
 # nnU-Net's networks (needed to run nnU-Net models). --no-deps: its timm requirement pulls a CUDA build of
 # torchvision, which nothing here uses (timm serves architectures nnU-Net's default plans do not name).
+# einops first: installing a requirement of it afterwards would have pip report the timm left out on purpose.
 install_nnunet_networks() {
-  pip_install --no-deps dynamic-network-architectures==0.4.4 && pip_install -c "$CONSTRAINTS" einops==0.8.2
+  pip_install -c "$CONSTRAINTS" einops==0.8.2 && pip_install --no-deps dynamic-network-architectures==0.4.4
 }
 
 check_imports() {
@@ -70,8 +71,8 @@ install_tool() {
   # A pinned CPU build of torch; an unpinned torch would pull GBs of CUDA packages.
   step "torch 2.13.0 (CPU)" pip_install torch==2.13.0
   step "pyradiomics 3.0.1" install_pyradiomics
-  step "nnU-Net networks (dynamic-network-architectures 0.4.4)" install_nnunet_networks
   step "MSInstanceSaliencyLib (editable) and its dependencies" pip_install -c "$CONSTRAINTS" -e "$ROOT[cohort]"
+  step "nnU-Net networks (dynamic-network-architectures 0.4.4)" install_nnunet_networks
   step "check imports" check_imports "radiomics, distributed, pyarrow, SimpleITK, sklearn, nilearn, dynamic_network_architectures, MSInstanceSaliencyLib.cli"
   echo "$WANT" > "$TOOL_STAMP"
 }
