@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up the environments if needed (setup_env.sh --test: the tool and the test-only packages), then run the tests in two environments (extra arguments go to
-# pytest both times):
+# Set up the environments if needed (setup_env.sh --test: the tool and the test-only packages), then run
+# the tests in two environments (extra arguments go to pytest both times):
 #   1. in .venv (Python 3.11, every dependency including pyradiomics; no test may be skipped for
 #      a missing pyradiomics: MSIS_REQUIRE_RADIOMICS=1);
 #   2. in .venv-slicer, pinned like the Python of 3D Slicer 5.10 (scripts/test_slicer_python.sh):
