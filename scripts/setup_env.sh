@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 CONSTRAINTS="$ROOT/scripts/reference-constraints.txt"
 TOOL_STAMP="$VENV/.msis-setup"
 TEST_STAMP="$VENV/.msis-setup-test"
-WANT="$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
+WANT="$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/setup_steps.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 
 case "${1:-}" in
   "") WITH_TESTS=0 ;;
@@ -27,22 +27,7 @@ stamp_current() { [ -x "$VENV/bin/python" ] && [ -f "$1" ] && [ "$(cat "$1")" = 
 if stamp_current "$TOOL_STAMP" && { [ "$WITH_TESTS" = 0 ] || stamp_current "$TEST_STAMP"; }; then
   exit 0
 fi
-
-# step DESCRIPTION COMMAND...: one line on stderr; the command's output goes to the log.
-step() {
-  local what="$1"; shift
-  printf 'setup: %s ... ' "$what" >&2
-  printf '\n=== %s\n$ %s\n' "$what" "$*" >> "$LOG"
-  if "$@" >> "$LOG" 2>&1; then
-    echo ok >&2
-    return 0
-  fi
-  echo failed >&2
-  # this machine's pip config names index folders that may not exist: pip warns about each, for every package
-  grep -v "^WARNING: Location '.*' is ignored" "$LOG" | tail -n 20 | sed 's/^/  | /' >&2
-  echo "setup: failed; pip's full output is in $LOG" >&2
-  exit 1
-}
+source "$ROOT/scripts/setup_steps.sh"
 
 pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check "$@"; }
 

@@ -18,16 +18,17 @@ import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
-SETUP_INPUTS = ["scripts/setup_env.sh", "pyproject.toml", "scripts/reference-constraints.txt"]
+SETUP_INPUTS = ["scripts/setup_env.sh", "scripts/setup_slicer_env.sh", "scripts/setup_steps.sh", "pyproject.toml",
+                "scripts/reference-constraints.txt", "scripts/slicer-python-constraints.txt"]
 TEST_ONLY_PACKAGES = ["nnunetv2", "lst-ai", "captum", "slicer-core", "pytest", "[test"]
 IGNORED_LOCATION = "WARNING: Location 'file:///opt/pypi-more/simple/x/' is ignored: it is neither a file nor a directory."
 
 # A stand-in for python3 and the venv's python: `-m venv DIR` copies itself to DIR/bin/python; every call is
-# recorded; pip calls print pip-like noise, and the one whose arguments contain $FAIL_ON fails after 30 lines.
+# recorded; pip installs print pip-like noise, and the one whose arguments contain $FAIL_ON fails after 30 lines.
 FAKE_PYTHON = f"""#!/usr/bin/env bash
 echo "$*" >> "$RECORD"
 if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
-[ "$1 $2" = "-m pip" ] || exit 0
+[ "$1 $2 $3" = "-m pip install" ] || exit 0
 echo "{IGNORED_LOCATION}"
 case "$*" in *"${{FAIL_ON:-no such argument}}"*)
   for i in $(seq 30); do echo "pip output line $i"; done; echo "{IGNORED_LOCATION}"; exit 1;;
@@ -48,12 +49,12 @@ def checkout(tmp_path):
     return root, fake, tmp_path / "record.txt"
 
 
-def run_setup(checkout, *args, fail_on=None):
+def run_setup(checkout, *args, fail_on=None, script="setup_env.sh"):
     root, fake, record = checkout
-    env = dict(os.environ, PYTHON=str(fake), RECORD=str(record))
+    env = dict(os.environ, PYTHON=str(fake), SLICER_PYTHON=str(fake), RECORD=str(record))
     if fail_on:
         env["FAIL_ON"] = fail_on
-    return subprocess.run(["bash", str(root / "scripts/setup_env.sh"), *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(["bash", str(root / "scripts" / script), *args], capture_output=True, text=True, env=env, timeout=60)
 
 
 def pip_calls(record, root):
@@ -115,6 +116,19 @@ def test_failed_step_shows_the_log_tail_and_its_path(checkout, fail_on):
     assert "is ignored" not in proc.stderr
     assert str(log) in proc.stderr.splitlines()[-1] and "pip output line 30" in log.read_text()
     assert not (root / ".venv/.msis-setup-test").exists()  # never recorded as done
+
+
+def test_slicer_setup_prints_one_line_per_step(checkout):
+    root, _, _ = checkout
+    proc = run_setup(checkout, script="setup_slicer_env.sh")
+    assert_one_line_per_step(proc)
+    assert "is ignored" in (root / ".venv-slicer/setup.log").read_text()
+    assert run_setup(checkout, script="setup_slicer_env.sh").stderr == ""
+    stamp = root / ".venv-slicer/.msis-slicer-setup"
+    stamp.unlink()
+    failed = run_setup(checkout, script="setup_slicer_env.sh", fail_on="slicer-core")
+    assert failed.returncode != 0 and "pip output line 30" in failed.stderr and "is ignored" not in failed.stderr
+    assert not stamp.exists()
 
 
 def test_unknown_argument_is_refused_in_one_line(checkout):
