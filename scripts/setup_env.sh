@@ -1,34 +1,90 @@
 #!/usr/bin/env bash
 # Create or update the project's Python environment in .venv at the repository root.
-# Idempotent: when nothing that shapes the environment changed, it returns at once.
+#   setup_env.sh          what the tool needs (scripts/msis.sh runs this)
+#   setup_env.sh --test   that, plus what only the tests need (scripts/test.sh runs this): pytest, slicer-core,
+#                         captum and the reference implementations the tests compare with (nnunetv2, lst-ai)
+# Idempotent: each part has its stamp (a hash of the inputs below); when nothing changed, it returns at once and
+# prints nothing. Otherwise it prints one line per step; pip's own output goes to .venv/setup.log, and when a step
+# fails its last lines and the log's path are printed and the script exits non-zero.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
+LOG="$VENV/setup.log"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-STAMP="$VENV/.msis-setup"
-WANT="$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/pyproject.toml" "$ROOT/scripts/reference-constraints.txt" | sha256sum | cut -c1-16)"
+CONSTRAINTS="$ROOT/scripts/reference-constraints.txt"
+TOOL_STAMP="$VENV/.msis-setup"
+TEST_STAMP="$VENV/.msis-setup-test"
+WANT="$(cat "$ROOT/scripts/setup_env.sh" "$ROOT/scripts/setup_steps.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 
-if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+case "${1:-}" in
+  "") WITH_TESTS=0 ;;
+  --test) WITH_TESTS=1 ;;
+  *) echo "setup_env.sh: unknown argument '$1' (usage: setup_env.sh [--test])" >&2; exit 2 ;;
+esac
+
+stamp_current() { [ -x "$VENV/bin/python" ] && [ -f "$1" ] && [ "$(cat "$1")" = "$WANT" ]; }
+
+if stamp_current "$TOOL_STAMP" && { [ "$WITH_TESTS" = 0 ] || stamp_current "$TEST_STAMP"; }; then
   exit 0
 fi
-echo "setting up $VENV (one time; a few minutes) ..." >&2
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" --upgrade pip setuptools wheel
-"${PIP[@]}" numpy versioneer
-# A pinned CPU build of torch; an unpinned torch would pull GBs of CUDA packages.
-"${PIP[@]}" torch==2.13.0
+source "$ROOT/scripts/setup_steps.sh"
+
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check "$@"; }
+
 # pyradiomics 3.x builds only against the numpy already installed.
-"${PIP[@]}" --no-build-isolation pyradiomics==3.0.1
+install_pyradiomics() { pip_install numpy versioneer && pip_install --no-build-isolation pyradiomics==3.0.1; }
+
 # nnU-Net's networks (needed to run nnU-Net models). --no-deps: its timm requirement pulls a CUDA build of
 # torchvision, which nothing here uses (timm serves architectures nnU-Net's default plans do not name).
-"${PIP[@]}" --no-deps dynamic-network-architectures==0.4.4
-"${PIP[@]}" -c "$ROOT/scripts/reference-constraints.txt" einops==0.8.2
-"${PIP[@]}" -e "$ROOT[test,cohort]"
-# Reference implementations the tests compare with (not needed to use the tool): nnunetv2's predictor and
-# lst_ai's inference. --no-deps for the same reason, then what their code paths used in the tests import.
-"${PIP[@]}" --no-deps nnunetv2==2.8.1 lst-ai==2.0.0rc1
-"${PIP[@]}" -c "$ROOT/scripts/reference-constraints.txt" acvl-utils==0.2.6 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 \
-  scikit-image==0.26.0 pandas graphviz tifffile requests seaborn imagecodecs yacs blosc2 tqdm
-"$VENV/bin/python" -c "import torch, monai, radiomics, distributed, pyarrow, SimpleITK, sklearn, nilearn, dynamic_network_architectures, nnunetv2, lst_ai.model; print('environment ready: torch', torch.__version__, 'monai', monai.__version__)" >&2
-echo "$WANT" > "$STAMP"
+# einops first: installing a requirement of it afterwards would have pip report the timm left out on purpose.
+install_nnunet_networks() {
+  pip_install -c "$CONSTRAINTS" einops==0.8.2 && pip_install --no-deps dynamic-network-architectures==0.4.4
+}
+
+check_imports() {
+  "$VENV/bin/python" -c "import $1; import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)"
+}
+
+install_tool() {
+  rm -f "$TOOL_STAMP" "$TEST_STAMP"
+  if [ ! -x "$VENV/bin/python" ]; then
+    step "Python environment .venv ($("$PYTHON" -c 'import platform; print("Python", platform.python_version())' 2>/dev/null || echo "$PYTHON"))" \
+      "$PYTHON" -m venv "$VENV"
+  fi
+  # setuptools >= 77 reads pyproject.toml's SPDX license and license-files
+  step "pip, setuptools, wheel" pip_install --upgrade pip "setuptools>=77" wheel
+  # A pinned CPU build of torch; an unpinned torch would pull GBs of CUDA packages.
+  step "torch 2.13.0 (CPU)" pip_install torch==2.13.0
+  step "pyradiomics 3.0.1" install_pyradiomics
+  step "MSInstanceSaliencyLib (editable) and its dependencies" pip_install -c "$CONSTRAINTS" -e "$ROOT[cohort]"
+  step "nnU-Net networks (dynamic-network-architectures 0.4.4)" install_nnunet_networks
+  step "check imports" check_imports "radiomics, distributed, pyarrow, SimpleITK, sklearn, nilearn, dynamic_network_architectures, MSInstanceSaliencyLib.cli"
+  echo "$WANT" > "$TOOL_STAMP"
+}
+
+# The reference implementations the tests compare with (not needed to use the tool): nnunetv2's predictor and
+# lst_ai's inference, --no-deps for the same reason as above, after what their code paths used in the tests import.
+# They come last: every pip install after them would report lst-ai's requirements that are left out on purpose.
+install_reference_dependencies() {
+  pip_install -c "$CONSTRAINTS" acvl-utils==0.2.6 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 \
+    scikit-image==0.26.0 pandas graphviz tifffile requests seaborn imagecodecs yacs blosc2 tqdm
+}
+
+install_test_extras() {
+  rm -f "$TEST_STAMP"
+  step "test tools (pytest, slicer-core, captum)" pip_install -c "$CONSTRAINTS" -e "$ROOT[test,cohort]"
+  step "test references' dependencies (acvl-utils, batchgenerators, scikit-image, ...)" install_reference_dependencies
+  step "test references (nnunetv2 2.8.1, lst-ai 2.0.0rc1)" pip_install --no-deps nnunetv2==2.8.1 lst-ai==2.0.0rc1
+  step "check test imports" check_imports "pytest, slicer, captum, nnunetv2, lst_ai.model"
+  echo "$WANT" > "$TEST_STAMP"
+}
+
+mkdir -p "$VENV"
+: > "$LOG"
+if ! stamp_current "$TOOL_STAMP"; then
+  echo "setup: installing into $VENV (a few minutes the first time; pip's output: $LOG)" >&2
+  install_tool
+fi
+if [ "$WITH_TESTS" = 1 ] && ! stamp_current "$TEST_STAMP"; then
+  install_test_extras
+fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up the environments if needed, then run the tests in two environments (extra arguments go to
-# pytest both times):
+# Set up the environments if needed (setup_env.sh --test: the tool and the test-only packages), then run
+# the tests in two environments (extra arguments go to pytest both times):
 #   1. in .venv (Python 3.11, every dependency including pyradiomics; no test may be skipped for
 #      a missing pyradiomics: MSIS_REQUIRE_RADIOMICS=1);
 #   2. in .venv-slicer, pinned like the Python of 3D Slicer 5.10 (scripts/test_slicer_python.sh):
@@ -12,7 +12,7 @@ cd "$ROOT"
 
 echo "=== [1/2] main test suite (.venv) ===" >&2
 main_rc=0
-{ bash "$ROOT/scripts/setup_env.sh" && MSIS_REQUIRE_RADIOMICS=1 MSIS_REQUIRE_REFERENCES=1 "$ROOT/.venv/bin/python" -m pytest Testing/Python "$@"; } || main_rc=$?
+{ bash "$ROOT/scripts/setup_env.sh" --test && MSIS_REQUIRE_RADIOMICS=1 MSIS_REQUIRE_REFERENCES=1 "$ROOT/.venv/bin/python" -m pytest Testing/Python "$@"; } || main_rc=$?
 
 echo "=== [2/2] test suite under Slicer 5.10's Python pins (.venv-slicer) ===" >&2
 slicer_rc=0
