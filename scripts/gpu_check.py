@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     tiny = args.tiny or args.device == "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # logs and intermediate files (phantoms, the cohort's results): kept for a look, outside --out
+    # logs and intermediate files (phantoms, the cohort's results), outside --out; kept for a look when a step fails
     work = Path(tempfile.mkdtemp(prefix=f"gpu_check_{args.device}_"))
     print(f"gpu_check on {args.device}{' (tiny sizes)' if tiny else ''}: JSON -> {out}, logs -> {work}", flush=True)
     r = Runner(args.device, out, work, args.budget_s)
@@ -281,6 +282,10 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(total, indent=2) + "\n")
     print(f"gpu_check: {len(summary) - len(failed)}/{len(summary)} steps ok in {total['wall_s']:.0f} s"
           + (f"; FAILED: {', '.join(failed)}" if failed else "") + f" -> {path}")
+    if failed:
+        print(f"gpu_check: logs in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 

@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = ["worker_info", "cuda_tests", "saliency_paper", "saliency_demo", "cohort"]
 
 
-def gpu_check(*args, timeout=900):
-    # --python: the Python running the tests (in CI that is .venv's, which setup_env.sh made)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def gpu_check(*args, tmp, timeout=900):
+    # --python: the Python running the tests (in CI that is .venv's, which setup_env.sh made); the run's
+    # logs and phantoms go to TMPDIR
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp))
     return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--python", sys.executable, *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -37,9 +38,9 @@ def numbers(obj):
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
-    res = gpu_check("--device", "cpu", "--out", out)
-    return res, out
+    out, work = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("work")
+    res = gpu_check("--device", "cpu", "--out", out, tmp=work)
+    return res, out, work
 
 
 def load(out, step=None):
@@ -47,18 +48,19 @@ def load(out, step=None):
 
 
 def test_cpu_mode_runs_every_step_and_sums_up(cpu_run):
-    res, out = cpu_run
+    res, out, work = cpu_run
     assert res.returncode == 0, res.stdout + res.stderr
     progress = [ln for ln in res.stdout.splitlines() if ln.startswith("[")]
     assert [ln.split()[1] for ln in progress] == STEPS and all(" ok in " in ln for ln in progress)
     summary = load(out)
     assert summary["ok"] and summary["tiny"] and [s["step"] for s in summary["steps"]] == STEPS
     assert sorted(p.name for p in out.iterdir()) == sorted(["gpu_check_cpu.json"] + [f"gpu_check_cpu_{s}.json" for s in STEPS])
+    assert not list(work.glob("gpu_check_cpu_*"))  # logs and phantoms removed once every step passed
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_each_figure_is_finite_and_names_its_command(cpu_run, step):
-    _, out = cpu_run
+    _, out, _ = cpu_run
     record = load(out, step)
     assert record["step"] == step and record["device"] == "cpu" and record["wall_s"] > 0
     assert "python" in record["command"].split()[0]
@@ -68,7 +70,7 @@ def test_each_figure_is_finite_and_names_its_command(cpu_run, step):
 
 @pytest.mark.parametrize("model", ["paper", "demo"])
 def test_saliency_figures_compare_ours_with_the_authors_loop(cpu_run, model):
-    _, out = cpu_run
+    _, out, _ = cpu_run
     record = load(out, f"saliency_{model}")
     r = record["result"]
     assert f"--model {model}" in record["command"] and "--device cpu" in record["command"]
@@ -80,7 +82,7 @@ def test_saliency_figures_compare_ours_with_the_authors_loop(cpu_run, model):
 
 
 def test_worker_report_and_cohort_figures(cpu_run):
-    _, out = cpu_run
+    _, out, _ = cpu_run
     info = load(out, "worker_info")["result"]
     assert info["device"] == "cpu" and info["torch"] == torch.__version__ and info["device_note"]
     tests = load(out, "cuda_tests")["result"]
@@ -96,13 +98,14 @@ def test_worker_report_and_cohort_figures(cpu_run):
 
 def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
     """With no time budget every step fails at once: each says so, the summary lists them all, exit code 1."""
-    res = gpu_check("--device", "cpu", "--out", tmp_path, "--budget-s", "0", timeout=120)
+    res = gpu_check("--device", "cpu", "--out", tmp_path / "out", "--budget-s", "0", tmp=tmp_path, timeout=120)
     assert res.returncode == 1, res.stdout + res.stderr
     progress = [ln for ln in res.stdout.splitlines() if ln.startswith("[")]
     assert len(progress) == len(STEPS) and all("FAILED" in ln and "budget" in ln for ln in progress)
-    summary = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    summary = json.loads((tmp_path / "out" / "gpu_check_cpu.json").read_text())
     assert not summary["ok"] and [s["ok"] for s in summary["steps"]] == [False] * len(STEPS)
     assert "FAILED: " + ", ".join(STEPS) in res.stdout
+    assert "gpu_check: logs in " in res.stdout and len(list(tmp_path.glob("gpu_check_cpu_*"))) == 1  # kept to look at
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,7 +113,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
     pytest.param(["--device", "cuda"], "sees no GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_refusals_are_one_line_before_any_work(tmp_path, args, message):
-    res = gpu_check(*args, "--out", tmp_path, timeout=120)
+    res = gpu_check(*args, "--out", tmp_path / "out", tmp=tmp_path, timeout=120)
     assert res.returncode == 2 and message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
-    assert not list(tmp_path.iterdir())  # nothing written
+    assert not list(tmp_path.iterdir())  # nothing written, not even --out
