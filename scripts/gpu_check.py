@@ -61,8 +61,9 @@ class Runner:
     def __init__(self, device: str, out: Path, work: Path, budget_s: float):
         self.device, self.out, self.work = device, out, work
         self.deadline = time.monotonic() + budget_s
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-                        PYTHONUNBUFFERED="1")
+        # this checkout first; a PYTHONPATH given (e.g. carried wheels for --python) is kept after it
+        pythonpath = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath), PYTHONUNBUFFERED="1")
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
