@@ -158,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--copies-sweep", default="", help="comma-separated noisy copies per pass to time in patch mode, e.g. 1,4,8,16")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak fp32 TFLOP/s (default: known H100/H200/A100 figures)")
     ap.add_argument("--chunk-sweep", default="", help="comma-separated chunk sizes to time in patch mode on 3 copies, e.g. 1,8,32,128")
+    ap.add_argument("--voxel-size", type=float, default=1.0, help="the phantom's voxel size in mm (default 1; 2 for a quick run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -168,7 +169,7 @@ def main(argv=None):
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda"
     model = get_model(args.model, dev)
-    ph = make_phantom(2024, patient=17)
+    ph = make_phantom(2024, patient=17, voxel_size=args.voxel_size)
     image = prepare_case(ph.flair, ph.mprage, model.spec).image
     omega = lesion_of_size(image, array_from_image(ph.white_matter) > 0.9, args.lesion_voxels)
     sd = noise_sigma(image, 0.05, "range")
@@ -178,7 +179,7 @@ def main(argv=None):
     smoothgrad(model, image, omega, n_samples=1, device=dev)  # warm-up (kernels, allocator)
     res = {"model": args.model, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if gpu else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "volume": list(image.shape[1:]), "roi": model.spec.roi_size,
-           "lesion_voxels": int(omega.sum()), "samples": N, "precision": args.precision}
+           "lesion_voxels": int(omega.sum()), "samples": N, "precision": args.precision, "voxel_size_mm": args.voxel_size}
     res["authors"] = authors_way(model, image, omega, dev, args.authors_voxels or (50 if gpu else 5), N, sd)
     res["one_copy_per_pass"] = ours(model, image, omega, dev, "patch", N, args.patch_samples or N, args.precision, copies_per_pass=1)
     res["ours_patch"] = ours(model, image, omega, dev, "patch", N, args.patch_samples or N, args.precision)
