@@ -31,14 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MSInstanceSaliencyLib.models.base import PAPER_UNET_ARGS  # noqa: E402
-from MSInstanceSaliencyLib.models.monai import build_network  # noqa: E402
-from MSInstanceSaliencyLib.models.base import LoadedModel, ModelSpec, freeze  # noqa: E402
-from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
+from MSInstanceSaliencyLib.models.base import PAPER_UNET_ARGS, LoadedModel, ModelSpec, freeze, size_divisor  # noqa: E402
 from MSInstanceSaliencyLib.models.device import resolve_device  # noqa: E402
+from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
+from MSInstanceSaliencyLib.models.monai import build_network  # noqa: E402
 from MSInstanceSaliencyLib.saliency.context import _crop_pad, context_box  # noqa: E402
 from MSInstanceSaliencyLib.saliency.smoothgrad import noise_sigma, smoothgrad  # noqa: E402
-from MSInstanceSaliencyLib.models.base import size_divisor  # noqa: E402
 
 
 def get_model(name: str, dev) -> LoadedModel:
