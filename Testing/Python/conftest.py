@@ -98,5 +98,5 @@ def require_reference(module: str):
     if importlib.util.find_spec(module) is not None:
         return importlib.import_module(module)
     if os.environ.get("MSIS_REQUIRE_REFERENCES") == "1":
-        pytest.fail(f"{module} is not installed, and the main run needs it as a reference (scripts/setup_env.sh installs it)")
+        pytest.fail(f"{module} is not installed, and the main run needs it as a reference (`bash scripts/setup_env.sh --test` installs it)")
     pytest.skip(f"{module} (a reference implementation for tests) is not installed")
