@@ -595,7 +595,7 @@ def test_the_cli_knows_the_phantoms_patients():
 
 
 def test_context_defaults_name_cases_that_have_lesions_of_the_default_sizes():
-    """`msis context --out DIR` as the README gives it: patient 17 alone has no TP lesion of 90-120
+    """`msis context --out DIR` as docs/CLI.md gives it: patient 17 alone has no TP lesion of 90-120
     voxels for the demo model (exit 2, "no TP lesion"); patients 17-22 have 12 (the run takes minutes,
     so only its defaults are checked here; docs/reproduction runs the same cohort)."""
     from MSInstanceSaliencyLib.cli import _parse_patients, build_parser
