@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_args(p)
     p.add_argument("--workers", type=_COUNT, default=None, help="local dask workers (default: one per CPU core, or per GPU)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="address of a running dask scheduler, tcp://HOST:PORT (dask-jobqueue, dask-cuda; README, Cohorts) instead of a "
+                   help="address of a running dask scheduler, tcp://HOST:PORT (dask-jobqueue, dask-cuda; docs/COHORTS.md) instead of a "
                         "local cluster; the scheduler's port (8786 by default), not its dashboard's (8787). Refused, before any "
                         f"work, when no dask scheduler answers there within {SCHEDULER_TIMEOUT} s")
     p.add_argument("--no-tp-probability", action="store_true", help="skip the TP probability of each lesion")

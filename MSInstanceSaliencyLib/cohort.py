@@ -901,7 +901,7 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> str:
     deadline = time.monotonic() + timeout
 
     def refuse(why):
-        raise InputError(f"--scheduler {address}: {why}; {SCHEDULER_FORM}. Start the cluster first (README, Cohorts), or leave "
+        raise InputError(f"--scheduler {address}: {why}; {SCHEDULER_FORM}. Start the cluster first (docs/COHORTS.md), or leave "
                          "--scheduler out for a local one")
 
     def receive(sock, n):
@@ -950,7 +950,7 @@ def _start_client(scheduler, n_workers=None, *, gpu=False, dashboard=False):
             client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - whatever dask met there, the address is the problem: one line
             raise InputError(f"--scheduler {scheduler}: cannot connect a dask client ({type(exc).__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0][:200]}); start the cluster first (README, Cohorts) or leave "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}); start the cluster first (docs/COHORTS.md) or leave "
                              "--scheduler out for a local one") from None
         return client, None
     # the case ids are in the task keys that every dask HTTP page shows: without --dashboard the scheduler's and the

@@ -104,8 +104,8 @@ def load_classifier(path=None, model=None) -> TPClassifier:
         if p is None:
             raise InputError(f"no TP/FP classifier for the model {model.spec.name} ({model.format}); the TP probability stays empty. "
                              "Train one for it: `msis features --model MODEL ...` on cases with ground truth, then "
-                             "`msis train-classifier FEATURES.csv --out tp_classifier.json`, and pass --classifier (README, "
-                             "'Bring your own model')")
+                             "`msis train-classifier FEATURES.csv --out tp_classifier.json`, and pass --classifier "
+                             "(docs/OWN_MODEL.md)")
     else:
         p = default_classifier_path()
     if not p.is_file():
