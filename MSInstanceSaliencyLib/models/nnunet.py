@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..progress import report
 from .base import (LoadedModel, ModelSpec, _is_int, _is_number, channel_name, check_state_dict, checked_channels, freeze, load_weights,
-                   mean_of_members, probe_network, unwrap_state_dict)
+                   mean_of_members, probe_network, read_json_file, unwrap_state_dict)
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")  # dynamic_network_architectures.architectures.unet
 # nnU-Net's trainer and the variants of it that change training only, not the network.
@@ -388,10 +388,7 @@ class NNUNetModel(LoadedModel):
 # ----------------------------------------------------------------------------- loading
 
 def _read_json(p: Path, what: str) -> dict:
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{p} ({what}) cannot be read: {exc}") from None
+    d = read_json_file(p, what)  # bounded in size and depth, UTF-8
     if not isinstance(d, dict):
         raise InputError(f"{p} ({what}) does not hold a JSON object")
     return d

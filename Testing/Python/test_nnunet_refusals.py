@@ -246,6 +246,14 @@ def test_a_spacing_that_would_resample_to_an_absurd_size_is_refused_before_resam
     one_error(segment_cli(capsys, files, d, tmp_path / "o"), "plans.json", f"spacing {spacing}", "would resample")
 
 
+@pytest.mark.parametrize("name", ["plans.json", "dataset.json"])
+def test_a_gigabyte_json_is_refused_without_reading_it(good, tmp_path, name):
+    d = variant(good, tmp_path / "m")
+    os.truncate(d / name, 3 * 2**30)  # sparse: instant, and reading it whole would take 3 GB
+    with pytest.raises(InputError, match=f"{name}.*MiB"):
+        load_model(d, mirroring=False)
+
+
 # ----------------------------------------------------------------------------- 11. labels as nnU-Net's LabelManager reads them
 
 @pytest.mark.parametrize("labels, lesion", [({"background": 0, "lesion": 1, "ignore": 2}, 1),
