@@ -81,10 +81,16 @@ def _countable_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if top <= labels.size:
         return (np.where(background, 0, labels) if background.any() else labels), np.arange(1, top + 1)
     lesion = labels > 0
-    ids = np.unique(labels[lesion])
-    compact = np.zeros(labels.shape, np.int64)
-    compact[lesion] = np.searchsorted(ids, labels[lesion]) + 1
-    return compact, ids
+    values = labels[lesion]
+    ids = np.unique(values)
+    return _renumbered(labels.shape, lesion, values, ids, np.int64), ids
+
+
+def _renumbered(shape, lesion: np.ndarray, values: np.ndarray, present: np.ndarray, dtype) -> np.ndarray:
+    """Labels 1..K at the voxels `lesion` (K = len(present), sorted), k where `values` is present[k - 1]; 0 elsewhere."""
+    labels = np.zeros(shape, dtype)
+    labels[lesion] = np.searchsorted(present, values) + 1
+    return labels
 
 
 def prediction_labels(pred: np.ndarray, spacing=(1.0, 1.0, 1.0), what: str = "the prediction") -> np.ndarray:
@@ -106,9 +112,7 @@ def prediction_labels(pred: np.ndarray, spacing=(1.0, 1.0, 1.0), what: str = "th
     if present[0] < 0:
         raise InputError(f"{what} has negative labels (such as {present[0]:g}): instance labels are whole numbers 1..K, 0 the "
                          "background; or give a binary mask (one non-zero value)")
-    labels = np.zeros(pred.shape, np.int32 if present.size < 2**31 else np.int64)
-    labels[lesion] = np.searchsorted(present, values) + 1
-    return labels
+    return _renumbered(pred.shape, lesion, values, present, np.int32 if present.size < 2**31 else np.int64)
 
 
 def lesion_counts(pred_labels: np.ndarray, gt_mask: np.ndarray) -> LesionCounts:
