@@ -20,8 +20,11 @@ LAYERS = [
     ("saliency", "saliency"),
     ("classifier", "classifier"),
     ("research", "research"),
-    ("apps", {"cli", "cohort", "worker", "worker_client", "__main__"}),
+    ("cohort", "cohort"),  # msis cohort, an app on top of the Lib: only the apps above may import it
+    ("apps", {"cli", "worker", "worker_client", "__main__"}),
 ]
+# The cohort package's modules, lowest first: each imports only modules before it (its __init__ last)
+COHORT_ORDER = ["manifest", "store", "tasks", "progress", "cluster", "run", "__init__"]
 
 
 def _modules(lib: Path) -> dict:
@@ -125,6 +128,23 @@ def layout_problems(lib: Path) -> list:
     return problems
 
 
+def order_problems(lib: Path, package: str, order: list) -> list:
+    """Imports between the modules of the subpackage `package` that do not go to a module before them in
+    `order` (which names them all)."""
+    modules = _modules(lib)
+    prefix = f"{lib.name}.{package}"
+    rank = {prefix + ("" if m == "__init__" else f".{m}"): i for i, m in enumerate(order)}
+    problems = [f"{name} is not in the order" for name in modules if (name == prefix or name.startswith(prefix + ".")) and name not in rank]
+    for name, i in rank.items():
+        if name not in modules:
+            problems.append(f"{name} is in the order but does not exist")
+            continue
+        for line, target, _ in _imports(name, modules[name], modules):
+            if target in rank and target != name and rank[target] >= i:
+                problems.append(f"{modules[name].relative_to(lib.parent)}:{line} imports {target}, which is not before it")
+    return problems
+
+
 def _top_level_names(path: Path) -> set:
     names = set()
     for n in ast.parse(path.read_text(encoding="utf-8")).body:
@@ -161,6 +181,10 @@ def user_import_problems(files, lib: Path, allow_private: bool) -> list:
 
 def test_the_lib_is_layered_without_cycles():
     assert layout_problems(LIB) == []
+
+
+def test_the_cohort_modules_import_only_those_before_them():
+    assert order_problems(LIB, "cohort", COHORT_ORDER) == []
 
 
 def test_every_subpackage_is_a_layer():
@@ -203,6 +227,17 @@ def _package(tmp_path, files: dict) -> Path:
 def test_layout_problems_are_found(tmp_path, files, expected):
     problems = layout_problems(_package(tmp_path, files))
     assert any(expected in p for p in problems), problems
+
+
+def test_order_problems_are_found(tmp_path):
+    lib = _package(tmp_path, {"cohort/__init__.py": "from .run import run\n", "cohort/run.py": "from .manifest import read\n",
+                              "cohort/manifest.py": "def read():\n    from .run import run\n", "cohort/stray.py": ""})
+    problems = order_problems(lib, "cohort", ["manifest", "run", "__init__", "gone"])
+    assert any("manifest.py:2 imports MSInstanceSaliencyLib.cohort.run, which is not before it" in p for p in problems), problems
+    assert any("cohort.stray is not in the order" in p for p in problems), problems
+    assert any("cohort.gone is in the order but does not exist" in p for p in problems), problems
+    assert order_problems(lib, "cohort", ["run", "manifest", "__init__", "stray"]) == [
+        f"{PKG}/cohort/run.py:1 imports {PKG}.cohort.manifest, which is not before it"]
 
 
 def test_user_import_problems_are_found(tmp_path):
