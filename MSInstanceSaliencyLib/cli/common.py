@@ -1,0 +1,63 @@
+"""Helpers the commands share: loading the model, the output folder, warnings and CSV rows."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import InputError
+from .parser import PHANTOM_VOXEL_SIZES
+
+
+def OutputFolder(*args, **kwargs):  # noqa: N802 - the class, imported when used so that `msis` starts light
+    from ..io.outputs import OutputFolder as _OutputFolder
+
+    return _OutputFolder(*args, **kwargs)
+
+
+def _load(args):
+    from ..models.loading import load_model
+    from ..models.device import resolve_device
+    from ..models.device import env_threads
+
+    env_threads()
+    dev = resolve_device(args.device)
+    return load_model(args.model, device=dev, channels=getattr(args, "model_channels", None), folds=getattr(args, "folds", None),
+                      mirroring=not getattr(args, "no_mirroring", False)), dev
+
+
+def _classifier_for(model, args):
+    """The TP/FP classifier of the model (or --classifier), refused when it was trained for another model."""
+    from ..classifier.scoring import load_classifier
+
+    return load_classifier(args.classifier, model=model)
+
+
+def _phantom_voxel_size() -> float:
+    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of the phantoms of `phantom` (where --voxel-size
+    overrides it) and of `features --phantom-patients` (default 1, the model's training phantoms; tests
+    use 2 for small, fast cases). Recorded in the phantom's and the feature table's sidecars."""
+    text = os.environ.get("MSIS_PHANTOM_VOXEL_SIZE", "").strip()
+    if not text:
+        return 1.0
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    lo, hi = PHANTOM_VOXEL_SIZES
+    if not lo <= v <= hi:
+        raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between {lo:g} and {hi:g}, got {text!r}")
+    return v
+
+
+def _write_rows(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _warn(message):
+    print(f"msis: warning: {message}", file=sys.stderr)

@@ -1,0 +1,191 @@
+"""The research commands: phantom, the paper's experiments (context, sanity, stats, reproduce), train and
+validate-model."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from ..errors import InputError
+from .common import OutputFolder, _load, _phantom_voxel_size, _warn, _write_rows
+from .parser import _parse_patients
+
+
+def cmd_phantom(args) -> int:
+    from ..research.phantom import make_phantom
+
+    voxel_size = _phantom_voxel_size() if args.voxel_size is None else args.voxel_size
+    names = ("flair", "mprage", "lesions", "mimics") + (() if args.skull_stripped else ("head",))
+    out = OutputFolder(args.out, protected=[args.lesion_mask] if args.lesion_mask else [], names=[f"{n}.nii.gz" for n in names])
+    ph = make_phantom(args.seed, args.lesion_mask, patient=args.patient, voxel_size=voxel_size, skull_stripped=args.skull_stripped)
+    from ..io.volumes import write_image
+
+    with out.writing():
+        for name in names:
+            write_image(getattr(ph, name), out.file(f"{name}.nii.gz"))
+    out.close(command="phantom", seed=args.seed, patient=ph.patient, **ph.info)
+    for name in names:
+        print(out.path / f"{name}.nii.gz")
+    return 0
+
+
+def _cases(args, model, dev):
+    """Experiment cases: the given files (with --gt, and --wm where used) or phantom cases."""
+    from ..research.experiments import file_case, phantom_cases
+
+    if args.flair or args.mprage:
+        if not (args.flair and args.mprage and args.gt):
+            raise InputError("with files, give --flair, --mprage and --gt (the experiments choose TP lesions from the ground truth)")
+        yield file_case(model, args.flair, args.mprage, args.gt, getattr(args, "wm", None), device=dev)
+        return
+    yield from phantom_cases(model, _parse_patients(args.phantom_patients), device=dev)
+
+
+def _bars(label):
+    from ..progress import ProgressBar
+
+    return ProgressBar(label=label)
+
+
+def cmd_context(args) -> int:
+    from ..research.experiments import context_figure, run_context
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out, names=["context_raw.csv", "context_summary.json", "context.png"])
+    rows, summary = run_context(model, _cases(args, model, dev), tuple(args.size_range), n_steps=args.steps, device=dev,
+                                progress=_bars, warn=_warn)
+    with out.writing():
+        _write_rows(out.file("context_raw.csv"), rows)
+        out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        context_figure(summary, out.file("context.png"))
+    out.close(command="context", size_range=list(args.size_range), steps=args.steps)
+    print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
+          f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
+    print(f"outputs in {out.path}: context_raw.csv, context_summary.json, context.png")
+    return 0
+
+
+def cmd_sanity(args) -> int:
+    if args.sanity_command == "control-regions":
+        return _sanity_control_regions(args)
+    if args.sanity_command == "synthetic-lesion":
+        return _sanity_synthetic_lesion(args)
+    raise InputError(f"unknown sanity check {args.sanity_command}")
+
+
+def _sanity_control_regions(args) -> int:
+    from ..research.experiments import control_regions_figure, run_control_regions
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
+                       names=["control_regions.csv", "control_regions_summary.json", "control_regions.png"])
+    case = next(_cases(args, model, dev))
+    rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
+                                                       seed=args.noise_seed, device=dev, progress=_bars)
+    with out.writing():
+        _write_rows(out.file("control_regions.csv"), rows)
+        out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference, regions, maps, out.file("control_regions.png"))
+    out.close(command="sanity control-regions")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _sanity_synthetic_lesion(args) -> int:
+    from ..research.experiments import run_synthetic_lesion, synthetic_lesion_figure
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
+                       names=["synthetic_lesion.csv", "synthetic_lesion_summary.json", "synthetic_lesion.png"])
+    case = next(_cases(args, model, dev))
+    rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
+                                                 seed=args.noise_seed, device=dev, progress=_bars)
+    with out.writing():
+        _write_rows(out.file("synthetic_lesion.csv"), rows)
+        out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        synthetic_lesion_figure(panels, out.file("synthetic_lesion.png"))
+    out.close(command="sanity synthetic-lesion")
+    for r in rows:
+        print(f"{r['variant']:<24} segmented {str(r['detected']):<5}  mean p {r['mean_probability']:.3f}  max p {r['max_probability']:.3f}  "
+              f"FLAIR map peaks {r['map_max']:.3g} / {r['map_min']:.3g}")
+    print("paper's expectations: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summary["paper_expectation_met"].items()))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from ..research.experiments import peaks_figures, run_peaks
+
+    model, dev = _load(args)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
+                       names=["peaks.csv", "peaks_summary.json", "peaks_violin.png", "modality_contribution.png"])
+    rows, summary = run_peaks(model, list(_cases(args, model, dev)), n_samples=args.samples, seed=args.noise_seed,
+                              max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn)
+    with out.writing():
+        _write_rows(out.file("peaks.csv"), rows)
+        out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
+    out.close(command="stats peaks")
+    for g in ("TN", "FN", "FP", "TP"):
+        m = summary["medians_positive_peak"][g]
+        if m["n"]:
+            print(f"{g}: n={m['n']:<4} median positive peak {m['median']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  (paper {summary['paper_medians_positive_peak'][g]})")
+    for pair, r in summary["mannwhitney_positive_peak"].items():
+        print(f"  {pair}: U={r['U']:.1f} p={r['p']:.3g}")
+    return 0
+
+
+def cmd_reproduce(args, run) -> int:
+    """run: msis's main, which runs each experiment as its own command (exit code, one-line errors)."""
+    from ..research.report import write_reproduction_report
+
+    out = OutputFolder(args.out, names=["REPORT.md"])
+    common = ["--device", args.device] + (["--model", args.model] if args.model else [])
+    runs = {
+        "context": ["context", "--phantom-patients", args.context_patients],
+        "control_regions": ["sanity", "control-regions", "--phantom-patients", "17", "--samples", str(args.samples)],
+        "synthetic_lesion": ["sanity", "synthetic-lesion", "--phantom-patients", "17", "--samples", str(args.samples)],
+        "peaks": ["stats", "peaks", "--phantom-patients", args.peak_patients, "--samples", str(args.peak_samples),
+                  "--max-per-group", str(args.peak_max_per_group)],
+    }
+    status, t0 = {}, time.time()
+    for name, argv in runs.items():
+        print(f"== {name}: msis {' '.join(argv)}", file=sys.stderr)
+        t = time.time()
+        status[name] = {"exit_code": run(argv + ["--out", str(out.path / name)] + common), "seconds": round(time.time() - t, 1),
+                        "command": "msis " + " ".join(argv + ["--out", f"{name}"])}
+    with out.writing():
+        report = out.final(write_reproduction_report(out.path, status, out.file("REPORT.md")))
+    out.close(command="reproduce", runs=status, total_s=round(time.time() - t0, 1))
+    print(f"report: {report}")
+    return 0 if all(v["exit_code"] == 0 for v in status.values()) else 1
+
+
+def cmd_train(args) -> int:
+    from ..research.training import train
+
+    from ..models.base import SPEC_FILE, ModelSpec
+
+    names = [SPEC_FILE, ModelSpec().weights, "training_log.json"]
+    out = OutputFolder(args.out, names=names)
+    staged = [out.file(n) for n in names]
+    with out.writing():  # checkpoints and the log go to the staging folder, into place when training ends
+        train(staged[0].parent, args.config, iterations=args.iterations, batch=args.batch, patch=args.patch,
+              phantoms_per_patient=args.phantoms_per_patient, seed=args.seed, cache_dir=args.cache, device=args.device)
+    out.close(command="train", config=args.config, seed=args.seed)
+    print(f"model written to {out.path}")
+    return 0
+
+
+def cmd_validate_model(args) -> int:
+    from ..io.outputs import check_output_file, write_json_output
+    from ..research.validation import format_validation, validate_model
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    model, dev = _load(args)
+    res = validate_model(model, _parse_patients(args.patients), per_patient=args.per_patient, device=dev)
+    print(format_validation(res))
+    if args.json:
+        write_json_output(args.json, res, "--json")
+    return 0
