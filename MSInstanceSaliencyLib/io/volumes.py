@@ -320,10 +320,10 @@ def check_intensities(array: np.ndarray, what: str) -> None:
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(p), useCompression=True)
-    return p
+    """Written whole and checked complete (io.outputs.atomic_write): never a truncated image at `path`."""
+    from .outputs import atomic_write
+
+    return atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
 
 
 def lps_to_ras(points) -> np.ndarray:
