@@ -136,7 +136,7 @@ class OutputFolder:
                 raise InputError(f"cannot write {target}: the file was not written or is empty; the disk may be full. "
                                  f"Nothing was changed in {self.path}")
             if name.lower().endswith(IMAGE_SUFFIXES):
-                from .volumes import verify_complete
+                from .complete import verify_complete
 
                 try:
                     verify_complete(staged, "output", shown=target)
@@ -360,7 +360,7 @@ def _write_whole(p: Path, write, may_replace=None) -> Path:
         if tmp.stat().st_size == 0:
             raise OSError(f"nothing was written to {p}")
         if _image_suffix(p):
-            from .volumes import verify_complete
+            from .complete import verify_complete
 
             shown, folder = _published_as(p)
             try:
