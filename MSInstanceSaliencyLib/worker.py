@@ -41,13 +41,11 @@ _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 
 
 def save_array(path: str | os.PathLike, array: np.ndarray) -> str:
-    """Write an array so that a reader never sees a partial file (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-    os.replace(tmp, path)
-    return str(path)
+    """Write an array so that a reader never sees a partial file (io.outputs.atomic_write; a full disk is
+    an InputError naming the file)."""
+    from .io.outputs import atomic_write
+
+    return str(atomic_write(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array))))
 
 
 def load_array(path: str | os.PathLike, remove: bool = False) -> np.ndarray:

@@ -232,10 +232,10 @@ class TPClassifier:
         }
 
     def save(self, path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return p
+        """The classifier as JSON, written whole (io.outputs.atomic_write)."""
+        from ..io.outputs import atomic_write
+
+        return atomic_write(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path, expected_features: list | None = None) -> "TPClassifier":
@@ -412,7 +412,7 @@ def bootstrap_detection(is_tp: np.ndarray, keep: np.ndarray, n_fn: int, n_boot: 
 
 def importance_figure(clf: TPClassifier, path, top: int = 10):
     """Normalised coefficients: the `top` most positive and `top` most negative features."""
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -430,8 +430,7 @@ def importance_figure(clf: TPClassifier, path, top: int = 10):
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("coefficient / max |coefficient|  (red: towards TP, blue: towards FP)")
     ax.set_title(f"TP/FP classifier: top {top} positive and negative features")
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -456,7 +455,7 @@ def roc_auc_with_ci(is_tp, probability, n_boot: int = 1000, seed: int = 0) -> di
 
 def probability_figure(probability, is_tp, voxels, threshold: float, path):
     """P(TP) of every scored test lesion against its size, TPs and FPs apart, with the threshold."""
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -471,8 +470,7 @@ def probability_figure(probability, is_tp, voxels, threshold: float, path):
     ax.set_ylabel("P(TP) from saliency radiomics")
     ax.set_title("TP/FP classifier on the test lesions")
     ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -494,7 +492,7 @@ def threshold_sweep(is_tp, probability, n_fn: int, kept_tp: int = 0, kept_fp: in
 
 def threshold_figure(sweep: list[dict], threshold: float, path):
     """F1 and PPV against the pruning threshold; t = 0 is the network alone."""
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -509,6 +507,5 @@ def threshold_figure(sweep: list[dict], threshold: float, path):
     ax.set_ylabel("test-set score")
     ax.set_title("Detection scores against the pruning threshold (test set)")
     ax.legend(fontsize=8, loc="lower left")
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -1,5 +1,6 @@
 """Every safe write of the project: an output folder staged and put in place whole (OutputFolder, with its
 manifest and lock), single files written atomically, table locks, and protection of the user's own files.
+Every file msis writes goes through atomic_write or write_output_file (the one implementation: _write_whole).
 
 Outputs go only into the output folder. A manifest (msis_run.json) lists what the tool wrote there,
 so a second run may replace its own earlier outputs but never a file the user put there. A run
@@ -10,8 +11,10 @@ are complete, then writes the manifest last; one run at a time holds the folder 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import weakref
@@ -123,8 +126,7 @@ class OutputFolder:
                 raise
             filename = getattr(exc, "filename", None)
             target = self.final(filename) if filename else (self.path / self.written[-1] if self.written else self.path)
-            reason = getattr(exc, "strerror", None) or (text.strip().splitlines() or [type(exc).__name__])[-1][:200]
-            raise InputError(f"cannot write {target}: {reason}; the disk may be full. Nothing was changed in {self.path}") from None
+            raise _cannot_write(target, _reason(exc), self.path) from None
 
     def close(self, **info) -> Path:
         """Check every staged file, put them in place, then write msis_run.json (last, atomically)."""
@@ -134,7 +136,7 @@ class OutputFolder:
                 raise InputError(f"cannot write {target}: the file was not written or is empty; the disk may be full. "
                                  f"Nothing was changed in {self.path}")
             if name.lower().endswith(IMAGE_SUFFIXES):
-                from .volumes import verify_complete
+                from .complete import verify_complete
 
                 try:
                     verify_complete(staged, "output", shown=target)
@@ -318,49 +320,11 @@ def check_output_file(path, option: str, replace_own: bool = True, ours=written_
 
 
 def write_output_file(path, option: str, write, replace_own: bool = True, ours=written_by_msis) -> Path:
-    """write(tmp) into a temporary file beside `path`, check it (not empty; an image: complete), then put it
-    in place in one step: never a partial file at `path`, never over a file msis may not replace (see
-    check_output_file)."""
+    """write(tmp) into a temporary file beside `path`, check it, then put it in place in one step (see
+    _write_whole): never a partial file at `path`, never over a file msis may not replace (see
+    check_output_file; checked before the work and again as the file is put in place)."""
     p = check_output_file(path, option, replace_own, ours)
-    tmp = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        # the temporary name ends like the output's: writers that choose the format by it (SimpleITK) write the same
-        suffix = next((s for s in IMAGE_SUFFIXES if p.name.lower().endswith(s)), "")
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.msis-", suffix=suffix, dir=p.parent)
-        os.close(fd)
-        tmp = Path(tmp)
-        write(tmp)
-        if tmp.stat().st_size == 0:
-            raise OSError(f"nothing was written to {p}")
-        if suffix:  # SimpleITK returns normally after writing part of an image on a full disk
-            from .volumes import verify_complete
-
-            try:
-                verify_complete(tmp, "output", shown=p)
-            except InputError as exc:
-                raise InputError(f"{exc}; the disk may be full") from None
-        _fsync(tmp)
-        check_output_file(p, option, replace_own, ours)  # again: a file may have appeared meanwhile
-        try:
-            os.link(tmp, p)  # fails rather than replace a file that appears in between
-        except FileExistsError:
-            if not (replace_own and ours(p)):
-                raise InputError(f"{p} already exists and was not written by msis; choose another {option} or move it") from None
-            os.replace(tmp, p)
-        except OSError:  # no hard links on this file system
-            os.replace(tmp, p)
-        fsync_folder(p.parent)  # make the new name durable
-    except InputError:
-        raise
-    except (OSError, RuntimeError) as exc:
-        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-        raise InputError(f"cannot write {p}: {reason}; the disk may be full") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return p
+    return _write_whole(p, write, may_replace=lambda q: check_output_file(q, option, replace_own, ours))
 
 
 def write_json_output(path, data: dict, option: str) -> Path:
@@ -371,22 +335,96 @@ def write_json_output(path, data: dict, option: str) -> Path:
     return write_output_file(path, option, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_write(path, data: bytes) -> Path:
-    """Write a file whole or not at all: a temporary file in the same folder, fsync, os.replace. A kill at
-    any moment leaves either the old file or the new one (and at worst a stale `.NAME.PID.tmp`)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+def atomic_write(path, data) -> Path:
+    """Write a file whole or not at all, replacing whatever is at `path` (see _write_whole): `data` is the
+    bytes, or a function write(tmp) that writes the file at the temporary path it is given. A kill at any
+    moment leaves either the old file or the new one (and at worst a stale hidden `.NAME.msis-*`). For a
+    path where a user's own file may be, check first (check_output_file) or use write_output_file."""
+    write = data if callable(data) else (lambda tmp: Path(tmp).write_bytes(data))
+    return _write_whole(Path(path), write)
+
+
+def _write_whole(p: Path, write, may_replace=None) -> Path:
+    """The one atomic write of the project. write(tmp) into a new temporary file beside p, check it (not
+    empty; an image: every byte its header promises, as SimpleITK returns normally after writing part of
+    one on a full disk), fsync, then put it at p in one step and make the new name durable.
+    may_replace(p), when given, raises InputError to keep a file at p; it is asked just before, and the
+    file is then put in place with a hard link, which fails rather than replace a file that appears in
+    between. An error of the writer or the file system is one InputError naming p; the temporary file
+    never stays."""
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_beside(p)
+        write(tmp)
+        if tmp.stat().st_size == 0:
+            raise OSError(f"nothing was written to {p}")
+        if _image_suffix(p):
+            from .complete import verify_complete
+
+            shown, folder = _published_as(p)
+            try:
+                verify_complete(tmp, "output", shown=shown)
+            except InputError as exc:
+                raise InputError(f"{exc}; the disk may be full" + (f". Nothing was changed in {folder}" if folder else "")) from None
+        _fsync(tmp)
+        if may_replace is None:
+            os.replace(tmp, p)
+        else:
+            may_replace(p)
+            try:
+                os.link(tmp, p)
+            except FileExistsError:  # appeared since may_replace was asked
+                may_replace(p)
+                os.replace(tmp, p)
+            except OSError:  # no hard links on this file system
+                os.replace(tmp, p)
+        fsync_folder(p.parent)  # make the new name durable
+    except InputError:
         raise
-    fsync_folder(p.parent)  # make the rename itself durable
+    except (OSError, RuntimeError) as exc:  # RuntimeError: SimpleITK's and torch's write errors
+        shown, folder = _published_as(p)
+        raise _cannot_write(shown, _reason(exc), folder) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return p
+
+
+def _image_suffix(p: Path) -> str:
+    return next((s for s in IMAGE_SUFFIXES if p.name.lower().endswith(s)), "")
+
+
+def _temporary_beside(p: Path) -> Path:
+    """A new empty hidden file `.NAME.msis-XXXXXXXX` + the output's suffix, beside p. The suffix: writers
+    that choose the format by the name (SimpleITK, matplotlib, numpy) write the same as to p. Created with
+    the default permissions (umask), as a plain open() would, not mkstemp's owner-only ones."""
+    suffix = _image_suffix(p) or p.suffix
+    for _ in range(100):
+        tmp = p.with_name(f".{p.name}.msis-{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(p))
+
+
+def _published_as(p: Path) -> tuple[Path, Path | None]:
+    """The path the user will see for p, and the --out folder when p is staged in an OutputFolder of
+    this process (messages name the output, not the hidden staging folder)."""
+    if str(p.parent) in _OPEN_STAGING:
+        return p.parent.parent / p.name, p.parent.parent
+    return p, None
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+
+
+def _cannot_write(target, reason: str, folder=None) -> InputError:
+    return InputError(f"cannot write {target}: {reason}; the disk may be full" + (f". Nothing was changed in {folder}" if folder else ""))
 
 
 def table_lock(path):
@@ -414,10 +452,9 @@ class _TableLock:
             raise InputError(f"{self.path} is being written by another msis process{who}; wait for it to end, or choose another --out") from None
         try:
             self._set_pid(os.getpid())
-            names = {f".{self.path.name}", f".{self.path.name}.json"}
-            for t in self.path.parent.glob(".*.tmp"):  # left by a writer killed while it wrote
-                stem, _, pid = t.name[:-len(".tmp")].rpartition(".")
-                if stem in names and pid.isdigit():
+            temporaries = (f".{self.path.name}.msis-", f".{self.path.name}.json.msis-")  # of atomic_write
+            for t in self.path.parent.glob(".*.msis-*"):  # left by a writer killed while it wrote
+                if t.name.startswith(temporaries):
                     t.unlink(missing_ok=True)
         except BaseException:
             self.lock.release()

@@ -76,12 +76,14 @@ def load_msis_model(model_dir, device="cpu", channels=None) -> LoadedModel:
 
 
 def save_model(network, spec: ModelSpec, out_dir: str | os.PathLike) -> Path:
-    """Write a model folder: the spec as JSON and the weights as a plain state_dict."""
+    """Write a model folder: the spec as JSON and the weights as a plain state_dict, each file whole (a
+    failed save, e.g. a checkpoint on a full disk, keeps the earlier file)."""
     import torch
 
+    from ..io.outputs import atomic_write
+
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    torch.save(state, str(d / spec.weights))
-    (d / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    atomic_write(d / spec.weights, lambda tmp: torch.save(state, str(tmp)))
+    atomic_write(d / SPEC_FILE, (json.dumps(spec.to_dict(), indent=2) + "\n").encode("utf-8"))
     return d

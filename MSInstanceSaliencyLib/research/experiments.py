@@ -93,7 +93,7 @@ def summarize_context(per_lesion: dict, plateau_tol: float = 0.02) -> dict:
 
 
 def context_figure(summary: dict, path, title: str = "Contextual information"):
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -120,8 +120,7 @@ def context_figure(summary: dict, path, title: str = "Contextual information"):
     ax1.legend(lines, labels, loc="lower right", fontsize=8)
     ax1.set_title(f"{title} ({summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm, "
                   f"plateau {summary['plateau_mm']} mm)", fontsize=9)
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -166,7 +165,7 @@ def map_stats(maps: np.ndarray, omega: np.ndarray, channels=("flair", "mprage"))
 
 def control_regions_figure(flair, reference, regions: dict, maps: dict, path):
     """One row per region: axial slice through Ω's centre, FLAIR map on a colour scale shared by all rows."""
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -191,8 +190,7 @@ def control_regions_figure(flair, reference, regions: dict, maps: dict, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-vmax, vmax)), ax=axes, shrink=0.8, label="SmoothGrad (FLAIR)")
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -248,7 +246,7 @@ def copy_region(image: np.ndarray, region: np.ndarray, shift) -> tuple[np.ndarra
 def synthetic_lesion_figure(cases: dict, path, vmax: float | None = None):
     """One row per case: network-input FLAIR, lesion probability and FLAIR SmoothGrad map, axial slice
     through the copy's centre; maps on one colour scale."""
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -271,8 +269,7 @@ def synthetic_lesion_figure(cases: dict, path, vmax: float | None = None):
         row[2].set_title(f"FLAIR map peaks {c['map'].max():.3g} / {c['map'].min():.3g}", fontsize=9)
     axes[0][0].set_title("network input (FLAIR)", fontsize=9)
     fig.colorbar(plt.cm.ScalarMappable(cmap="RdBu_r", norm=plt.Normalize(-vmax, vmax)), ax=axes[:, 2], shrink=0.6, label="SmoothGrad (FLAIR)")
-    fig.savefig(str(path), dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -335,7 +332,7 @@ def modality_contribution(maps: np.ndarray, omega: np.ndarray, channels=("flair"
 
 
 def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "FP", "TP")):
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -347,8 +344,7 @@ def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "
         ax.set_xticks(range(1, len(present) + 1))
         ax.set_xticklabels([f"{g}\n(n={len(d)})" for g, d in zip(present, data)])
         ax.set_title(f"FLAIR SmoothGrad {title}")
-    fig.savefig(str(violin_path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, violin_path, dpi=110)
     keys = [k for k in rows[0] if k.startswith(("flair_inside", "flair_ring", "mprage_inside", "mprage_ring"))]
     fig, ax = plt.subplots(figsize=(11, 4), constrained_layout=True)
     ax.boxplot([[r[k] for r in rows if r["group"] in ("TP", "FP", "FN")] for k in keys], showfliers=False)
@@ -356,8 +352,7 @@ def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "
     ax.set_xticklabels([k.replace("_", "\n") for k in keys], fontsize=7)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_title("FLAIR vs MPRAGE contribution inside the lesion and in its 3-voxel ring (|value| >= 0.1; TP, FP, FN)")
-    fig.savefig(str(box_path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, box_path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- experiment runners (Python API)

@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError
-from ..io.volumes import image_from_array, read_image
+from ..io.volumes import image_from_array, read_image, write_image
 
 N_PATIENTS = 22
 PHANTOM_VERSION = 2  # bump when the same seed makes a different phantom (caches key on it); 2 = the head
@@ -79,16 +79,10 @@ class Phantom:
     info: dict = field(default_factory=dict)
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write flair/mprage/lesions/mimics as NIfTI into out_dir; returns the paths."""
+        """Write flair/mprage/lesions/mimics as NIfTI into out_dir, each whole; returns the paths."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name in ("flair", "mprage", "lesions", "mimics", "head"):
-            if getattr(self, name) is None:
-                continue
-            paths[name] = out / f"{name}.nii.gz"
-            sitk.WriteImage(getattr(self, name), str(paths[name]), useCompression=True)
-        return paths
+        return {name: write_image(getattr(self, name), out / f"{name}.nii.gz")
+                for name in ("flair", "mprage", "lesions", "mimics", "head") if getattr(self, name) is not None}
 
 
 def lesion_mask_dir() -> Path:

@@ -106,10 +106,9 @@ def write_reproduction_report(out_dir, status: dict, path) -> Path:
                          ("peaks/modality_contribution.png", "FLAIR vs MPRAGE contribution")):
         if (out / fig).is_file():
             lines += [f"### {caption}", "", f"![{caption}]({fig})", ""]
-    text = "\n".join(lines) + "\n"
-    p = Path(path)
-    p.write_text(text)
-    return p
+    from ..io.outputs import atomic_write
+
+    return atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _contribution(csv_path: Path):

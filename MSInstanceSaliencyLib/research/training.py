@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.outputs import atomic_write
 from ..models.base import DEMO_UNET_ARGS, ModelSpec, PAPER_UNET_ARGS
 from ..models.monai import build_network, save_model
 from ..progress import ProgressBar
@@ -87,9 +88,9 @@ def phantom_case(patient: int, seed: int, spec: ModelSpec, cache_dir: Path | Non
         np.argwhere(mimic).astype(np.int16),
         np.argwhere(brain)[::7].astype(np.int16),
     )
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, image=case.image, instances=case.instances, lesion=case.lesion_voxels, mimic=case.mimic_voxels, brain=case.brain_voxels)
+    if cache is not None:  # whole or not at all: a truncated cache would be read back by the next run
+        atomic_write(cache, lambda tmp: np.savez(tmp, image=case.image, instances=case.instances, lesion=case.lesion_voxels,
+                                                 mimic=case.mimic_voxels, brain=case.brain_voxels))
     return case
 
 
@@ -277,14 +278,14 @@ def train(
         if it % 1000 == 0 or it == iterations:
             spec.training = _training_record(config, patients, phantoms_per_patient, iterations, batch, patch, lr, seed, time.time() - t0, it, dev, cfg)
             save_model(net, spec, out)
-    (out / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    atomic_write(out / "training_log.json", (json.dumps(history, indent=1) + "\n").encode("utf-8"))
     plot_training_log(out / "training_log.json", out / "training_curve.png")
     return out
 
 
 def plot_training_log(log_json, png):
     """The smoothed training loss and the learning rate over iterations, from training_log.json."""
-    from ..saliency.figures import pyplot
+    from ..saliency.figures import pyplot, save_figure
 
     plt = pyplot()
 
@@ -300,8 +301,7 @@ def plot_training_log(log_json, png):
     (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8)
     ax.set_title(f"training: {it[-1]} iterations, {rows[-1]['seconds']:.0f} s", fontsize=9)
-    fig.savefig(str(png), dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
     return Path(png)
 
 

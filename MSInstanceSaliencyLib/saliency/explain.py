@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..io.volumes import array_from_image, image_from_array, same_grid
+from ..io.volumes import array_from_image, image_from_array, same_grid, write_image
 
 METHODS = ("smoothgrad", "gradcampp")
 CHOICES = {"method": METHODS, "sigma_mode": ("range", "absolute"), "aggregation": ("max", "mean"), "context": ("patch", "full"),
@@ -140,7 +140,7 @@ def write_explanation(exp: Explanation, reference: sitk.Image, flair_on_referenc
     for name, arr in exp.maps.items():
         suffix = f"smoothgrad_{name}" if exp.method == "smoothgrad" else "gradcampp"
         paths[name] = out.file(f"saliency_{exp.label}_{suffix}.nii.gz")
-        sitk.WriteImage(image_from_array(arr.astype(np.float32), reference=reference), str(paths[name]), useCompression=True)
+        write_image(image_from_array(arr.astype(np.float32), reference=reference), paths[name])
     shown = "flair" if "flair" in exp.maps else next(iter(exp.maps))
     png = out.file(f"saliency_{exp.label}_{exp.method}.png")
     omega_img = image_from_array(exp.omega.astype(np.uint8), reference=reference)

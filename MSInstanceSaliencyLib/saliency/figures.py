@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -22,6 +24,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path, dpi: int) -> Path:
+    """Write a figure whole (io.outputs.atomic_write: never a truncated PNG at `path`) and close it."""
+    from ..io.outputs import atomic_write
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=dpi))
+    finally:
+        pyplot().close(fig)
 
 
 SMOOTHGRAD_LABEL = "saliency (∂ logit / ∂ input)"
@@ -82,6 +94,5 @@ def saliency_figure(flair: sitk.Image, saliency: sitk.Image, omega: sitk.Image, 
     axes[0].text(0.97, 0.01, "L", color="w", transform=axes[0].transAxes)
     if title:
         fig.suptitle(title)
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -91,15 +91,19 @@ def lesion_table(labels: np.ndarray, reference: sitk.Image, probability: np.ndar
 
 
 def write_table(rows: list[dict], path: str | os.PathLike) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    """The lesion table as CSV, written whole (io.outputs.atomic_write)."""
+    from ..io.outputs import atomic_write
+
     columns = list(TABLE_COLUMNS) + [c for r in rows[:1] for c in r if c not in TABLE_COLUMNS]
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    return p
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+    return atomic_write(path, write)
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:

@@ -5,6 +5,7 @@ from MSInstanceSaliencyLib.segmentation.instances import TABLE_COLUMNS, label_in
 from MSInstanceSaliencyLib.io.volumes import image_from_array
 
 from conftest import make_image
+from test_outputs import assert_failed_rewrite_keeps_the_file
 
 
 def _blocks():
@@ -74,3 +75,12 @@ def test_empty_map_gives_empty_table():
     labels = label_instances(np.zeros((5, 5, 5), bool))
     assert labels.max() == 0
     assert lesion_table(labels, img) == []
+
+
+def test_a_failed_table_write_keeps_the_earlier_table(tmp_path):
+    lab = np.zeros((10, 10, 10), np.int32)
+    lab[2:4, 2:4, 2:4] = 1
+    rows = lesion_table(lab, image_from_array(lab.astype(np.float32)))
+    path = write_table(rows, tmp_path / "lesions.csv")
+    assert_failed_rewrite_keeps_the_file(path, lambda: write_table(rows * 50, path), n_bytes=path.stat().st_size + 100)
+    assert len(read_table(path)) == 1

@@ -12,6 +12,7 @@ from MSInstanceSaliencyLib.models.base import ModelSpec
 from MSInstanceSaliencyLib.models.loading import default_model_dir, load_model
 
 from conftest import tiny_spec
+from test_outputs import assert_failed_rewrite_keeps_the_file
 
 
 def test_spec_round_trip_and_frozen_eval(tiny_model_dir):
@@ -87,3 +88,19 @@ def test_bundled_demo_model_loads():
     m = load_model(default_model_dir())
     assert m.spec.input_channels == ["flair", "mprage"]
     assert m.spec.network_class == "UNet"
+
+
+def test_a_failed_save_keeps_the_earlier_model_folder(tmp_path):
+    """A checkpoint on a full disk (torch.save stops part-way): one InputError naming weights.pt, and the
+    earlier weights and spec are still there whole, so the folder still loads."""
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    d = save_model(build_network(spec), spec, tmp_path / "m")
+    weights = (d / spec.weights).read_bytes()
+    torch.manual_seed(1)
+    assert_failed_rewrite_keeps_the_file(d / spec.weights, lambda: save_model(build_network(spec), spec, d), n_bytes=len(weights) // 2)
+    assert load_model(d, device="cpu").spec == spec
+    # a spec that cannot be written after the new weights were: the earlier spec stays
+    bigger = ModelSpec(**{**spec.to_dict(), "description": "x" * 2 * len(weights)})
+    assert_failed_rewrite_keeps_the_file(d / "model.json", lambda: save_model(build_network(spec), bigger, d), n_bytes=len(weights) + 1000)
+    assert read_spec(d) == spec

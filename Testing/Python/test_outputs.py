@@ -4,6 +4,7 @@ Every test runs the real commands on small inputs (the 2 mm phantom, a tiny rand
 subprocesses, so that a run can be killed, paused or given a file-size limit like a full disk.
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -29,7 +30,7 @@ import os, signal, SimpleITK as sitk
 _write = sitk.WriteImage
 def _killed_mid_write(img, path, *a, **k):
     _write(img, path, *a, **k)
-    if str(path).endswith(os.environ["MSIS_TEST_KILL_AT"]):
+    if os.path.basename(path).startswith("." + os.environ["MSIS_TEST_KILL_AT"] + ".msis-"):  # its temporary (io.outputs)
         size = os.path.getsize(path)
         with open(path, "r+b") as f:
             f.truncate(size // 2)
@@ -301,6 +302,36 @@ def _file_size_limit(n_bytes):
     return limit
 
 
+@contextlib.contextmanager
+def disk_full_after(n_bytes):
+    """In this process, for the block: no file grows beyond n_bytes (writes fail with EFBIG, like ENOSPC)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def assert_failed_rewrite_keeps_the_file(path, rewrite, n_bytes=1000, shown=None):
+    """rewrite() of the good file at `path` on a disk full after n_bytes: one InputError naming the file
+    (`shown`: the name the user sees; "cannot write FILE: ..." or, for an image cut short, "output FILE is
+    truncated: ..."), the earlier file byte for byte, and no temporary file beside it."""
+    from MSInstanceSaliencyLib.errors import InputError
+
+    path = Path(path)
+    before, listing = path.read_bytes(), sorted(os.listdir(path.parent))
+    with disk_full_after(n_bytes), pytest.raises(InputError) as err:
+        rewrite()
+    message = str(err.value)
+    assert str(shown or path) in message and "disk may be full" in message and "\n" not in message, message
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == listing
+    return message
+
+
 def test_a_full_disk_is_one_line_and_publishes_nothing(phantom_files, tiny_model_dir, tmp_path):
     out = tmp_path / "seg"
     assert msis_here(*segment_args(phantom_files, tiny_model_dir, out)).returncode == 0
@@ -340,3 +371,68 @@ def test_an_unwritable_out_is_refused_before_any_work(phantom_files, tiny_model_
         if immutable:
             subprocess.run(["chattr", "-i", str(ro)])
         ro.chmod(0o755)
+
+
+# -- the one atomic write (io.outputs._write_whole) behind atomic_write and write_output_file -----------------
+
+@pytest.mark.parametrize("data", [b"new contents " * 200, "callable"])
+def test_atomic_write_on_a_full_disk_keeps_the_earlier_file(tmp_path, data):
+    from MSInstanceSaliencyLib.io.outputs import atomic_write
+
+    p = atomic_write(tmp_path / "table.csv", b"a,b\n1,2\n")
+    assert p.read_bytes() == b"a,b\n1,2\n"
+    write = (lambda tmp: Path(tmp).write_bytes(b"x" * 5000)) if data == "callable" else data
+    assert_failed_rewrite_keeps_the_file(p, lambda: atomic_write(p, write))
+    assert_failed_rewrite_keeps_the_file(p, lambda: atomic_write(p, lambda tmp: None))  # a writer that wrote nothing
+    # a new file that cannot be written leaves nothing under its name
+    from MSInstanceSaliencyLib.errors import InputError
+
+    with disk_full_after(1000), pytest.raises(InputError, match="new.csv"):
+        atomic_write(tmp_path / "new.csv", write)
+    assert sorted(os.listdir(tmp_path)) == ["table.csv"]
+
+
+def test_write_output_file_on_a_full_disk_keeps_the_earlier_file(tmp_path):
+    from MSInstanceSaliencyLib.io.outputs import write_json_output
+
+    p = write_json_output(tmp_path / "m.json", {"dice": 0.5}, "--json")
+    assert_failed_rewrite_keeps_the_file(p, lambda: write_json_output(p, {"dice": [0.1] * 1000}, "--json"))
+    assert write_json_output(p, {"dice": 0.7}, "--json") == p and json.loads(p.read_text())["dice"] == 0.7
+
+
+def test_atomically_written_files_have_the_usual_permissions(tmp_path):
+    """Not mkstemp's owner-only 0600: a model folder or a table is as readable as a file open() writes."""
+    from MSInstanceSaliencyLib.io.outputs import atomic_write, write_json_output
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    usual = plain.stat().st_mode & 0o777
+    assert (atomic_write(tmp_path / "a.bin", b"x").stat().st_mode & 0o777) == usual
+    assert (write_json_output(tmp_path / "b.json", {}, "--json").stat().st_mode & 0o777) == usual
+
+
+def test_a_failed_write_into_an_output_folder_names_the_output_not_the_staging_folder(small_phantom, tmp_path):
+    from MSInstanceSaliencyLib.errors import InputError
+    from MSInstanceSaliencyLib.io.outputs import OutputFolder
+    from MSInstanceSaliencyLib.io.volumes import write_image
+
+    out = OutputFolder(tmp_path / "out", names=["flair.nii.gz"])
+    # SimpleITK returns normally after writing part of an image on a full disk: the check after it refuses
+    with out.writing(), disk_full_after(100_000), pytest.raises(InputError) as err:
+        write_image(small_phantom.flair, out.file("flair.nii.gz"))
+    line = str(err.value)
+    assert line.startswith(f"cannot write {tmp_path / 'out' / 'flair.nii.gz'}: ") or f"output {tmp_path / 'out' / 'flair.nii.gz'} is truncated" in line, line
+    assert "staging" not in line and "disk may be full" in line and f"Nothing was changed in {tmp_path / 'out'}" in line
+    assert os.listdir(out.staging) == []
+
+
+def test_a_table_lock_removes_the_temporaries_of_a_killed_writer(tmp_path):
+    from MSInstanceSaliencyLib.io.outputs import table_lock
+
+    table = tmp_path / "FEATURES.csv"
+    stale = [tmp_path / ".FEATURES.csv.msis-0a1b2c3d.csv", tmp_path / ".FEATURES.csv.json.msis-0a1b2c3d.json"]
+    other = tmp_path / ".OTHER.csv.msis-0a1b2c3d.csv"  # another table's: not this lock's to remove
+    for p in (*stale, other):
+        p.write_text("half a row")
+    with table_lock(table):
+        assert not any(p.exists() for p in stale) and other.exists()

@@ -6,6 +6,8 @@ from scipy import ndimage
 from MSInstanceSaliencyLib.research.phantom import make_phantom, patient_mask_path
 from MSInstanceSaliencyLib.io.volumes import array_from_image, same_grid
 
+from test_outputs import assert_failed_rewrite_keeps_the_file
+
 
 def test_images_share_one_grid(small_phantom):
     ph = small_phantom
@@ -171,3 +173,10 @@ def test_phantom_voxel_size_one_way(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["phantom", "--help"])
     assert "MSIS_PHANTOM_VOXEL_SIZE" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_failed_phantom_save_keeps_the_earlier_images(small_phantom, tmp_path):
+    paths = small_phantom.save(tmp_path)
+    assert set(paths) == {"flair", "mprage", "lesions", "mimics", "head"} - ({"head"} if small_phantom.head is None else set())
+    assert_failed_rewrite_keeps_the_file(paths["flair"], lambda: small_phantom.save(tmp_path), n_bytes=paths["flair"].stat().st_size // 2)
+    assert same_grid(sitk.ReadImage(str(paths["flair"])), small_phantom.flair)

@@ -12,6 +12,8 @@ from MSInstanceSaliencyLib.errors import InputError
 from MSInstanceSaliencyLib.classifier.radiomics import (N_FEATURES, FeatureError, TPClassifier, bootstrap_detection,
                                                         default_feature_names, importance_figure, saliency_features)
 
+from test_outputs import assert_failed_rewrite_keeps_the_file
+
 
 def lesion_map(seed, positive=True, shape=(24, 24, 24)):
     """A saliency-like map: a blob inside the lesion (sign by class), a negative rim, noise."""
@@ -280,3 +282,27 @@ def test_lesion_features_progress_counts_backward_passes_and_cancels():
     assert done == sorted(done) and {16, 70} <= set(done)  # lesion boundaries
     with pytest.raises(Cancelled):
         lesion_features(model, case, labels, [1, 2, 3], settings, device="cpu", progress=lambda d, t: False)
+
+
+@pytest.mark.needs_radiomics
+def test_a_failed_classifier_save_keeps_the_earlier_file(fitted, tmp_path):
+    clf, X, _, _ = fitted
+    path = clf.save(tmp_path / "clf.json")
+    assert_failed_rewrite_keeps_the_file(path, lambda: clf.save(path), n_bytes=path.stat().st_size // 2)
+    np.testing.assert_array_equal(TPClassifier.load(path).predict_proba(X), clf.predict_proba(X))
+
+
+@pytest.mark.needs_radiomics
+@pytest.mark.parametrize("figure", ["importance", "probability", "threshold"])
+def test_a_failed_figure_keeps_the_earlier_png(fitted, tmp_path, figure):
+    """The classifier's figures are written whole (saliency.figures.save_figure), never half a PNG."""
+    from MSInstanceSaliencyLib.classifier.radiomics import probability_figure, threshold_figure, threshold_sweep
+
+    clf, X, y, _ = fitted
+    p = clf.predict_proba(X)[:, 1]
+    draw = {"importance": lambda path: importance_figure(clf, path),
+            "probability": lambda path: probability_figure(p, y == 1, np.arange(len(y)) + 10, 0.5, path),
+            "threshold": lambda path: threshold_figure(threshold_sweep(y == 1, p, n_fn=2), 0.5, path)}[figure]
+    path = draw(tmp_path / f"{figure}.png")
+    assert_failed_rewrite_keeps_the_file(path, lambda: draw(path), n_bytes=path.stat().st_size // 2)
+    assert path.read_bytes()[:4] == b"\x89PNG"

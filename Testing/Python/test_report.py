@@ -5,6 +5,8 @@ import json
 
 from MSInstanceSaliencyLib.research.report import write_reproduction_report
 
+from test_outputs import assert_failed_rewrite_keeps_the_file
+
 
 def _write(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,3 +41,11 @@ def test_claims_are_judged_from_the_numbers(tmp_path):
     assert line("Every pair").endswith("**no** |")  # p = 0.01 is not < 0.001
     assert line("FLAIR: positive inside").endswith("**yes** |") and line("MPRAGE: the opposite").endswith("**yes** |")
     assert "msis context --out context" in text
+
+
+def test_a_failed_report_keeps_the_earlier_one(tmp_path):
+    status = {"context": {"command": "msis context --out context", "exit_code": 0, "seconds": 1.0}}
+    path = write_reproduction_report(tmp_path, status, tmp_path / "REPORT.md")
+    many = {f"run{i}": {"command": f"msis context --out run{i}", "exit_code": 0, "seconds": 1.0} for i in range(100)}
+    assert_failed_rewrite_keeps_the_file(path, lambda: write_reproduction_report(tmp_path, many, path), n_bytes=path.stat().st_size + 100)
+    assert "run99" not in path.read_text() and "msis context --out context" in path.read_text()

@@ -1,6 +1,7 @@
 """The training command runs for both configurations and writes a loadable model folder."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from MSInstanceSaliencyLib.models.loading import load_model
 from MSInstanceSaliencyLib.research.phantom import PHANTOM_VERSION
 from MSInstanceSaliencyLib.research.training import phantom_case, sample_patch, train
+
+from test_outputs import assert_failed_rewrite_keeps_the_file, disk_full_after
 
 
 @pytest.mark.parametrize("config", ["demo", "paper"])
@@ -124,3 +127,29 @@ def test_contrast_augmentation_moves_a_patch_and_its_lesion_together():
     contrast = np.array([a[0, 7:9, 7:9, 7:9].mean() - a[0, :4, :4, :4].mean() for a in strong])
     assert np.ptp(background) > 0.6  # absolute level varies a lot ...
     assert contrast.min() > 1.0  # ... while the lesion stays well above its surroundings
+
+
+def test_a_phantom_cache_that_cannot_be_written_is_not_left_half_written(tmp_path, monkeypatch, small_phantom):
+    """A truncated cache would be read back by the next training run: on a full disk there is none, and
+    one InputError names it."""
+    from MSInstanceSaliencyLib.errors import InputError
+    from MSInstanceSaliencyLib.models.base import ModelSpec
+    import MSInstanceSaliencyLib.research.phantom as phantom
+
+    monkeypatch.setattr(phantom, "make_phantom", lambda seed, patient: small_phantom)  # the 2 mm one: fast
+    with disk_full_after(100_000), pytest.raises(InputError, match=r"cannot write .*p03_s7_.*\.npz.*disk may be full"):
+        phantom_case(3, 7, ModelSpec(), tmp_path)
+    assert os.listdir(tmp_path) == []
+    case = phantom_case(3, 7, ModelSpec(), tmp_path)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]
+    np.testing.assert_array_equal(phantom_case(3, 7, ModelSpec(), tmp_path).image, case.image)  # read back whole
+
+
+def test_a_failed_training_log_or_curve_keeps_the_earlier_files(tmp_path):
+    from MSInstanceSaliencyLib.research.training import plot_training_log
+
+    log = tmp_path / "training_log.json"
+    log.write_text(json.dumps([{"iteration": i, "loss": 1 / i, "lr": 1e-3, "seconds": i} for i in range(1, 60)]))
+    png = plot_training_log(log, tmp_path / "training_curve.png")
+    assert_failed_rewrite_keeps_the_file(png, lambda: plot_training_log(log, png), n_bytes=png.stat().st_size // 2)
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@ from MSInstanceSaliencyLib.errors import InputError
 from MSInstanceSaliencyLib.io.volumes import array_from_image, image_from_array, overlap_fraction, read_image, same_grid, write_image
 
 from conftest import make_image
+from test_outputs import assert_failed_rewrite_keeps_the_file
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
@@ -54,3 +55,13 @@ def test_overlap_fraction():
     b = make_image(direction=np.eye(3).ravel(), spacing=(1, 1, 1), origin=(500, 0, 0))
     assert overlap_fraction(a, a) == pytest.approx(1.0)
     assert overlap_fraction(b, a) == 0.0
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_a_failed_image_write_keeps_the_earlier_image(tmp_path, suffix):
+    """SimpleITK returns normally after writing part of an image on a full disk: write_image checks the
+    file before it takes the name, so the earlier image stays whole."""
+    small, large = make_image((6, 7, 8)), make_image((60, 70, 80), seed=1)
+    path = write_image(small, tmp_path / f"map{suffix}")
+    assert_failed_rewrite_keeps_the_file(path, lambda: write_image(large, path), n_bytes=20_000)
+    assert array_from_image(read_image(path)).shape == (6, 7, 8)

@@ -22,6 +22,8 @@ from MSInstanceSaliencyLib.models.preprocessing import prepare_case
 from MSInstanceSaliencyLib.worker import Worker, load_array, save_array
 from MSInstanceSaliencyLib.worker_client import WorkerClient
 
+from test_outputs import assert_failed_rewrite_keeps_the_file, disk_full_after
+
 
 @pytest.fixture(scope="module")
 def client(small_phantom):
@@ -363,3 +365,14 @@ def test_close_when_the_worker_can_no_longer_be_asked_to_leave():
     c._proc.stdin.close()
     c.close()
     assert not c.alive
+
+
+def test_save_array_on_a_full_disk_keeps_the_earlier_array_and_leaves_no_part_file(tmp_path):
+    """The worker's answer files: a failed write is an input error naming the file (not an internal error),
+    the array of the earlier request stays readable, and no half-written file is left in the work folder."""
+    path = save_array(tmp_path / "r1_probability.npy", np.zeros((8, 9, 10), np.float32))
+    assert_failed_rewrite_keeps_the_file(path, lambda: save_array(path, np.ones((30, 30, 30), np.float32)))
+    np.testing.assert_array_equal(load_array(path), np.zeros((8, 9, 10), np.float32))
+    with disk_full_after(1000), pytest.raises(InputError, match="r2_labels.npy"):
+        save_array(tmp_path / "r2_labels.npy", np.ones((30, 30, 30), np.uint16))
+    assert os.listdir(tmp_path) == ["r1_probability.npy"]
