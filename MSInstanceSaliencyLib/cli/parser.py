@@ -12,7 +12,7 @@ from ..errors import InputError
 
 N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
 PHANTOM_VOXEL_SIZES = (0.5, 4.0)  # mm: what `phantom --voxel-size` and MSIS_PHANTOM_VOXEL_SIZE take
-SCHEDULER_TIMEOUT = 10  # seconds: cohort.SCHEDULER_TIMEOUT, for --help (cohort.py is imported when used)
+SCHEDULER_TIMEOUT = 10  # seconds: cohort.cluster.SCHEDULER_TIMEOUT, for --help (the cohort package is imported when used)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=_path, default=".cache/phantoms", help="folder caching prepared training phantoms")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
 
-    # --- msis cohort (cohort.py): a CSV manifest of cases on dask.distributed, results in Parquet
+    # --- msis cohort (the cohort package): a CSV manifest of cases on dask.distributed, results in Parquet
     p = sub.add_parser("cohort", help="segment and explain every case of a CSV manifest on dask.distributed; results in Parquet, resumable")
     p.add_argument("manifest", type=_path, help="CSV with columns case_id, flair, mprage and optionally gt (paths relative to the CSV)")
     p.add_argument("--out", type=_path, required=True, help="results folder: lesions.parquet, cases.parquet, summary.csv (a re-run resumes it)")
