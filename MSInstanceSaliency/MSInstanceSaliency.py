@@ -31,11 +31,8 @@ except ImportError:
         sys.path.append(_REPO_ROOT)
 
 import MSInstanceSaliencyMRML as mrml
+from MSInstanceSaliencyMRML.workflow import CHANNELS, CONTEXTS, DEVICES, METHODS, RANGES, LesionWorkflow
 
-METHODS = ["SmoothGrad max", "SmoothGrad mean", "Grad-CAM++"]
-CHANNELS = ["FLAIR", "MPRAGE"]
-DEVICES = ["auto", "cuda", "cpu"]
-CONTEXTS = ["patch", "full"]
 from MSInstanceSaliencyLib import dependencies  # noqa: E402  (no heavy imports: torch and monai load in the worker)
 from MSInstanceSaliencyLib.errors import Cancelled  # noqa: E402
 
@@ -82,14 +79,15 @@ multi-rater consensus", Neuroinformatics 2018 (CC-BY). Anatomy: MNI ICBM152 2009
 
 @parameterNodeWrapper
 class MSInstanceSaliencyParameterNode:
-    """Everything the module remembers with the scene."""
+    """Everything the module remembers with the scene: the state of the shared workflow
+    (MSInstanceSaliencyMRML.workflow.WorkflowState has the same fields and defaults; test_workflow.py checks)."""
 
     flairVolume: vtkMRMLScalarVolumeNode
     mprageVolume: vtkMRMLScalarVolumeNode
     modelPath: str = ""  # empty: the bundled demo model
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.3
-    minLesionVolume: Annotated[float, WithinRange(0.0, 10000.0)] = 5.0
+    threshold: Annotated[float, WithinRange(*RANGES["threshold"])] = 0.3
+    minLesionVolume: Annotated[float, WithinRange(*RANGES["minLesionVolume"])] = 5.0
     lesionSegmentation: vtkMRMLSegmentationNode
     lesionTable: vtkMRMLTableNode
     lesionLabels: vtkMRMLLabelMapVolumeNode
@@ -99,16 +97,16 @@ class MSInstanceSaliencyParameterNode:
     customRegionSegmentation: vtkMRMLSegmentationNode
     customRegionSegmentId: str = ""
     method: Annotated[str, Choice(METHODS)] = "SmoothGrad max"
-    nSamples: Annotated[int, WithinRange(1, 1000)] = 50
-    maxOmegaVoxels: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the max over all lesion voxels
-    sigma: Annotated[float, WithinRange(0.0, 1.0)] = 0.05
+    nSamples: Annotated[int, WithinRange(*RANGES["nSamples"])] = 50
+    maxOmegaVoxels: Annotated[int, WithinRange(*RANGES["maxOmegaVoxels"])] = 0  # 0: the max over all lesion voxels
+    sigma: Annotated[float, WithinRange(*RANGES["sigma"])] = 0.05
     displayChannel: Annotated[str, Choice(CHANNELS)] = "FLAIR"
     context: Annotated[str, Choice(CONTEXTS)] = "patch"
     gradcamLayer: str = ""  # empty: the model's default layer
     keepEarlierMaps: bool = True
     saliencyVolume: vtkMRMLScalarVolumeNode
-    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    pruneBelow: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    overlayOpacity: Annotated[float, WithinRange(*RANGES["overlayOpacity"])] = 0.5
+    pruneBelow: Annotated[float, WithinRange(*RANGES["pruneBelow"])] = 0.5
 
 
 #
@@ -311,7 +309,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.lesionTableView.clearSelection()
         if self._runTask(_("Segmenting lesions"), _("Segmentation failed."), lambda progress: self.logic.segment(p, progress=progress)) is not None:
             self.ui.tpProbabilityLabel.text = ""
-            warnings = self.logic.session().case_warnings()
+            warnings = self.logic.caseWarnings()
             if warnings:
                 slicer.util.warningDisplay("\n".join(warnings), windowTitle=_("MS Instance Saliency: inputs"))
 
@@ -450,7 +448,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         caller.GetNthControlPointPositionWorld(n - 1, ras)
         qt.QTimer.singleShot(0, caller.RemoveAllControlPoints)  # not from inside the markups event
         p = self._parameterNode
-        lesionId = mrml.lesion_id_at_ras(p.lesionLabels, ras) if p and p.lesionLabels else None
+        lesionId = self.logic.lesionAtRAS(p, ras) if p and p.lesionLabels else None
         if lesionId:
             self._selectLesion(lesionId)
         else:
@@ -478,12 +476,13 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
 
 class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
-    """Processing callable without the GUI. The heavy work runs in a worker process (MSInstanceSaliencyLib.worker);
-    this class moves volumes to it and results back into MRML (MSInstanceSaliencyMRML)."""
+    """Processing callable without the GUI. The steps are the shared, Qt-free workflow's
+    (MSInstanceSaliencyMRML.workflow, on the parameter node; its heavy work runs in a worker process):
+    this class adds the Slicer-only parts (PythonSlicer, installing packages, the slice views, the legend)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._session = None
+        self._workflow = LesionWorkflow(session_factory=self._newSession)
 
     def getParameterNode(self):
         return MSInstanceSaliencyParameterNode(super().getParameterNode())
@@ -525,64 +524,60 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
             # --no-deps: pip must not replace torch, numpy, SimpleITK, requests or packaging in Slicer's Python
             slicer.util.pip_install(["--no-deps", dependencies.monai_requirement(importlib.metadata.version("torch"))])
 
-    # -- the worker process (MSInstanceSaliencyMRML.worker_session moves the data; this adds the views)
+    # -- the steps: MSInstanceSaliencyMRML.workflow does them on the parameter node (the web app shares
+    # it); this adds what only Slicer does (PythonSlicer for the worker, the slice views, the colour legend)
 
-    def session(self):
+    def workflow(self, p) -> LesionWorkflow:
+        """The shared workflow, working on the parameter node `p` (the scene's state)."""
+        self._workflow.state = p
+        return self._workflow
+
+    @staticmethod
+    def _newSession():
         from MSInstanceSaliencyMRML.worker_session import WorkerSession
 
-        if self._session is None:
-            python = shutil.which("PythonSlicer")
-            if python is None:
-                raise RuntimeError(_("PythonSlicer (Slicer's Python) was not found; it is needed to run the worker process."))
-            self._session = WorkerSession(python=python, env=slicer.util.startupEnvironment())
-        return self._session
+        python = shutil.which("PythonSlicer")
+        if python is None:
+            raise RuntimeError(_("PythonSlicer (Slicer's Python) was not found; it is needed to run the worker process."))
+        return WorkerSession(python=python, env=slicer.util.startupEnvironment())
 
     def shutdown(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self._workflow.shutdown()
 
     def workerInfo(self, p=None, start=True, progress=None):
         """What the worker sees (torch build, GPU, pyradiomics); None when none runs and start is False."""
-        if not start:
-            return self._session.last_info() if self._session else None
-        return self.session().info(p.device if p else "auto", progress)
+        return self._workflow.worker_info(start, progress, device=p.device if p else "auto")
 
     def modelInfo(self):
         """What the loaded model is and expects (format, inputs, pre-processing, classifier note); None before one is loaded."""
-        return self._session.model_info() if self._session else None
+        return self._workflow.model_info()
+
+    def caseWarnings(self):
+        return self._workflow.case_warnings()
 
     def segment(self, p, progress=None):
-        rows = self.session().segment(p, progress)
+        rows = self.workflow(p).segment(progress)
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=None, label=None, fit=True)
         return rows
 
     # -- lesion selection
 
     def selectLesion(self, p, lesionId):
-        lesionId = int(lesionId)
-        if not p.lesionLabels:
-            raise ValueError(_("Segment first."))
-        sid = mrml.segment_id_of_lesion(p.lesionSegmentation, lesionId) if p.lesionSegmentation else None
-        if sid is None:
-            raise ValueError(_("Lesion {id} does not exist (it may have been removed).").format(id=lesionId))
-        p.selectedLesion = lesionId
-        p.useCustomRegion = False
-        centre = p.lesionSegmentation.GetSegmentCenterRAS(sid)
+        centre = self.workflow(p).select_lesion(lesionId)
         slicer.modules.markups.logic().JumpSlicesToLocation(centre[0], centre[1], centre[2], True)
-        mrml.highlight_lesion(p.lesionSegmentation, lesionId)
         return centre
+
+    def lesionAtRAS(self, p, ras):
+        return self.workflow(p).lesion_at_ras(ras)
 
     # -- saliency
 
     def explain(self, p, progress=None):
-        """{"node": the map as a volume, "tp_probability": when made with the classifier's settings, "tp_note": why not}"""
-        return self.session().explain(p, progress)
+        """{"node": the map as a volume, "title", "tp_probability": when made with the classifier's settings, "tp_note": why not}"""
+        return self.workflow(p).explain(progress)
 
     def showOverlay(self, p, node):
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=node, foregroundOpacity=p.overlayOpacity)
-        if p.lesionSegmentation and p.selectedLesion and not p.useCustomRegion:
-            mrml.highlight_lesion(p.lesionSegmentation, p.selectedLesion, overlay_shown=True)
         try:
             slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
         except Exception as exc:  # the legend is a convenience; the overlay is what matters
@@ -590,36 +585,26 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
 
     def layerNames(self, p, progress=None):
         """(Grad-CAM++ layer names of the model, its default layer)"""
-        return self.session().layers(p, progress)
+        return self.workflow(p).layers(progress)
 
-    # -- TP probability
+    # -- TP probability, removal
 
     def knownTpProbability(self, p, lesionId):
-        from MSInstanceSaliencyMRML.worker_session import known_tp_probability
-
-        return known_tp_probability(p.lesionTable, lesionId)
+        return self.workflow(p).known_tp_probability(lesionId)
 
     def scoreLesions(self, p, lesionIds, progress=None):
         """{lesion id: P(TP)}, written into the table lesion by lesion (a cancelled run keeps what was done)."""
-        if not dependencies.has_radiomics():
-            raise ValueError(dependencies.RADIOMICS_HINT)
-        return self.session().score(p, lesionIds, progress)
+        return self.workflow(p).score(lesionIds, progress)
 
     def scoreAllLesions(self, p, progress=None):
-        ids = [int(r["Lesion"]) for r in mrml.lesion_table_rows(p.lesionTable)]
-        return self.scoreLesions(p, ids, progress)
+        return self.workflow(p).score_all(progress)
 
     def lesionsBelow(self, p, threshold):
-        return [int(r["Lesion"]) for r in mrml.lesion_table_rows(p.lesionTable)
-                if r["TP probability"] == r["TP probability"] and r["TP probability"] < threshold]
+        return self.workflow(p).lesions_below(threshold)
 
     def removeLesions(self, p, lesionIds):
         """Segments, table rows and label voxels; the worker gets the new labels before its next use."""
-        removed = mrml.remove_lesions(lesionIds, p.lesionSegmentation, p.lesionTable, p.lesionLabels)
-        if int(p.selectedLesion) in {int(i) for i in lesionIds}:
-            p.selectedLesion = 0
-        return removed
-
+        return self.workflow(p).remove_lesions(lesionIds)
 
 
 #
