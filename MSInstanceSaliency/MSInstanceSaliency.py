@@ -685,6 +685,18 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.ViewTransform)
         self.assertEqual(slicer.mrmlScene.GetNodesByName("MS lesion pick").GetNumberOfItems(), 0)
 
+    def test_select_lesion_jumps_the_views_to_it(self):
+        """The shared workflow selects; the Slicer logic adds the jump (JumpSlicesToLocation), which pytest cannot run."""
+        logic, p, labels = self._syntheticCase()
+        centre = logic.selectLesion(p, 2)
+        self.assertEqual(p.selectedLesion, 2)
+        self.assertEqual(logic.lesionAtRAS(p, centre), 2)
+        red = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+        if red is not None:  # no slice views with --no-main-window
+            self.assertAlmostEqual(red.GetSliceToRAS().GetElement(2, 3), centre[2], places=3)  # centred jump: the plane's origin
+        with self.assertRaises(ValueError):
+            logic.selectLesion(p, 99)
+
     def test_remove_lesions_everywhere(self):
         import numpy as np
 
