@@ -425,7 +425,8 @@ def test_explain_streams_partial_maps_and_the_last_is_the_answer(tiny_client, sm
         assert not np.array_equal(got[0][3]["flair"], final["flair"])
 
 
-@pytest.mark.parametrize("args, says", [({"partial_every": 0}, "partial_every"), ({"partial_every": 1, "partial_interval_s": -1}, "partial_interval_s"),
+@pytest.mark.parametrize("args, says", [({"partial_every": 0}, "partial_every must be an integer >= 1"),
+                                        ({"partial_every": 1, "partial_interval_s": -1}, "partial_interval_s must be a number of seconds"),
                                         ({"partial_every": 1, "method": "gradcampp"}, "SmoothGrad")])
 def test_bad_partial_settings_in_the_worker_are_input_errors(tiny_client, args, says):
     with pytest.raises(InputError, match=says):
