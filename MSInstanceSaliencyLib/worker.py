@@ -9,7 +9,7 @@ Cancel really stops the work, and a crash of torch cannot take Slicer down; any 
 Protocol: one JSON object per line. Requests arrive on stdin as {"id": n, "cmd": name, ...arguments};
 {"cmd": "cancel", "id": n} stops request n at its next progress step. Every answer on stdout carries
 the request's id and a type: "progress" (done, total), "lesion" (one scored lesion, streamed),
-"result" (the request's answer) or "error" (kind: input | cancelled | internal, message). Arrays go
+"partial" (a SmoothGrad map so far, streamed when explain asks with partial_every), "result" (the request's answer) or "error" (kind: input | cancelled | internal, message). Arrays go
 through files in the work folder (.npy for arrays, NRRD for images with their geometry), never
 through the pipe. Nothing else is written to stdout: library prints go to stderr, the log.
 Ids are integers or short names of letters, digits, _ and - (they name the answer's files); a line
@@ -189,6 +189,15 @@ class Worker:
 
         return callback
 
+    def partial_callback(self, rid, n_samples):
+        """explain's partial(copies_done, maps): each map written whole to the request's partial files, then a message naming them."""
+
+        def callback(done, maps):
+            paths = {name: save_array(self.out_path(rid, f"partial_{name}"), m.astype(np.float32, copy=False)) for name, m in maps.items()}
+            self.send({"id": rid, "type": "partial", "copies_done": int(done), "n_samples": int(n_samples), "maps": paths})
+
+        return callback
+
     def out_path(self, rid, name) -> Path:
         path = (self.workdir / f"r{rid}_{name}.npy").resolve()
         if not valid_id(rid) or path.parent != self.workdir.resolve():  # ids are checked on arrival; never write elsewhere
@@ -289,9 +298,15 @@ class Worker:
                 "labels": save_array(self.out_path(rid, "labels"), self.labels),
                 "table": lesion_table(labels, self.case.reference, prob), "threshold": thr, "min_volume_mm3": min_vol}
 
-    def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", layer=None, **saliency):
+    def cmd_explain(self, rid, lesion_id=None, mask=None, method="smoothgrad", layer=None, partial_every=None, partial_interval_s=None,
+                    **saliency):
         """saliency: n_samples, sigma, sigma_mode, aggregation, context, seed, max_omega_voxels, precision
-        (explain.check_explain_args, the checks of the CLI and the cohort too)."""
+        (explain.check_explain_args, the checks of the CLI and the cohort too).
+        partial_every (SmoothGrad; off when None): stream the map as the noisy copies arrive. Each partial
+        map goes to r<id>_partial_<channel>.npy (rewritten whole each time, so it holds the newest) and a
+        message {"type": "partial", "copies_done", "n_samples", "maps": {channel: path}} follows; at most
+        every partial_every copies and partial_interval_s seconds (smoothgrad's rule), the last one with
+        the final map. The answer is the same as without."""
         from .saliency.explain import check_explain_args, explain_case, omega_from_lesion
 
         unknown = set(saliency) - {"n_samples", "sigma", "sigma_mode", "aggregation", "context", "seed", "max_omega_voxels", "precision"}
@@ -311,8 +326,10 @@ class Worker:
             lesion_id = args.pop("lesion_id")
             omega, label = omega_from_lesion(self.labels, lesion_id), f"lesion{lesion_id}"
         check_explain_args(method, omega=omega, **saliency)  # the cost, now that Ω is known
+        stream = {} if partial_every is None else dict(partial=self.partial_callback(rid, args["n_samples"]), partial_every=partial_every,
+                                                        partial_interval_s=partial_interval_s)
         exp = explain_case(self.model, self.case, omega, label=label, layer=layer or None, device=self.device,
-                           progress=self.progress_callback(rid), **args)
+                           progress=self.progress_callback(rid), **stream, **args)
         maps = {name: save_array(self.out_path(rid, f"map_{name}"), m.astype(np.float32)) for name, m in exp.maps.items()}
         result = {"maps": maps, "params": exp.params, "method": exp.method, "tp_probability": None, "tp_note": ""}
         if method == "smoothgrad" and mask is None:

@@ -32,7 +32,9 @@ class WorkerClient:
     a dict. progress(done, total) is called with the worker's progress, and at least every tick_s
     with the last values (None, None before the first), so a GUI can process its events; when it
     returns False the request is cancelled: the worker stops at its next progress step and stays
-    alive, or is killed after cancel_grace_s. on_message(msg) receives streamed "lesion" messages.
+    alive, or is killed after cancel_grace_s. on_message(msg) receives the streamed messages, in the
+    order sent: "lesion" (score) and "partial" (explain with partial_every: the SmoothGrad map so far,
+    in files the message names).
     `synced` is for the caller's bookkeeping of what the worker holds (model, case, labels): it is
     emptied whenever a new process starts, so a restarted worker is sent everything again.
     A request without a progress callback has nobody to cancel it: when the worker stays silent (no

@@ -101,14 +101,23 @@ def omega_from_mask(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
 
 def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgrad", *, label="lesion", channels=("flair", "mprage"),
             n_samples=50, sigma=0.05, sigma_mode="range", aggregation="max", context="patch", seed=0, layer=None,
-            alpha="paper", device="auto", progress=None, precision="fp32", max_omega_voxels=None) -> Explanation:
-
+            alpha="paper", device="auto", progress=None, precision="fp32", max_omega_voxels=None, partial=None, partial_every=1,
+            partial_interval_s=None) -> Explanation:
+    """The maps of Ω by `method`. SmoothGrad only: partial(copies_done, maps) receives the map so far as
+    {channel: (X, Y, Z)} as the noisy copies arrive, last the final maps (smoothgrad's `partial`)."""
+    if partial is not None and method != "smoothgrad":
+        raise InputError(f"partial maps (partial_every) are SmoothGrad's, map so far over its noisy copies; {method} computes "
+                         "its map in one pass: drop partial_every")
     if method == "smoothgrad":
         from .smoothgrad import smoothgrad
 
+        def by_channel(done, m):
+            partial(done, {c: m[i] for i, c in enumerate(channels)})
+
         maps = smoothgrad(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
                           context=context, seed=seed, device=device, progress=progress, precision=precision,
-                          max_omega_voxels=max_omega_voxels)
+                          max_omega_voxels=max_omega_voxels, partial=by_channel if partial is not None else None,
+                          partial_every=partial_every, partial_interval_s=partial_interval_s)
         params = dict(n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation, context=context, seed=seed,
                       precision=precision, max_omega_voxels=max_omega_voxels if aggregation == "max" else None)
         return Explanation(method, {c: maps[i] for i, c in enumerate(channels)}, omega, label, params)
@@ -122,10 +131,17 @@ def explain(model, image: np.ndarray, omega: np.ndarray, method: str = "smoothgr
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def explain_case(model, prepared, omega: np.ndarray, method: str = "smoothgrad", **kwargs) -> Explanation:
+def explain_case(model, prepared, omega: np.ndarray, method: str = "smoothgrad", partial=None, **kwargs) -> Explanation:
     """`explain` for a prepared case with Ω on its reference grid: Ω is taken to the network's grid,
-    the maps are computed there and brought back (identity when the network runs on the reference grid)."""
-    exp = explain(model, prepared.image, prepared.to_network(omega), method, channels=prepared.channels, **kwargs)
+    the maps are computed there and brought back (identity when the network runs on the reference grid),
+    the partial maps too."""
+    if partial is not None and not prepared.grid.same:
+        on_network_grid = partial
+
+        def partial(done, maps):
+            on_network_grid(done, {name: prepared.to_reference(m) for name, m in maps.items()})
+
+    exp = explain(model, prepared.image, prepared.to_network(omega), method, channels=prepared.channels, partial=partial, **kwargs)
     if not prepared.grid.same:
         exp.maps = {name: prepared.to_reference(m) for name, m in exp.maps.items()}
     exp.omega = omega

@@ -11,6 +11,9 @@ Arrays: `image` is (C, X, Y, Z) float32 prepared for the network; `omega` is a b
 
 from __future__ import annotations
 
+import math
+import numbers
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -76,6 +79,9 @@ def smoothgrad(
     precision: str = "fp32",
     roi_size=None,
     max_omega_voxels: int | None = None,
+    partial=None,
+    partial_every: int = 1,
+    partial_interval_s: float | None = None,
 ) -> np.ndarray:
     """Instance-level SmoothGrad of the lesion Ω: float32 (C, X, Y, Z) on the image's grid.
 
@@ -97,16 +103,57 @@ def smoothgrad(
     many as memory allows), and one backward pass per voxel of Ω returns the input gradients of all of
     them (the copies are independent in eval mode); on a GPU `chunk_size` voxels of Ω share a batched
     backward pass too (vmap). Neither changes the numbers beyond float32 summation order.
+
+    Partial maps (to show a map early): `partial(copies_done, map_so_far)` is called after the first
+    batch of noisy copies, then after a batch when at least `partial_every` more copies are done AND at
+    least `partial_interval_s` seconds (default PARTIAL_INTERVAL_S) have passed since the last call,
+    whichever is coarser, and last with the final map (the array returned). map_so_far is the mean
+    over the copies done so far of the same noise stream: the map `smoothgrad(..., n_samples=copies_done)`
+    returns with the same arguments, bit for bit on the CPU when the copies went through the network in
+    the same batches (a fixed `copies_per_pass`; the default batches too unless memory differs), else
+    to float32 summation order. Partial maps come at batch ends only (8 copies per pass on a CPU). Their
+    cost (one division and an uncrop per call) is paid only when `partial` is given; the final map is
+    the same either way.
     """
+    due = _partial_schedule(partial_every, partial_interval_s) if partial is not None else None
     job = _SmoothGradJob(model, image, omega, n_samples=n_samples, sigma=sigma, sigma_mode=sigma_mode, aggregation=aggregation,
                          context=context, seed=seed, target_class=target_class, device=device, chunk_size=chunk_size,
                          copies_per_pass=copies_per_pass, precision=precision, roi_size=roi_size, max_omega_voxels=max_omega_voxels)
-    acc = None
+    acc, done = None, 0
     for maps in job.copy_maps(progress):
         for m in maps:  # copy by copy, in order: the same sum as one copy at a time
             acc = m.clone() if acc is None else acc.add_(m)
+        done += int(maps.shape[0])
+        if due is not None and done < n_samples and due(done):
+            partial(done, job.to_image(acc / done))  # the division a run with n_samples=done ends with
     acc /= n_samples
-    return job.to_image(acc)
+    result = job.to_image(acc)
+    if partial is not None:
+        partial(n_samples, result)
+    return result
+
+
+PARTIAL_INTERVAL_S = 1.0  # partial maps at most this often by default: each is a volume to show (or write)
+
+
+def _partial_schedule(every, interval_s):
+    """due(copies_done) -> whether a partial map is sent now: the first time, then when both `every`
+    copies and `interval_s` seconds have passed since the last one sent."""
+    interval_s = PARTIAL_INTERVAL_S if interval_s is None else interval_s
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise InputError(f"partial_every must be an integer >= 1 (noisy copies between partial maps), got {every!r}")
+    if isinstance(interval_s, bool) or not isinstance(interval_s, numbers.Real) or not 0 <= interval_s < math.inf:
+        raise InputError(f"partial_interval_s must be a number of seconds >= 0, got {interval_s!r}")
+    last = {"copies": None, "t": 0.0}
+
+    def due(done):
+        now = time.monotonic()
+        if last["copies"] is not None and (done - last["copies"] < every or now - last["t"] < interval_s):
+            return False
+        last.update(copies=done, t=now)
+        return True
+
+    return due
 
 
 @dataclass

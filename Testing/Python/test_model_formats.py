@@ -113,9 +113,13 @@ def test_target_spacing_runs_on_the_model_grid_and_returns_on_the_reference(tmp_
     np.testing.assert_allclose(res.probability, back, atol=1e-6)
     assert res.labels.max() >= 1
     omega = omega_from_lesion(res.labels, 1)
-    exp = explain_case(model, res.prepared, omega, n_samples=2, max_omega_voxels=4)
+    partials = []
+    exp = explain_case(model, res.prepared, omega, n_samples=2, max_omega_voxels=4, partial=lambda k, maps: partials.append((k, maps)))
     assert exp.maps["flair"].shape == ref_shape and exp.omega is omega
     assert np.abs(exp.maps["flair"]).max() > 0
+    # streamed maps come back to the reference grid too, the last one the answer
+    assert [k for k, _ in partials] == [2]
+    np.testing.assert_array_equal(partials[-1][1]["flair"], exp.maps["flair"])
 
 
 def test_orientation_permutes_exactly(tmp_path, small_phantom):

@@ -356,3 +356,55 @@ def test_max_over_a_sample_of_omega_equals_the_loop_over_that_sample(net, image)
         smoothgrad(net, image, om, n_samples=1, sigma=0.0, aggregation="mean", context="full", device="cpu", max_omega_voxels=2), mean)
     with pytest.raises(InputError, match="max_omega_voxels"):
         smoothgrad(net, image, om, n_samples=1, device="cpu", max_omega_voxels=0)
+
+
+# ------------------------------------------------------------------------------ partial maps
+
+def _partials(**kwargs):
+    """(copies_done, map) of each partial call, and the map returned, for smoothgrad(net, image, lesion(), **kwargs)."""
+    got = []
+    final = smoothgrad(kwargs.pop("net"), kwargs.pop("image"), lesion(), partial=lambda k, m: got.append((k, m.copy())), **kwargs)
+    return got, final
+
+
+@pytest.mark.parametrize("aggregation, copies, n, expected", [("max", 2, 6, [2, 4, 6]), ("mean", 3, 7, [3, 6, 7]), ("max", 3, 5, [3, 5])])
+def test_partial_maps_are_smoothgrad_with_fewer_copies_and_the_last_is_the_map(net, image, aggregation, copies, n, expected):
+    kw = dict(aggregation=aggregation, seed=4, context="full", device="cpu", copies_per_pass=copies)
+    got, final = _partials(net=net, image=image, n_samples=n, partial_interval_s=0, **kw)
+    assert [k for k, _ in got] == expected  # after every batch of copies here, in order
+    for k, m in got[:-1]:  # the mean over the copies so far: a plain run with that many copies, bit for bit
+        np.testing.assert_array_equal(m, smoothgrad(net, image, lesion(), n_samples=k, **kw))
+    one_go = smoothgrad(net, image, lesion(), n_samples=n, **kw)
+    np.testing.assert_array_equal(got[-1][1], one_go)
+    np.testing.assert_array_equal(final, one_go)  # asking for partial maps does not change the map
+    assert not np.array_equal(got[0][1], one_go)  # and the early map is a different (noisier) one
+
+
+def test_partial_maps_are_throttled_by_copies_and_seconds(net, image):
+    kw = dict(net=net, image=image, seed=1, aggregation="mean", context="full", device="cpu", copies_per_pass=1)
+    assert [k for k, _ in _partials(n_samples=7, partial_every=3, partial_interval_s=0, **kw)[0]] == [1, 4, 7]
+    assert [k for k, _ in _partials(n_samples=7, partial_every=1, partial_interval_s=3600, **kw)[0]] == [1, 7]  # first and last
+    assert [k for k, _ in _partials(n_samples=1, partial_interval_s=0, **kw)[0]] == [1]  # one copy: the final map only
+
+
+@pytest.mark.parametrize("bad, says", [(dict(partial_every=0), "partial_every"), (dict(partial_every=2.5), "partial_every"),
+                                       (dict(partial_every=True), "partial_every"), (dict(partial_interval_s=-1), "partial_interval_s"),
+                                       (dict(partial_interval_s=float("nan")), "partial_interval_s")])
+def test_bad_partial_settings_are_refused_before_any_work(net, image, bad, says):
+    calls = []
+    with pytest.raises(InputError, match=says):
+        smoothgrad(net, image, lesion(), n_samples=2, device="cpu", progress=lambda d, t: calls.append(d), partial=print, **bad)
+    assert not calls
+
+
+def test_explain_streams_partial_maps_by_channel_and_only_for_smoothgrad(net, image):
+    from MSInstanceSaliencyLib.saliency.explain import explain
+
+    got = []
+    exp = explain(net, image, lesion(), "smoothgrad", n_samples=3, context="full", device="cpu", partial=lambda k, maps: got.append((k, maps)),
+                  partial_interval_s=0)
+    assert got[-1][0] == 3 and all(set(maps) == {"flair", "mprage"} for _, maps in got)
+    for name in ("flair", "mprage"):
+        np.testing.assert_array_equal(got[-1][1][name], exp.maps[name])
+    with pytest.raises(InputError, match="SmoothGrad"):
+        explain(net, image, lesion(), "gradcampp", layer=LAYER, device="cpu", partial=print)

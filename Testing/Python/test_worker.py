@@ -376,3 +376,59 @@ def test_save_array_on_a_full_disk_keeps_the_earlier_array_and_leaves_no_part_fi
     with disk_full_after(1000), pytest.raises(InputError, match="r2_labels.npy"):
         save_array(tmp_path / "r2_labels.npy", np.ones((30, 30, 30), np.uint16))
     assert os.listdir(tmp_path) == ["r1_probability.npy"]
+
+
+# ----------------------------------------------------------------------------- partial SmoothGrad maps
+
+@pytest.fixture(scope="module")
+def tiny_client(small_phantom, tiny_model_dir):
+    """A worker with the tiny test model, the small phantom prepared, and a 2-voxel region as Ω."""
+    with WorkerClient() as c:
+        c.request("load_model", model=str(tiny_model_dir), device="cpu")
+        sitk.WriteImage(small_phantom.flair, c.path("flair.nrrd"))
+        sitk.WriteImage(small_phantom.mprage, c.path("mprage.nrrd"))
+        shape = c.request("prepare", flair=c.path("flair.nrrd"), mprage=c.path("mprage.nrrd"))["shape"]
+        region = np.zeros(shape, bool)
+        x, y, z = (n // 2 for n in shape)
+        region[x:x + 2, y, z] = True
+        c.region = save_array(c.path("region.npy"), region)
+        yield c
+
+
+@pytest.mark.parametrize("n_samples, seconds, expected", [(10, 0, [8, 10]), (6, 0, [6]), (12, None, [8, 12])])
+def test_explain_streams_partial_maps_and_the_last_is_the_answer(tiny_client, small_phantom, tiny_model_dir, n_samples, seconds, expected):
+    from MSInstanceSaliencyLib.saliency.common import MAX_COPIES_PER_PASS
+
+    assert MAX_COPIES_PER_PASS[0] == 8  # partial maps come at the ends of batches of 8 noisy copies on the CPU
+    c = tiny_client
+    got = []
+
+    def on_message(msg):  # read the files when the message arrives, as a face would
+        got.append((msg["type"], msg["copies_done"], msg["n_samples"], {name: load_array(p) for name, p in msg["maps"].items()}))
+
+    kw = dict(mask=c.region, n_samples=n_samples, seed=3)
+    answer = c.request("explain", **kw, partial_every=1, partial_interval_s=seconds, on_message=on_message)  # None: the default 1 s
+    assert [(kind, k, n) for kind, k, n, _ in got] == [("partial", k, n_samples) for k in expected]  # in order
+    final = {name: load_array(p) for name, p in answer["maps"].items()}
+    assert set(final) == set(got[-1][3]) == {"flair", "mprage"}
+    for name in final:
+        np.testing.assert_array_equal(got[-1][3][name], final[name])  # the last partial map is the answer
+    plain = c.request("explain", **kw)  # the answer as without streaming
+    assert {k: v for k, v in plain.items() if k != "maps"} == {k: v for k, v in answer.items() if k != "maps"}
+    for name, path in plain["maps"].items():
+        np.testing.assert_array_equal(load_array(path, remove=True), final[name])
+    if len(expected) > 1 and seconds == 0:  # an early map is SmoothGrad with fewer copies: the library's, in this process
+        model = load_model(tiny_model_dir, device="cpu")
+        case = prepare_case(small_phantom.flair, small_phantom.mprage, model.spec)
+        early = explain(model, case.image, load_array(c.region), "smoothgrad", n_samples=expected[0], seed=3, device="cpu")
+        np.testing.assert_allclose(got[0][3]["flair"], early.maps["flair"], rtol=1e-5, atol=1e-6 * np.abs(early.maps["flair"]).max())
+        assert not np.array_equal(got[0][3]["flair"], final["flair"])
+
+
+@pytest.mark.parametrize("args, says", [({"partial_every": 0}, "partial_every must be an integer >= 1"),
+                                        ({"partial_every": 1, "partial_interval_s": -1}, "partial_interval_s must be a number of seconds"),
+                                        ({"partial_every": 1, "method": "gradcampp"}, "SmoothGrad")])
+def test_bad_partial_settings_in_the_worker_are_input_errors(tiny_client, args, says):
+    with pytest.raises(InputError, match=says):
+        tiny_client.request("explain", mask=tiny_client.region, n_samples=2, on_message=print, progress=_stop_at_first_step, **args)
+    assert tiny_client.request("ping")["pid"] == tiny_client.pid
