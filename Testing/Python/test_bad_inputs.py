@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -570,7 +571,9 @@ def test_gradcampp_figure_says_what_its_colour_bar_shows(tmp_path, monkeypatch):
     save = matplotlib.figure.Figure.savefig
 
     def record(fig, path, *a, **k):
-        labels[Path(path).name] = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        # figures are drawn into a hidden temporary `.NAME.msis-XXXXXXXX.png` beside NAME, then put in place
+        name = re.sub(r"^\.(.+)\.msis-[0-9a-f]+\.png$", r"\1", Path(path).name)
+        labels[name] = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
         return save(fig, path, *a, **k)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
