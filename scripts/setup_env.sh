@@ -72,7 +72,7 @@ install_reference_dependencies() {
 
 install_test_extras() {
   rm -f "$TEST_STAMP"
-  step "test tools (pytest, slicer-core, captum)" pip_install -c "$CONSTRAINTS" -e "$ROOT[test,cohort]"
+  step "test tools (pytest, pytest-xdist, slicer-core, captum)" pip_install -c "$CONSTRAINTS" -e "$ROOT[test,cohort]"
   step "test references' dependencies (acvl-utils, batchgenerators, scikit-image, ...)" install_reference_dependencies
   step "test references (nnunetv2 2.8.1, lst-ai 2.0.0rc1)" pip_install --no-deps nnunetv2==2.8.1 lst-ai==2.0.0rc1
   step "check test imports" check_imports "pytest, slicer, captum, nnunetv2, lst_ai.model"

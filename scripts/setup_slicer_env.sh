@@ -73,8 +73,8 @@ step "numpy, scipy, SimpleITK, requests, packaging" "${PIP[@]}" numpy scipy Simp
 # so the last release that fits the pins is pinned.
 # captum: 0.9.0 installs under the pins (matplotlib, numpy, packaging, torch, tqdm).
 # slicer-core: the PyPI wheel of Slicer's MRML libraries (cp312; needs only its own vtk).
-step "torch 2.15.0, monai, scikit-learn, nilearn, ..., captum, slicer-core, pytest" \
-  "${PIP[@]}" torch==2.15.0 monai scikit-learn "nilearn==0.13.1" nibabel matplotlib captum slicer-core pytest
+step "torch 2.15.0, monai, scikit-learn, nilearn, ..., captum, slicer-core, pytest, pytest-xdist" \
+  "${PIP[@]}" torch==2.15.0 monai scikit-learn "nilearn==0.13.1" nibabel matplotlib captum slicer-core pytest pytest-xdist
 # The project itself, without letting pip resolve pyproject.toml's dependencies (they are all
 # above, except pyradiomics); no build isolation, so Slicer's setuptools and wheel build it.
 step "MSInstanceSaliencyLib (editable)" "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
@@ -120,7 +120,7 @@ step "pip check (all but the triton removed)" pip_check_but_triton
 "$VENV/bin/python" - >&2 <<'EOF'
 import platform
 from importlib.metadata import version
-names = ["pip", "setuptools", "numpy", "scipy", "SimpleITK", "torch", "monai", "scikit-learn", "nilearn", "nibabel", "matplotlib", "captum", "slicer-core", "pytest"]
+names = ["pip", "setuptools", "numpy", "scipy", "SimpleITK", "torch", "monai", "scikit-learn", "nilearn", "nibabel", "matplotlib", "captum", "slicer-core", "pytest", "pytest-xdist"]
 print("setup: slicer-5.10-pinned environment ready: python", platform.python_version(), " ".join(f"{n} {version(n)}" for n in names), "(no pyradiomics, no triton)")
 EOF
 echo "$WANT" > "$STAMP"
