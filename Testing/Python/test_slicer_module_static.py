@@ -86,7 +86,8 @@ def test_cmake_installs_every_python_file():
     assert listed == {str(p.relative_to(lib)) for p in lib.rglob("*.py")}  # subpackages too, with their folders
     assert "WITH_SUBDIR" in (lib / "CMakeLists.txt").read_text()
     listed = set(_cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
-    actual = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py")}
+    # the browser face (msis view) needs trame, which Slicer does not have: it is not installed into Slicer
+    actual = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "MSInstanceSaliencyWeb" not in p.parts}
     assert listed == actual
     resources = set(_cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES"))
     assert all((MODULE / r).is_file() for r in resources)
