@@ -20,12 +20,10 @@ def cmd_features(args) -> int:
 
     settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context,
                                  max_omega_voxels=args.max_omega_voxels)
-    voxel_size = _phantom_voxel_size() if args.phantom_patients else 1.0
+    voxel_size = _phantom_voxel_size(note=True) if args.phantom_patients else 1.0
     model, dev = _load(args)
     if args.phantom_patients:
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        if voxel_size != 1.0:
-            log(f"phantoms with {voxel_size:g} mm voxels (MSIS_PHANTOM_VOXEL_SIZE); the model's training phantoms have 1 mm")
         path = phantom_feature_table(model, _parse_patients(args.phantom_patients), args.out, settings, seed_base=args.phantom_seed_base,
                                      max_tp_per_case=args.max_tp, threshold=args.threshold, min_volume_mm3=args.min_volume,
                                      voxel_size=voxel_size, device=dev, log=log)

@@ -33,10 +33,12 @@ def _classifier_for(model, args):
     return load_classifier(args.classifier, model=model)
 
 
-def _phantom_voxel_size() -> float:
-    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of the phantoms of `phantom` (where --voxel-size
-    overrides it) and of `features --phantom-patients` (default 1, the model's training phantoms; tests
-    use 2 for small, fast cases). Recorded in the phantom's and the feature table's sidecars."""
+def _phantom_voxel_size(note: bool = False) -> float:
+    """MSIS_PHANTOM_VOXEL_SIZE: the voxel size in mm of every phantom a command generates: `phantom`
+    (where --voxel-size overrides it), `demo`, `features --phantom-patients`, the experiments' phantom
+    cases (context, sanity, stats, reproduce) and validate-model (default 1, the model's training
+    phantoms; tests use 2 for small, fast cases). Recorded in each command's sidecar, summary or run
+    record. note: say on stderr, once, when the phantoms are not at the model's 1 mm."""
     text = os.environ.get("MSIS_PHANTOM_VOXEL_SIZE", "").strip()
     if not text:
         return 1.0
@@ -47,6 +49,8 @@ def _phantom_voxel_size() -> float:
     lo, hi = PHANTOM_VOXEL_SIZES
     if not lo <= v <= hi:
         raise InputError(f"MSIS_PHANTOM_VOXEL_SIZE must be a voxel size in mm between {lo:g} and {hi:g}, got {text!r}")
+    if note and v != 1.0:
+        print(f"phantoms with {v:g} mm voxels (MSIS_PHANTOM_VOXEL_SIZE); the model's training phantoms have 1 mm", file=sys.stderr)
     return v
 
 

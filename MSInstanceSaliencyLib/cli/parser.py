@@ -12,6 +12,8 @@ from ..errors import InputError
 
 N_PATIENTS = 22  # the shared patients' lesion masks of the phantoms (phantom.N_PATIENTS)
 PHANTOM_VOXEL_SIZES = (0.5, 4.0)  # mm: what `phantom --voxel-size` and MSIS_PHANTOM_VOXEL_SIZE take
+# every command that generates phantoms says this in its help
+PHANTOM_VOXELS_HELP = "voxel size: the environment variable MSIS_PHANTOM_VOXEL_SIZE in mm, default 1, the model's training phantoms"
 SCHEDULER_TIMEOUT = 10  # seconds: cohort.cluster.SCHEDULER_TIMEOUT, for --help (the cohort package is imported when used)
 
 
@@ -153,7 +155,7 @@ def _add_case_args(p):
     p.add_argument("--flair", type=_path, default=None, help="FLAIR file (default: phantom cases)")
     p.add_argument("--mprage", type=_path, default=None)
     p.add_argument("--gt", type=_path, default=None, help="ground-truth lesion mask on the MPRAGE grid (needed with files: TP lesions are chosen from it)")
-    p.add_argument("--phantom-patients", type=_patients, default="17", help="phantom cases (validation seeds) when no files are given, e.g. 17-19")
+    p.add_argument("--phantom-patients", type=_patients, default="17", help=f"phantom cases (validation seeds) when no files are given, e.g. 17-19 ({PHANTOM_VOXELS_HELP})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,11 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_saliency_args(p)
     _add_segment_args(p)
 
-    p = sub.add_parser("demo", help="generate a phantom case, segment it, explain one lesion and write the outputs")
+    p = sub.add_parser("demo", help="generate a phantom case, segment it, explain one lesion and write the outputs",
+                       description=f"Generate a phantom case ({PHANTOM_VOXELS_HELP}), segment it, explain one lesion and write the outputs.")
     p.add_argument("--out", type=_path, default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--seed", type=_SEED, default=2024, help="phantom seed")
     p.add_argument("--patient", type=_int(1, N_PATIENTS), default=17, help="lesion geometry of shared patient 1..22 (default 17, a validation patient)")
-    p.add_argument("--lesion", type=_COUNT, default=None, help="lesion to explain (default: the one closest to 100 voxels)")
+    p.add_argument("--lesion", type=_COUNT, default=None, help="lesion to explain (default: the one closest to 100 mm^3)")
     p.add_argument("--no-tp-probability", action="store_true", help="skip scoring every lesion with the TP/FP classifier")
     p.add_argument("--classifier", type=_path, default=None, help="classifier JSON (default: the one in the model's folder; the bundled demo model has one)")
     _add_saliency_args(p)
@@ -216,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mprage", nargs="?", type=_path)
     p.add_argument("--gt", type=_path, default=None, help="ground-truth lesion mask: labels lesions TP/FP and adds the missed ones as FN rows")
     p.add_argument("--case", default=None, help="case name in the table (default: the FLAIR file name)")
-    p.add_argument("--phantom-patients", type=_patients, default=None, help="instead of files: phantom cases of these shared patients, e.g. 1-16")
+    p.add_argument("--phantom-patients", type=_patients, default=None, help=f"instead of files: phantom cases of these shared patients, e.g. 1-16 ({PHANTOM_VOXELS_HELP})")
     p.add_argument("--phantom-seed-base", type=_SEED, default=20_000, help="phantom seed = base + 100 * patient")
     p.add_argument("--max-tp", type=_int(0), default=None, help="phantoms: features of at most this many TPs per case (all FPs always)")
     p.add_argument("--out", type=_path, required=True, help="CSV to write (phantom tables are appended case by case and resume)")
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_args(p)
     # patient 17 alone has no TP lesion of 90-120 voxels with the demo model; 17-22 have 12
     p.set_defaults(phantom_patients="17-22")
-    p.add_argument("--size-range", type=_COUNT, nargs=2, default=[90, 120], metavar=("MIN", "MAX"), help="TP lesions of this many voxels (default 90 120)")
+    p.add_argument("--size-range", type=_COUNT, nargs=2, default=[90, 120], metavar=("MIN", "MAX"), help="TP lesions of this many voxels of the case's grid (default 90 120; 8x fewer at 2 mm)")
     p.add_argument("--steps", type=_COUNT, default=34, help="dilation iterations (default 34)")
     p.add_argument("--out", type=_path, required=True)
     _add_model_args(p)
@@ -271,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=_path, required=True)
     _add_model_args(q)
 
-    p = sub.add_parser("reproduce", help="run every experiment on a phantom cohort and write a Markdown report beside the paper's numbers")
+    p = sub.add_parser("reproduce", help="run every experiment on a phantom cohort and write a Markdown report beside the paper's numbers",
+                       description=f"Run every experiment on a phantom cohort ({PHANTOM_VOXELS_HELP}) and write a Markdown report "
+                                   "beside the paper's numbers.")
     p.add_argument("--out", type=_path, required=True)
     p.add_argument("--samples", type=_SAMPLES, default=20, help="SmoothGrad N for the sanity checks (peaks use --peak-samples)")
     p.add_argument("--peak-samples", type=_SAMPLES, default=10)
@@ -316,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "127.0.0.1:8787 or a free port) and print its link; without it no dask page is served")
     # --- end msis cohort
 
-    p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)")
+    p = sub.add_parser("validate-model", help="lesion-wise detection results on validation phantoms (patients 17-22)",
+                       description=f"Lesion-wise detection results on validation phantoms ({PHANTOM_VOXELS_HELP}).")
     _add_model_args(p)
     p.add_argument("--patients", type=_patients, default="17-22", help="e.g. 17-22 or 17,19")
     p.add_argument("--per-patient", type=_COUNT, default=1, help="phantoms per patient (default 1)")

@@ -30,8 +30,14 @@ def cmd_phantom(args) -> int:
     return 0
 
 
-def _cases(args, model, dev):
-    """Experiment cases: the given files (with --gt, and --wm where used) or phantom cases."""
+def _phantom_voxel_size_of(args):
+    """The voxel size of the experiment's phantom cases (MSIS_PHANTOM_VOXEL_SIZE, noted on stderr when
+    not 1 mm); None when the cases are files. Read before the model loads: a bad value fails at once."""
+    return None if args.flair or args.mprage else _phantom_voxel_size(note=True)
+
+
+def _cases(args, model, dev, voxel_size):
+    """Experiment cases: the given files (with --gt, and --wm where used) or phantom cases of voxel_size mm."""
     from ..research.experiments import file_case, phantom_cases
 
     if args.flair or args.mprage:
@@ -39,7 +45,7 @@ def _cases(args, model, dev):
             raise InputError("with files, give --flair, --mprage and --gt (the experiments choose TP lesions from the ground truth)")
         yield file_case(model, args.flair, args.mprage, args.gt, getattr(args, "wm", None), device=dev)
         return
-    yield from phantom_cases(model, _parse_patients(args.phantom_patients), device=dev)
+    yield from phantom_cases(model, _parse_patients(args.phantom_patients), device=dev, voxel_size=voxel_size)
 
 
 def _bars(label):
@@ -51,15 +57,17 @@ def _bars(label):
 def cmd_context(args) -> int:
     from ..research.experiments import context_figure, run_context
 
+    voxel_size = _phantom_voxel_size_of(args)
     model, dev = _load(args)
     out = OutputFolder(args.out, names=["context_raw.csv", "context_summary.json", "context.png"])
-    rows, summary = run_context(model, _cases(args, model, dev), tuple(args.size_range), n_steps=args.steps, device=dev,
+    rows, summary = run_context(model, _cases(args, model, dev, voxel_size), tuple(args.size_range), n_steps=args.steps, device=dev,
                                 progress=_bars, warn=_warn)
+    summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
         _write_rows(out.file("context_raw.csv"), rows)
         out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         context_figure(summary, out.file("context.png"))
-    out.close(command="context", size_range=list(args.size_range), steps=args.steps)
+    out.close(command="context", size_range=list(args.size_range), steps=args.steps, phantom_voxel_size_mm=voxel_size)
     print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
           f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
     print(f"outputs in {out.path}: context_raw.csv, context_summary.json, context.png")
@@ -77,17 +85,19 @@ def cmd_sanity(args) -> int:
 def _sanity_control_regions(args) -> int:
     from ..research.experiments import control_regions_figure, run_control_regions
 
+    voxel_size = _phantom_voxel_size_of(args)
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
                        names=["control_regions.csv", "control_regions_summary.json", "control_regions.png"])
-    case = next(_cases(args, model, dev))
+    case = next(_cases(args, model, dev, voxel_size))
     rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
                                                        seed=args.noise_seed, device=dev, progress=_bars)
+    summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
         _write_rows(out.file("control_regions.csv"), rows)
         out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference, regions, maps, out.file("control_regions.png"))
-    out.close(command="sanity control-regions")
+    out.close(command="sanity control-regions", phantom_voxel_size_mm=voxel_size)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -95,17 +105,19 @@ def _sanity_control_regions(args) -> int:
 def _sanity_synthetic_lesion(args) -> int:
     from ..research.experiments import run_synthetic_lesion, synthetic_lesion_figure
 
+    voxel_size = _phantom_voxel_size_of(args)
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
                        names=["synthetic_lesion.csv", "synthetic_lesion_summary.json", "synthetic_lesion.png"])
-    case = next(_cases(args, model, dev))
+    case = next(_cases(args, model, dev, voxel_size))
     rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
                                                  seed=args.noise_seed, device=dev, progress=_bars)
+    summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
         _write_rows(out.file("synthetic_lesion.csv"), rows)
         out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         synthetic_lesion_figure(panels, out.file("synthetic_lesion.png"))
-    out.close(command="sanity synthetic-lesion")
+    out.close(command="sanity synthetic-lesion", phantom_voxel_size_mm=voxel_size)
     for r in rows:
         print(f"{r['variant']:<24} segmented {str(r['detected']):<5}  mean p {r['mean_probability']:.3f}  max p {r['max_probability']:.3f}  "
               f"FLAIR map peaks {r['map_max']:.3g} / {r['map_min']:.3g}")
@@ -116,16 +128,18 @@ def _sanity_synthetic_lesion(args) -> int:
 def cmd_stats(args) -> int:
     from ..research.experiments import peaks_figures, run_peaks
 
+    voxel_size = _phantom_voxel_size_of(args)
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
                        names=["peaks.csv", "peaks_summary.json", "peaks_violin.png", "modality_contribution.png"])
-    rows, summary = run_peaks(model, list(_cases(args, model, dev)), n_samples=args.samples, seed=args.noise_seed,
+    rows, summary = run_peaks(model, list(_cases(args, model, dev, voxel_size)), n_samples=args.samples, seed=args.noise_seed,
                               max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn)
+    summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
         _write_rows(out.file("peaks.csv"), rows)
         out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
-    out.close(command="stats peaks")
+    out.close(command="stats peaks", phantom_voxel_size_mm=voxel_size)
     for g in ("TN", "FN", "FP", "TP"):
         m = summary["medians_positive_peak"][g]
         if m["n"]:
@@ -139,6 +153,7 @@ def cmd_reproduce(args, run) -> int:
     """run: msis's main, which runs each experiment as its own command (exit code, one-line errors)."""
     from ..research.report import write_reproduction_report
 
+    voxel_size = _phantom_voxel_size()  # each experiment reads it again and notes it; here for the run record
     out = OutputFolder(args.out, names=["REPORT.md"])
     common = ["--device", args.device] + (["--model", args.model] if args.model else [])
     runs = {
@@ -156,7 +171,7 @@ def cmd_reproduce(args, run) -> int:
                         "command": "msis " + " ".join(argv + ["--out", f"{name}"])}
     with out.writing():
         report = out.final(write_reproduction_report(out.path, status, out.file("REPORT.md")))
-    out.close(command="reproduce", runs=status, total_s=round(time.time() - t0, 1))
+    out.close(command="reproduce", runs=status, total_s=round(time.time() - t0, 1), phantom_voxel_size_mm=voxel_size)
     print(f"report: {report}")
     return 0 if all(v["exit_code"] == 0 for v in status.values()) else 1
 
@@ -183,8 +198,9 @@ def cmd_validate_model(args) -> int:
 
     if args.json:
         check_output_file(args.json, "--json")
+    voxel_size = _phantom_voxel_size(note=True)
     model, dev = _load(args)
-    res = validate_model(model, _parse_patients(args.patients), per_patient=args.per_patient, device=dev)
+    res = validate_model(model, _parse_patients(args.patients), per_patient=args.per_patient, device=dev, voxel_size=voxel_size)
     print(format_validation(res))
     if args.json:
         write_json_output(args.json, res, "--json")

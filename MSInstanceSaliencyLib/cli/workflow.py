@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .checks import _check_explain_args, _check_register_size
-from .common import OutputFolder, _classifier_for, _load, _warn
+from .common import OutputFolder, _classifier_for, _load, _phantom_voxel_size, _warn
 
 
 def cmd_segment(args) -> int:
@@ -87,9 +87,10 @@ def cmd_demo(args) -> int:
     from ..segmentation.pipeline import SEGMENTATION_FILES
 
     t0 = time.time()
+    voxel_size = _phantom_voxel_size(note=True)
     out = OutputFolder(args.out, names=[f"phantom_{n}.nii.gz" for n in ("flair", "mprage", "lesions")] + list(SEGMENTATION_FILES))
-    print(f"[1/5] generating phantom (seed {args.seed}, lesions of patient {args.patient}) ...", file=sys.stderr)
-    ph = make_phantom(args.seed, patient=args.patient)
+    print(f"[1/5] generating phantom (seed {args.seed}, lesions of patient {args.patient}, {voxel_size:g} mm voxels) ...", file=sys.stderr)
+    ph = make_phantom(args.seed, patient=args.patient, voxel_size=voxel_size)
     with out.writing():
         for name in ("flair", "mprage", "lesions"):
             write_image(getattr(ph, name), out.file(f"phantom_{name}.nii.gz"))
@@ -111,7 +112,8 @@ def cmd_demo(args) -> int:
     print(format_table(result.table))
     saliency_paths = {}
     if result.table:
-        lesion = args.lesion or min(result.table, key=lambda r: abs(r["voxels"] - 100))["lesion_id"]
+        # a typical lesion: the one closest to 100 mm^3 (100 voxels at 1 mm), whatever the phantom's voxel size
+        lesion = args.lesion or min(result.table, key=lambda r: abs(r["volume_mm3"] - 100))["lesion_id"]
         print(f"[5/5] SmoothGrad ({args.aggregation}, N={args.samples}) of lesion {lesion} on {dev} ...", file=sys.stderr)
         args.method = "smoothgrad"
         from ..saliency.explain import omega_from_lesion
@@ -119,7 +121,7 @@ def cmd_demo(args) -> int:
         t1 = time.time()
         _, saliency_paths = _explain_and_write(model, dev, result.prepared, omega_from_lesion(result.labels, lesion), f"lesion{lesion}", args, out)
         print(f"saliency of lesion {lesion} in {time.time() - t1:.0f} s")
-    out.close(**run_info(model, result, command="demo", seed=args.seed, patient=args.patient, metrics=metrics,
+    out.close(**run_info(model, result, command="demo", seed=args.seed, patient=args.patient, phantom_voxel_size_mm=voxel_size, metrics=metrics,
                          total_s=round(time.time() - t0, 1), **scoring))
     print(f"against the phantom's ground truth: TP {metrics['tp']}  FP {metrics['fp']}  FN {metrics['fn']}  "
           f"F1 {metrics['f1']:.3f}  PPV {metrics['ppv']:.3f}  Dice {metrics['dice']:.3f}")

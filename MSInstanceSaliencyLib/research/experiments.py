@@ -385,15 +385,16 @@ def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
     return Case(Path(flair).name.split(".")[0], res, arrays["gt"], arrays.get("wm"))
 
 
-def phantom_cases(model, patients, device="auto"):
-    """Validation phantoms (seed 10000 + 100 * patient), segmented, one at a time."""
+def phantom_cases(model, patients, device="auto", voxel_size: float = 1.0):
+    """Validation phantoms (seed 10000 + 100 * patient) with isotropic voxel_size mm voxels, segmented,
+    one at a time. The experiments' sizes in mm (spheres, rings, distances) use the grid's spacing."""
     from .phantom import make_phantom
     from ..segmentation.pipeline import segment
     from .training import validation_seed
     from ..io.volumes import array_from_image, mask_from_image
 
     for pt in patients:
-        ph = make_phantom(validation_seed(pt), patient=pt)
+        ph = make_phantom(validation_seed(pt), patient=pt, voxel_size=voxel_size)
         res = segment(ph.flair, ph.mprage, model, device=device)
         yield Case(f"phantom_p{int(pt):02d}", res, mask_from_image(ph.lesions), array_from_image(ph.white_matter))
 

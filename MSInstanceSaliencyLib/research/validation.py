@@ -9,8 +9,9 @@ from ..segmentation.evaluation import evaluate_case, summarize
 from .training import VAL_PATIENTS, validation_seed
 
 
-def validate_model(model, patients=VAL_PATIENTS, per_patient: int = 1, device="auto", progress=None) -> dict:
-    """Segment validation phantoms and score them lesion-wise; returns per-case rows and the totals."""
+def validate_model(model, patients=VAL_PATIENTS, per_patient: int = 1, device="auto", progress=None, voxel_size: float = 1.0) -> dict:
+    """Segment validation phantoms (isotropic voxel_size mm voxels) and score them lesion-wise; returns
+    per-case rows and the totals."""
     from .phantom import make_phantom
     from ..segmentation.pipeline import segment
     from ..io.volumes import mask_from_image
@@ -20,13 +21,13 @@ def validate_model(model, patients=VAL_PATIENTS, per_patient: int = 1, device="a
     cases = []
     t0 = time.time()
     for i, (p, s) in enumerate(pairs):
-        ph = make_phantom(s, patient=p)
+        ph = make_phantom(s, patient=p, voxel_size=voxel_size)
         res = segment(ph.flair, ph.mprage, model, device=device)
         m = evaluate_case(res.labels, mask_from_image(ph.lesions))
         cases.append({"patient": p, "seed": s, **m, "inference_s": round(res.timings["inference_s"], 2)})
         bar(i + 1, len(pairs))
     return {"cases": cases, "total": summarize(cases), "seconds": round(time.time() - t0, 1),
-            "model": model.spec.name, "threshold": model.spec.threshold}
+            "model": model.spec.name, "threshold": model.spec.threshold, "phantom_voxel_size_mm": float(voxel_size)}
 
 
 def format_validation(res: dict) -> str:

@@ -17,10 +17,19 @@ from MSInstanceSaliencyLib.io.volumes import array_from_image, same_grid
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def msis(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("MSIS_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+# phantoms of 2 mm voxels: 8x fewer voxels than the model's 1 mm training phantoms, for fast research-command tests
+# (sizes given in voxels scale by 1/8: 40-200 voxels at 1 mm are 5-25 at 2 mm)
+SMALL_PHANTOMS = {"MSIS_PHANTOM_VOXEL_SIZE": "2"}
+# the one phantom patient of the single-case research tests (control regions, synthetic lesion, peaks)
+SHARED_PATIENT = "18"
+
+
+def msis(*args, cwd=None, env=None):
+    """Run msis as a user does; env: extra environment variables (e.g. SMALL_PHANTOMS)."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    full_env.pop("MSIS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=600)
 
 
 def assert_clean_error(res, fragment):
@@ -128,6 +137,7 @@ def test_demo_with_bundled_model(tmp_path):
     # the demo model finds most lesions of an unseen phantom (the model card has the full validation;
     # on head phantoms it makes false positives, PPV 0.50-0.97 per validation case)
     assert manifest["metrics"]["tpr"] > 0.6 and manifest["metrics"]["ppv"] > 0.5
+    assert manifest["phantom_voxel_size_mm"] == 1.0 and "MSIS_PHANTOM_VOXEL_SIZE" not in res.stderr  # the default, the model's
     assert same_grid(sitk.ReadImage(str(out / "lesion_labels.nii.gz")), sitk.ReadImage(str(out / "phantom_mprage.nii.gz")))
     # and it explains one lesion: both channel maps and the figure
     maps = sorted(p.name for p in out.glob("saliency_lesion*_smoothgrad_*.nii.gz"))
@@ -244,7 +254,7 @@ def test_train_and_evaluate_classifier_commands(tmp_path):
 
 @pytest.mark.needs_radiomics
 def test_segment_with_tp_probability_and_pruning(tmp_path):
-    """The bundled demo model on a 1 mm phantom with two small lesions, a classifier trained with N = 1."""
+    """The bundled demo model on a 2 mm phantom with two small lesions, a classifier trained with N = 1."""
     from MSInstanceSaliencyLib.research.phantom import make_phantom, patient_mask_path
 
     ref = sitk.ReadImage(str(patient_mask_path(1)))
@@ -253,7 +263,7 @@ def test_segment_with_tp_probability_and_pruning(tmp_path):
     a[80:84, 100:104, 110:114] = 1
     mask = sitk.GetImageFromArray(a)
     mask.CopyInformation(ref)
-    files = make_phantom(5, mask, n_mimics=4).save(tmp_path / "case")
+    files = make_phantom(5, mask, n_mimics=4, voxel_size=2.0).save(tmp_path / "case")
     feats = _feature_table(tmp_path / "features.csv", n_samples=1)
     assert msis("train-classifier", feats, "--out", tmp_path / "clf.json").returncode == 0
     out = tmp_path / "seg"
@@ -272,20 +282,23 @@ def test_segment_with_tp_probability_and_pruning(tmp_path):
 
 def test_context_command_on_a_phantom(tmp_path):
     out = tmp_path / "ctx"
-    res = msis("context", "--out", out, "--device", "cpu", "--phantom-patients", "19", "--size-range", "40", "200", "--steps", "6")
+    res = msis("context", "--out", out, "--device", "cpu", "--phantom-patients", "19", "--size-range", "5", "25", "--steps", "6", env=SMALL_PHANTOMS)
     assert res.returncode == 0, res.stderr
     s = json.loads((out / "context_summary.json").read_text())
     assert s["n_lesions"] >= 1 and len(s["steps"]) == 7
     rows = list(csv.DictReader(open(out / "context_raw.csv")))
     assert len(rows) == 7 * s["n_lesions"]
     assert (out / "context.png").is_file()
-    assert_clean_error(msis("context", "--out", tmp_path / "none", "--phantom-patients", "19", "--size-range", "100000", "200000"),
-                       "no TP lesion")
+    assert s["phantom_voxel_size_mm"] == 2.0
+    # the cheapest phantom (4 mm) suffices to find no lesion of this size
+    assert_clean_error(msis("context", "--out", tmp_path / "none", "--phantom-patients", "19", "--size-range", "100000", "200000",
+                            env={"MSIS_PHANTOM_VOXEL_SIZE": "4"}), "no TP lesion")
 
 
 def test_control_regions_command_on_a_phantom(tmp_path):
     out = tmp_path / "cr"
-    res = msis("sanity", "control-regions", "--out", out, "--device", "cpu", "--phantom-patients", "18", "--samples", "1")
+    res = msis("sanity", "control-regions", "--out", out, "--device", "cpu", "--phantom-patients", SHARED_PATIENT, "--samples", "1",
+               env=SMALL_PHANTOMS)
     assert res.returncode == 0, res.stderr
     s = json.loads((out / "control_regions_summary.json").read_text())
     assert set(s["flair_peak"]) == {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre"}
@@ -297,7 +310,8 @@ def test_control_regions_command_on_a_phantom(tmp_path):
 
 def test_synthetic_lesion_command_on_a_phantom(tmp_path):
     out = tmp_path / "syn"
-    res = msis("sanity", "synthetic-lesion", "--out", out, "--device", "cpu", "--phantom-patients", "17", "--samples", "1", "--max-voxels", "60")
+    res = msis("sanity", "synthetic-lesion", "--out", out, "--device", "cpu", "--phantom-patients", SHARED_PATIENT, "--samples", "1",
+               "--max-voxels", "8", env=SMALL_PHANTOMS)  # 60 voxels at 1 mm
     assert res.returncode == 0, res.stderr
     s = json.loads((out / "synthetic_lesion_summary.json").read_text())
     assert set(s["results"]) == {"original", "a_white_matter", "b_background", "c_background_with_3mm"}
@@ -310,7 +324,8 @@ def test_synthetic_lesion_command_on_a_phantom(tmp_path):
 
 def test_stats_peaks_command_on_a_phantom(tmp_path):
     out = tmp_path / "peaks"
-    res = msis("stats", "peaks", "--out", out, "--device", "cpu", "--phantom-patients", "18", "--samples", "1", "--max-per-group", "2")
+    res = msis("stats", "peaks", "--out", out, "--device", "cpu", "--phantom-patients", SHARED_PATIENT, "--samples", "1", "--max-per-group", "2",
+               env=SMALL_PHANTOMS)
     assert res.returncode == 0, res.stderr
     s = json.loads((out / "peaks_summary.json").read_text())
     rows = list(csv.DictReader(open(out / "peaks.csv")))
@@ -319,6 +334,35 @@ def test_stats_peaks_command_on_a_phantom(tmp_path):
     assert s["medians_positive_peak"]["TN"]["n"] == 10
     for name in ("peaks_violin.png", "modality_contribution.png"):
         assert (out / name).is_file()
+
+
+def _assert_phantom_voxel_size_noted_once(res, mm):
+    assert res.returncode == 0, res.stderr
+    note = f"phantoms with {mm:g} mm voxels (MSIS_PHANTOM_VOXEL_SIZE); the model's training phantoms have 1 mm"
+    assert res.stderr.count(note) == 1, res.stderr
+
+
+def test_phantom_voxel_size_is_honoured_and_recorded(tmp_path):
+    """MSIS_PHANTOM_VOXEL_SIZE sets the phantoms of demo and of the experiments (4 mm: the cheapest), said once on
+    stderr and recorded; sizes in mm^3 stay mm^3 on the coarser grid."""
+    env = {"MSIS_PHANTOM_VOXEL_SIZE": "4"}
+    demo = tmp_path / "demo"
+    res = msis("demo", "--out", demo, "--device", "cpu", "--samples", "1", "--no-tp-probability", env=env)
+    _assert_phantom_voxel_size_noted_once(res, 4)
+    assert json.loads((demo / "msis_run.json").read_text())["phantom_voxel_size_mm"] == 4.0
+    for name in ("phantom_flair.nii.gz", "lesion_labels.nii.gz"):
+        assert sitk.ReadImage(str(demo / name)).GetSpacing() == pytest.approx((4.0, 4.0, 4.0))
+    peaks = tmp_path / "peaks"
+    res = msis("stats", "peaks", "--out", peaks, "--device", "cpu", "--phantom-patients", SHARED_PATIENT, "--samples", "1",
+               "--max-per-group", "1", "--tn-volume", "512", env=env)
+    _assert_phantom_voxel_size_noted_once(res, 4)
+    assert json.loads((peaks / "peaks_summary.json").read_text())["phantom_voxel_size_mm"] == 4.0
+    assert json.loads((peaks / "msis_run.json").read_text())["phantom_voxel_size_mm"] == 4.0
+    # a 512 mm^3 TN sphere is about 8 voxels of 64 mm^3 (it would be about 512 at 1 mm)
+    tn = [int(r["voxels"]) for r in csv.DictReader(open(peaks / "peaks.csv")) if r["group"] == "TN"]
+    assert len(tn) == 10 and all(4 <= v <= 16 for v in tn), tn
+    # a bad value is refused before the model loads or any phantom is made
+    assert_clean_error(msis("validate-model", "--patients", "17", env={"MSIS_PHANTOM_VOXEL_SIZE": "8"}), "MSIS_PHANTOM_VOXEL_SIZE must be")
 
 
 @pytest.mark.needs_radiomics
