@@ -161,6 +161,24 @@ def _write_dataset(root: Path, seed: int, shape, spacing, n_train: int) -> dict:
 # the nnU-Net part: runs in the child process
 # ----------------------------------------------------------------------------------------------------------
 
+def _pools_in_threads() -> None:
+    """nnU-Net's fingerprint extraction and preprocessing hand each case to a "spawn" process pool, even of one
+    process: each pool is a fresh interpreter importing torch and nnunetv2 again (tens of seconds on a busy
+    CPU). Here their pools are thread pools in this process: the same per-case functions (the fingerprint's
+    sampling is seeded per case), without the start-up."""
+    import multiprocessing
+    import multiprocessing.pool
+    import types
+
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
+
+    threads = types.SimpleNamespace(get_context=lambda method=None: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool))
+    for module in (fingerprint_extractor, default_preprocessor):
+        assert module.multiprocessing is multiprocessing, module  # nnU-Net still reaches its pool this way
+        module.multiprocessing = threads
+
+
 def _child_main(args: dict) -> None:
     import random
 
@@ -184,6 +202,7 @@ def _child_main(args: dict) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(1)
+    _pools_in_threads()
 
     t = time.perf_counter()
     generate_dataset_json(args["raw_folder"], CHANNEL_NAMES, LABELS, n_train, FILE_ENDING,
