@@ -35,6 +35,8 @@ PY = sys.executable
 COHORT_CASES = [(7, 3), (8, 3), (12, 2), (15, 8)]
 # --min-volume 40 as in benchmarks/cohort_workers.py: the lesions of more than a few voxels
 COHORT_SETTINGS = ["--min-volume", "40", "--workers", "1"]
+# --tiny phantoms: the coarsest `msis phantom` makes (every lesion voxel is 64 mm³, above --min-volume 40)
+TINY_VOXEL_MM = "4"
 
 
 def saliency_args(model: str, device: str, tiny: bool) -> list:
@@ -42,9 +44,9 @@ def saliency_args(model: str, device: str, tiny: bool) -> list:
         full = ["--skip-full"] if model == "paper" else ["--full-samples", "1"]
         return ["--model", model, "--device", device, "--copies-sweep", "1,8,25,50", *full]
     if model == "paper":  # 32..512 channels at 96³: one copy, two voxels is all a CPU can afford here
-        return ["--model", model, "--device", device, "--voxel-size", "3", "--lesion-voxels", "2", "--samples", "1",
+        return ["--model", model, "--device", device, "--voxel-size", TINY_VOXEL_MM, "--lesion-voxels", "2", "--samples", "1",
                 "--authors-voxels", "1", "--skip-full"]
-    return ["--model", model, "--device", device, "--voxel-size", "3", "--lesion-voxels", "4", "--samples", "2",
+    return ["--model", model, "--device", device, "--voxel-size", TINY_VOXEL_MM, "--lesion-voxels", "4", "--samples", "2",
             "--authors-voxels", "1", "--skip-full", "--copies-sweep", "1,2"]
 
 
@@ -180,7 +182,7 @@ def step_cohort(r: Runner, tiny: bool) -> dict:
     import pandas as pd
 
     limit = r.time_limit(180)
-    voxel = "3" if tiny else "1"
+    voxel = TINY_VOXEL_MM if tiny else "1"
     folder = r.work / "cohort"
     folder.mkdir()
     lines, phantom_cmds, procs = ["case_id,flair,mprage,gt"], [], []

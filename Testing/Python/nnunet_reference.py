@@ -54,9 +54,12 @@ TEST_CASES = {
 }
 
 # predictor runs: name -> settings (all tile_step_size=0.5, use_gaussian=True, checkpoint_final.pth, device cpu)
+# and the test cases each predicts. Mirroring with 2 folds runs the network 16 times per tile (8 flips x 2 folds),
+# so that run takes the cases of 2 tiles (blended) and 1 padded tile, not the 4-tile "resampled" one: mirroring and
+# the fold ensemble act per tile, after resampling, which the no-mirror run checks on every case.
 PREDICTOR_RUNS = {
-    "pred_mirror_f01": {"use_mirroring": True, "folds": [0, 1]},
-    "pred_nomirror_f0": {"use_mirroring": False, "folds": [0]},
+    "pred_mirror_f01": {"use_mirroring": True, "folds": [0, 1], "cases": ["test_native", "test_aniso"]},
+    "pred_nomirror_f0": {"use_mirroring": False, "folds": [0], "cases": list(TEST_CASES)},
 }
 
 
@@ -158,6 +161,24 @@ def _write_dataset(root: Path, seed: int, shape, spacing, n_train: int) -> dict:
 # the nnU-Net part: runs in the child process
 # ----------------------------------------------------------------------------------------------------------
 
+def _pools_in_threads() -> None:
+    """nnU-Net's fingerprint extraction and preprocessing hand each case to a "spawn" process pool, even of one
+    process: each pool is a fresh interpreter importing torch and nnunetv2 again (tens of seconds on a busy
+    CPU). Here their pools are thread pools in this process: the same per-case functions (the fingerprint's
+    sampling is seeded per case), without the start-up."""
+    import multiprocessing
+    import multiprocessing.pool
+    import types
+
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
+
+    threads = types.SimpleNamespace(get_context=lambda method=None: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool))
+    for module in (fingerprint_extractor, default_preprocessor):
+        assert module.multiprocessing is multiprocessing, module  # nnU-Net still reaches its pool this way
+        module.multiprocessing = threads
+
+
 def _child_main(args: dict) -> None:
     import random
 
@@ -181,6 +202,7 @@ def _child_main(args: dict) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(1)
+    _pools_in_threads()
 
     t = time.perf_counter()
     generate_dataset_json(args["raw_folder"], CHANNEL_NAMES, LABELS, n_train, FILE_ENDING,
@@ -225,8 +247,8 @@ def _child_main(args: dict) -> None:
     # predict_from_files_sequential: the same preprocessing / sliding window / export functions as
     # predict_from_files, without its worker processes.
     outputs = {}
-    list_of_lists = [tests[n]["channels"] for n in tests]
     for run_name, cfg in PREDICTOR_RUNS.items():
+        cases = cfg["cases"]
         t = time.perf_counter()
         out_dir = root / "predictions" / run_name
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,14 +257,14 @@ def _child_main(args: dict) -> None:
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=tuple(cfg["folds"]),
                                                        checkpoint_name="checkpoint_final.pth")
-        predictor.predict_from_files_sequential(list_of_lists, [str(out_dir / n) for n in tests],
+        predictor.predict_from_files_sequential([tests[n]["channels"] for n in cases], [str(out_dir / n) for n in cases],
                                                 save_probabilities=True, overwrite=True)
         timings[f"{run_name}_s"] = time.perf_counter() - t
         outputs[run_name] = {
             "folder": str(out_dir), "folds": cfg["folds"], "use_mirroring": cfg["use_mirroring"],
             "tile_step_size": 0.5, "use_gaussian": True, "checkpoint_name": "checkpoint_final.pth",
             "cases": {n: {"seg": str(out_dir / f"{n}{FILE_ENDING}"), "probabilities": str(out_dir / f"{n}.npz"),
-                          "properties": str(out_dir / f"{n}.pkl")} for n in tests},
+                          "properties": str(out_dir / f"{n}.pkl")} for n in cases},
         }
     Path(args["result_json"]).write_text(json.dumps({"model_folder": str(model_folder), "predictions": outputs,
                                                      "timings": timings}))

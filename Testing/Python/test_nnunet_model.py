@@ -46,6 +46,9 @@ def one_thread():
 @pytest.mark.parametrize("run", ["pred_mirror_f01", "pred_nomirror_f0"])
 def test_probabilities_and_segmentation_equal_nnunet_predictor(nnunet, run, one_thread):
     settings = nnunet["predictions"][run]
+    # every test case against nnU-Net without mirroring; mirrored 2-fold on the 2-tile and the padded case
+    expected = {"pred_mirror_f01": {"test_native", "test_aniso"}, "pred_nomirror_f0": set(nnunet["tests"])}[run]
+    assert set(settings["cases"]) == expected
     model = load_model(nnunet["model_folder"], folds=None if len(settings["folds"]) > 1 else settings["folds"],
                        mirroring=settings["use_mirroring"])
     assert model.format == "nnunet" and model.folds == settings["folds"]

@@ -44,6 +44,14 @@ _ph.make_phantom = lambda *a, **k: _make(*a, **{**k, "voxel_size": 2.0})
 """
 
 
+def use_small_phantoms(monkeypatch):
+    """SMALL_DEMO_PHANTOM for a command run in this process: 2 mm phantoms."""
+    import MSInstanceSaliencyLib.research.phantom as phantom
+
+    make = phantom.make_phantom
+    monkeypatch.setattr(phantom, "make_phantom", lambda *a, **k: make(*a, **{**k, "voxel_size": 2.0}))
+
+
 def _env(**extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", **extra)
     env.pop("MSIS_DEBUG", None)
@@ -172,6 +180,7 @@ def test_6_train_writes_a_complete_model_folder_and_may_replace_it(tmp_path, mon
     from MSInstanceSaliencyLib.models.loading import load_model
 
     monkeypatch.setattr(training, "train", functools.partial(training.train, patients=(1,)))
+    use_small_phantoms(monkeypatch)  # the model folder's mechanics, not the phantom's resolution, are checked here
     out = tmp_path / "model"
     args = ["train", "--out", str(out), "--iterations", "2", "--batch", "1", "--patch", "32", "--phantoms-per-patient", "1",
             "--cache", str(tmp_path / "cache"), "--device", "cpu"]
@@ -261,13 +270,15 @@ def test_7_a_second_run_into_the_same_out_is_refused(phantom_files, tiny_model_d
 
 # -- 9: failed or killed runs leave nothing unrecorded and never block a re-run ----------------------------
 
-def test_9_a_failed_demo_leaves_nothing_and_can_run_again(tiny_model_dir, tmp_path):
+def test_9_a_failed_demo_leaves_nothing_and_can_run_again(tiny_model_dir, tmp_path, monkeypatch):
+    # in this process (the run fails, it is not interrupted): no interpreter start-up per run
+    use_small_phantoms(monkeypatch)
     out = tmp_path / "demo"
     args = ["demo", "--out", out, "--model", tiny_model_dir, "--device", "cpu", "--lesion", 999, "--no-tp-probability", "--samples", 1]
-    assert_one_line_error(msis(*args, prelude=SMALL_DEMO_PHANTOM), "lesion 999 does not exist")
+    assert_one_line_error(msis_here(*args), "lesion 999 does not exist")
     assert visible(out) == [] and not staging_folders(out)
     # a re-run fails for the same true reason, not with "not written by msis"
-    assert_one_line_error(msis(*args, prelude=SMALL_DEMO_PHANTOM), "lesion 999 does not exist")
+    assert_one_line_error(msis_here(*args), "lesion 999 does not exist")
 
 
 def test_9_a_user_file_in_out_is_refused_before_any_work(phantom_files, tiny_model_dir, tmp_path):

@@ -77,7 +77,8 @@ def test_n4_reduces_a_bias_field(small_phantom):
         half = a.shape[0] // 2
         return np.median(a[:half][brain[:half]]) / np.median(a[half:][brain[half:]])
     before = abs(np.log(left_right_ratio(array_from_image(biased))))
-    after = abs(np.log(left_right_ratio(array_from_image(n4_correct(biased, shrink=2)))))
+    # the default shrink, as prepare_case runs it (shrink=2 took about 3.5 times as long)
+    after = abs(np.log(left_right_ratio(array_from_image(n4_correct(biased)))))
     assert after < 0.5 * before
 
 

@@ -8,15 +8,29 @@ import pytest
 
 from MSInstanceSaliencyLib.models.loading import load_model
 from MSInstanceSaliencyLib.research.phantom import PHANTOM_VERSION
-from MSInstanceSaliencyLib.research.training import phantom_case, sample_patch, train
+from MSInstanceSaliencyLib.research.training import phantom_case, sample_patch, train, training_seed
 
-from test_outputs import assert_failed_rewrite_keeps_the_file, disk_full_after
+from test_outputs import assert_failed_rewrite_keeps_the_file, disk_full_after, use_small_phantoms
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("phantom_cache")
+
+
+@pytest.fixture
+def phantom_cache(cache_dir, monkeypatch):
+    """One phantom cache for this module: patient 1's training phantom is made once (both configurations
+    z-score alike, so they share its cached case), then read back; at 2 mm, as SMALL_DEMO_PHANTOM in
+    test_outputs: these tests check the training's mechanics and the patch sampling, not the resolution."""
+    use_small_phantoms(monkeypatch)
+    return cache_dir
 
 
 @pytest.mark.parametrize("config", ["demo", "paper"])
-def test_train_a_few_iterations(tmp_path, config):
+def test_train_a_few_iterations(tmp_path, config, phantom_cache):
     out = train(tmp_path / config, config, patients=(1,), phantoms_per_patient=1, iterations=2, batch=1, patch=32,
-                cache_dir=tmp_path / "cache", device="cpu", log=lambda *_: None)
+                cache_dir=phantom_cache, device="cpu", log=lambda *_: None)
     m = load_model(out)
     assert m.spec.training["config"] == config and m.spec.training["iterations_done"] == 2
     channels = [32, 64, 128, 256, 512] if config == "paper" else [8, 16, 32, 64, 128]
@@ -25,11 +39,13 @@ def test_train_a_few_iterations(tmp_path, config):
     assert (out / "training_curve.png").stat().st_size > 1000
 
 
-def test_patches_are_centred_on_lesions_often(tmp_path):
+def test_patches_are_centred_on_lesions_often(phantom_cache):
+    """On the training case of patient 1 (cached by the training test when it ran first in this module)."""
     from MSInstanceSaliencyLib.models.base import ModelSpec
 
-    case = phantom_case(2, 202, ModelSpec(), tmp_path)
-    assert (tmp_path / f"p02_s202_zscore_v{PHANTOM_VERSION}.npz").is_file()
+    seed = training_seed(1, 0)
+    case = phantom_case(1, seed, ModelSpec(), phantom_cache)
+    assert (phantom_cache / f"p01_s{seed}_zscore_v{PHANTOM_VERSION}.npz").is_file()
     rng = np.random.default_rng(0)
     with_lesion = 0
     for _ in range(20):
