@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +29,13 @@ RADIOMICS_SKIP_REASON = (
     "needs pyradiomics, not installed here; it is not installable on Python 3.12 (no wheel, the sdists "
     "do not build); inside Slicer it comes from the SlicerRadiomics extension"
 )
+
+
+# A run started as a background job of a shell without job control (a CI runner, `cmd &` in a script) has SIGINT
+# ignored, and an ignored signal stays ignored in every child process, where Python then never raises
+# KeyboardInterrupt: the Ctrl-C tests would test nothing real. Give the tests the disposition a user's terminal has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config):

@@ -128,6 +128,18 @@ def test_score_streams_lesions_and_a_cancel_keeps_those_done(client, segmented):
     assert partial[0]["tp_probability"] == pytest.approx(got[0]["tp_probability"], abs=1e-9)
 
 
+def _kill_at_first_call(pid):
+    """A progress callback that kills pid once: later calls (the client also calls it while it waits) may come
+    after the client has reaped the dead worker, when os.kill would raise ProcessLookupError."""
+    killed = []
+
+    def progress(done, total):
+        if not killed:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+    return progress
+
+
 def test_a_killed_worker_is_restarted_cleanly(small_phantom):
     with WorkerClient() as c:
         c.request("load_model", device="cpu")
@@ -138,7 +150,7 @@ def test_a_killed_worker_is_restarted_cleanly(small_phantom):
         # killed from outside in the middle of a request (a registration: seconds of work)
         with pytest.raises(WorkerError, match="stopped unexpectedly"):
             c.request("prepare", flair=c.path("flair.nrrd"), mprage=c.path("mprage.nrrd"), register=True,
-                      progress=lambda d, t: os.kill(first, signal.SIGKILL))
+                      progress=_kill_at_first_call(first))
         assert not c.alive and c.synced == {}
         # the next request starts a fresh worker, which holds nothing yet
         with pytest.raises(InputError, match="no case prepared"):
