@@ -82,22 +82,34 @@ def cmd_sanity(args) -> int:
     raise InputError(f"unknown sanity check {args.sanity_command}")
 
 
-def _sanity_control_regions(args) -> int:
-    from ..research.experiments import control_regions_figure, run_control_regions
-
+def _sanity_check(args, name: str, run_check) -> tuple[list, dict]:
+    """The frame both sanity checks share: one case, then NAME.csv, NAME_summary.json and NAME.png written together.
+    run_check(model, case, dev) returns (rows, summary, draw), draw(path) making the figure."""
     voxel_size = _phantom_voxel_size_of(args)
     model, dev = _load(args)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
-                       names=["control_regions.csv", "control_regions_summary.json", "control_regions.png"])
+                       names=[f"{name}.csv", f"{name}_summary.json", f"{name}.png"])
     case = next(_cases(args, model, dev, voxel_size))
-    rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
-                                                       seed=args.noise_seed, device=dev, progress=_bars)
+    rows, summary, draw = run_check(model, case, dev)
     summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
-        _write_rows(out.file("control_regions.csv"), rows)
-        out.file("control_regions_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference, regions, maps, out.file("control_regions.png"))
-    out.close(command="sanity control-regions", phantom_voxel_size_mm=voxel_size)
+        _write_rows(out.file(f"{name}.csv"), rows)
+        out.file(f"{name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        draw(out.file(f"{name}.png"))
+    out.close(command=f"sanity {args.sanity_command}", phantom_voxel_size_mm=voxel_size)
+    return rows, summary
+
+
+def _sanity_control_regions(args) -> int:
+    from ..research.experiments import control_regions_figure, run_control_regions
+
+    def run_check(model, case, dev):
+        rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels,
+                                                           n_samples=args.samples, seed=args.noise_seed, device=dev, progress=_bars)
+        return rows, summary, lambda path: control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference,
+                                                                  regions, maps, path)
+
+    _, summary = _sanity_check(args, "control_regions", run_check)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -105,19 +117,12 @@ def _sanity_control_regions(args) -> int:
 def _sanity_synthetic_lesion(args) -> int:
     from ..research.experiments import run_synthetic_lesion, synthetic_lesion_figure
 
-    voxel_size = _phantom_voxel_size_of(args)
-    model, dev = _load(args)
-    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
-                       names=["synthetic_lesion.csv", "synthetic_lesion_summary.json", "synthetic_lesion.png"])
-    case = next(_cases(args, model, dev, voxel_size))
-    rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels, n_samples=args.samples,
-                                                 seed=args.noise_seed, device=dev, progress=_bars)
-    summary["phantom_voxel_size_mm"] = voxel_size
-    with out.writing():
-        _write_rows(out.file("synthetic_lesion.csv"), rows)
-        out.file("synthetic_lesion_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        synthetic_lesion_figure(panels, out.file("synthetic_lesion.png"))
-    out.close(command="sanity synthetic-lesion", phantom_voxel_size_mm=voxel_size)
+    def run_check(model, case, dev):
+        rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels,
+                                                     n_samples=args.samples, seed=args.noise_seed, device=dev, progress=_bars)
+        return rows, summary, lambda path: synthetic_lesion_figure(panels, path)
+
+    rows, summary = _sanity_check(args, "synthetic_lesion", run_check)
     for r in rows:
         print(f"{r['variant']:<24} segmented {str(r['detected']):<5}  mean p {r['mean_probability']:.3f}  max p {r['max_probability']:.3f}  "
               f"FLAIR map peaks {r['map_max']:.3g} / {r['map_min']:.3g}")

@@ -16,7 +16,6 @@ sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
 
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
 from MSInstanceSaliencyMRML.colors import saliency_color_node  # noqa: E402
-from MSInstanceSaliencyMRML.worker_session import WorkerSession  # noqa: E402
 from MSInstanceSaliencyMRML.workflow import CHOICES, LesionWorkflow, WorkflowState  # noqa: E402
 
 from MSInstanceSaliencyLib import dependencies  # noqa: E402
@@ -26,13 +25,7 @@ from MSInstanceSaliencyLib.segmentation.instances import label_instances, lesion
 
 from conftest import make_image  # noqa: E402
 from test_mrml_adapter import scene  # noqa: E402,F401  (the slicer-core scene fixture)
-
-
-@pytest.fixture(scope="module")
-def session():
-    s = WorkerSession()
-    yield s
-    s.close()
+from test_worker_session import session  # noqa: E402,F401  (one worker for the module's tests)
 
 
 @pytest.fixture()
