@@ -56,9 +56,9 @@ install_tool() {
   # A pinned CPU build of torch; an unpinned torch would pull GBs of CUDA packages.
   step "torch 2.13.0 (CPU)" pip_install torch==2.13.0
   step "pyradiomics 3.0.1" install_pyradiomics
-  step "MSInstanceSaliencyLib (editable) and its dependencies" pip_install -c "$CONSTRAINTS" -e "$ROOT[cohort]"
+  step "MSInstanceSaliencyLib (editable) and its dependencies, with msis view's trame-slicer" pip_install -c "$CONSTRAINTS" -e "$ROOT[cohort,web]"
   step "nnU-Net networks (dynamic-network-architectures 0.4.4)" install_nnunet_networks
-  step "check imports" check_imports "radiomics, distributed, pyarrow, SimpleITK, sklearn, nilearn, dynamic_network_architectures, MSInstanceSaliencyLib.cli"
+  step "check imports" check_imports "radiomics, distributed, pyarrow, SimpleITK, sklearn, nilearn, dynamic_network_architectures, trame_slicer, MSInstanceSaliencyLib.cli"
   echo "$WANT" > "$TOOL_STAMP"
 }
 
@@ -70,12 +70,24 @@ install_reference_dependencies() {
     scikit-image==0.26.0 pandas graphviz tifffile requests seaborn imagecodecs yacs blosc2 tqdm
 }
 
+# The browser tests drive the system's Chromium (Playwright's own browser download is not reachable everywhere).
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "setup_env.sh: the browser tests need Chromium: install it (Debian/Ubuntu: sudo apt-get install chromium) and run again"
+    return 1
+  fi
+}
+
 install_test_extras() {
   rm -f "$TEST_STAMP"
-  step "test tools (pytest, pytest-xdist, slicer-core, captum)" pip_install -c "$CONSTRAINTS" -e "$ROOT[test,cohort]"
+  step "test tools (pytest, pytest-xdist, slicer-core, captum, playwright)" pip_install -c "$CONSTRAINTS" -e "$ROOT[test,cohort,web]"
+  step "Chromium for the browser tests" ensure_chromium
   step "test references' dependencies (acvl-utils, batchgenerators, scikit-image, ...)" install_reference_dependencies
   step "test references (nnunetv2 2.8.1, lst-ai 2.0.0rc1)" pip_install --no-deps nnunetv2==2.8.1 lst-ai==2.0.0rc1
-  step "check test imports" check_imports "pytest, slicer, captum, nnunetv2, lst_ai.model"
+  step "check test imports" check_imports "pytest, slicer, captum, nnunetv2, lst_ai.model, playwright.sync_api"
   echo "$WANT" > "$TEST_STAMP"
 }
 

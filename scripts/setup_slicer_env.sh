@@ -72,9 +72,10 @@ step "numpy, scipy, SimpleITK, requests, packaging" "${PIP[@]}" numpy scipy Simp
 # nilearn: 0.14.x needs packaging>=26 and requests>=2.33, newer than Slicer's 25.0 and 2.32.3,
 # so the last release that fits the pins is pinned.
 # captum: 0.9.0 installs under the pins (matplotlib, numpy, packaging, torch, tqdm).
-# slicer-core: the PyPI wheel of Slicer's MRML libraries (cp312; needs only its own vtk).
+# slicer-core: the PyPI wheel of Slicer's MRML libraries (cp312; needs only its own vtk), the version msis view's
+# trame-slicer pins (pyproject.toml), so both environments test the MRML adapter on one Slicer core.
 step "torch 2.15.0, monai, scikit-learn, nilearn, ..., captum, slicer-core, pytest, pytest-xdist" \
-  "${PIP[@]}" torch==2.15.0 monai scikit-learn "nilearn==0.13.1" nibabel matplotlib captum slicer-core pytest pytest-xdist
+  "${PIP[@]}" torch==2.15.0 monai scikit-learn "nilearn==0.13.1" nibabel matplotlib captum slicer-core==5.11.0.6 pytest pytest-xdist
 # The project itself, without letting pip resolve pyproject.toml's dependencies (they are all
 # above, except pyradiomics); no build isolation, so Slicer's setuptools and wheel build it.
 step "MSInstanceSaliencyLib (editable)" "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"

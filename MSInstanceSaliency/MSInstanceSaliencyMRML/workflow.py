@@ -272,3 +272,8 @@ class LesionWorkflow:
         if int(s.selectedLesion) in ids:
             s.selectedLesion = 0
         return removed
+
+
+def tp_verdict(probability: float) -> str:
+    """What a TP probability means for the reader, in the words both faces show."""
+    return "likely true lesion" if probability >= 0.5 else "possible false positive"

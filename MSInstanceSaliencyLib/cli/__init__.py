@@ -6,7 +6,7 @@ Set MSIS_DEBUG=1 to see tracebacks of unexpected errors.
 parser.py holds every command's arguments, checks.py what argparse cannot check alone; the commands are in
 workflow.py (segment, explain, demo, evaluate), classifier.py (features, train-classifier,
 evaluate-classifier), research.py (phantom, context, sanity, stats, reproduce, train, validate-model) and
-cohort.py. Each imports its heavy libraries when it runs, so that `msis --help` starts light.
+cohort.py, and view.py (the browser face). Each imports its heavy libraries when it runs, so that `msis --help` starts light.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .checks import _check_args
 from .classifier import cmd_evaluate_classifier, cmd_features, cmd_train_classifier
 from .cohort import cmd_cohort
 from .parser import N_PATIENTS, SCHEDULER_TIMEOUT, _parse_patients, build_parser
+from .view import cmd_view
 from .research import cmd_context, cmd_phantom, cmd_reproduce, cmd_sanity, cmd_stats, cmd_train, cmd_validate_model
 from .workflow import _print_tp_probability_by_kind, cmd_demo, cmd_evaluate, cmd_explain, cmd_segment
 
@@ -56,7 +57,7 @@ def _main(argv) -> int:
 
 
 COMMANDS = {
-    "segment": cmd_segment, "explain": cmd_explain, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
+    "segment": cmd_segment, "explain": cmd_explain, "view": cmd_view, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
     "train": cmd_train, "validate-model": cmd_validate_model, "features": cmd_features,
     "train-classifier": cmd_train_classifier, "evaluate-classifier": cmd_evaluate_classifier,
     # reproduce runs the experiments through main, handed over here: research.py importing this package back would be a cycle

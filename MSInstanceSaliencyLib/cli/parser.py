@@ -327,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=_patients, default="17-22", help="e.g. 17-22 or 17,19")
     p.add_argument("--per-patient", type=_COUNT, default=1, help="phantoms per patient (default 1)")
     p.add_argument("--json", type=_path, default=None, help="write per-case and total results here")
+    p = sub.add_parser("view", help="the lesion workflow in a browser, on Slicer's core (segment, lesion table, pick, explain, overlay)",
+                       description="Serve the interactive workflow to a browser (trame-slicer): segment, the lesion table, a click "
+                                   "on a lesion, its saliency map over the FLAIR, its TP probability. With no files: a demo phantom "
+                                   f"({PHANTOM_VOXELS_HELP}). On a GPU server: run it there and reach it with an SSH tunnel "
+                                   "(ssh -L 8080:127.0.0.1:8080 server).")
+    p.add_argument("flair", type=_path, nargs="?", default=None, help="FLAIR volume (NIfTI or NRRD); default: a demo phantom")
+    p.add_argument("mprage", type=_path, nargs="?", default=None, help="MPRAGE / T1w volume (optional for FLAIR-only models)")
+    p.add_argument("--model", type=_path, default=None,
+                   help="model as `segment --model` takes it (docs/MODELS.md); default: the bundled demo model")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run the network (default auto: GPU if available)")
+    p.add_argument("--data", type=_path, default=None, help="folder whose scans and models the page may open (nothing outside it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; any other "
+                                                        "address requires the access token printed at start)")
+    p.add_argument("--port", type=_int(0, 65535), default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--no-token", action="store_true", help="serve a non-loopback --host without an access token (anyone who "
+                                                          "reaches the port can use the server and the files under --data)")
+    p.add_argument("--patient", type=_int(1, N_PATIENTS), default=17, help="demo phantom's lesion geometry, patient 1..22 (default 17)")
+
     return parser
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL = {"bash", "sh", "console", "shell"}
 # Commands of shell blocks that are not msis and name no script of ours: allowed as they are.
-OTHER_COMMANDS = {"mkdir", "cp", "cat", "printf", "pip", "git", "Slicer", "lst", "dask"}
+OTHER_COMMANDS = {"mkdir", "cp", "cat", "printf", "pip", "git", "Slicer", "lst", "dask", "ssh"}
 # How a shell line runs msis: the tokens that stand for `msis` (argv follows them).
 MSIS_FORMS = [["msis"], [".venv/bin/msis"], ["bash", "scripts/msis.sh"], ["scripts/msis.sh"],
               ["python", "-m", "MSInstanceSaliencyLib"], [".venv/bin/python", "-m", "MSInstanceSaliencyLib"]]

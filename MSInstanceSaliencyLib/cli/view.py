@@ -1,0 +1,62 @@
+"""`msis view`: checks the arguments, then serves the web face (MSInstanceSaliency/MSInstanceSaliencyWeb, which
+sits beside the Slicer module because it drives the module's MRML layer; it is not part of the Lib)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "MSInstanceSaliency"  # the Slicer module's folder in a source checkout
+WEB_HINT = "bash scripts/setup_env.sh (it installs the web extra: pip install -e '.[web]')"
+
+
+def _check_view_args(args):
+    from ..io.volumes import read_image
+
+    if args.mprage and not args.flair:
+        raise InputError("give the FLAIR first: msis view FLAIR [MPRAGE]")
+    if args.flair and args.mprage and Path(args.flair).resolve() == Path(args.mprage).resolve():
+        raise InputError("FLAIR and MPRAGE are the same file: give the T1 (MPRAGE) as the second volume, or none")
+    for path, what in ((args.flair, "FLAIR"), (args.mprage, "MPRAGE")):
+        if path:
+            read_image(path, what)  # a bad file fails now, in one line, not in the page
+    if args.model and not Path(args.model).exists():
+        raise InputError(f"--model {args.model} does not exist")
+    if args.data and not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: not a folder; give the folder that holds the scans (and models) to open from the page")
+    if not (MODULE_DIR / "MSInstanceSaliencyWeb").is_dir():
+        raise InputError(f"msis view runs from a source checkout (it needs {MODULE_DIR / 'MSInstanceSaliencyWeb'})")
+    missing = [m for m in ("trame_slicer", "trame_vuetify", "slicer") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"msis view needs trame-slicer, which is not installed here ({', '.join(missing)} missing): {WEB_HINT}")
+
+
+def cmd_view(args) -> int:
+    _check_view_args(args)
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from MSInstanceSaliencyWeb.access import is_loopback
+
+    token_required = not is_loopback(args.host) and not args.no_token
+    if not is_loopback(args.host) and args.no_token:
+        print(f"msis view: WARNING: serving {args.host} without an access token (--no-token): anyone who reaches port "
+              f"{args.port} can use this server and open the files under --data", file=sys.stderr)
+    from MSInstanceSaliencyWeb.server import serve  # noqa: E402  (trame and slicer-core load only now)
+
+    demo = None
+    if not args.flair:
+        from ..research.phantom import make_phantom
+        from .common import _phantom_voxel_size
+
+        voxel_size = _phantom_voxel_size(note=True)
+        print(f"msis view: demo phantom (lesions of patient {args.patient}, {voxel_size:g} mm voxels) ...", file=sys.stderr)
+        phantom = make_phantom(2024, patient=args.patient, voxel_size=voxel_size)
+        demo = (phantom.flair, phantom.mprage)
+    with tempfile.TemporaryDirectory(prefix="msis-view-") as results:
+        return serve(flair=args.flair, mprage=args.mprage, model=args.model or "", device=args.device, data=args.data, demo=demo,
+                     host=args.host, port=args.port, token_required=token_required, results_dir=os.path.join(results, "results"))
