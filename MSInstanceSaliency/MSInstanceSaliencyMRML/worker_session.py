@@ -112,7 +112,8 @@ class WorkerSession:
         set: it raises Cancelled, after the worker stopped at its next progress step, or killed after
         the client's cancel_grace_s. Cancelling the task cancels the request too (and waits until it
         ended, so that the next step finds the worker free). Starting the worker cannot be cancelled.
-        The requests always carry a progress callback, so the client's silence timeout does not apply."""
+        The requests always carry a progress callback, so the client's silence timeout does not apply;
+        the session's `log` is called on the request's thread (it must not touch MRML)."""
         with self._one_run(steps):
             return await _drive_async(steps, first, lambda request: self._execute_async(request, progress, cancel))
 
