@@ -4,11 +4,27 @@ No Qt and no slicer.app here (slicer-core runs it in CI against a real worker pr
 module's parameter node, or anything with the same attributes (flairVolume, mprageVolume,
 modelPath, device, lesionLabels, ...). The worker is sent only what it lacks: the model, the case
 and the lesion labels are each re-sent when they changed, or when the worker was restarted.
+
+Each step is written once, as a generator (`segment_steps(p)`, `explain_steps(p)`, ...) that holds all
+its MRML code and yields a `Request` wherever it needs the worker; the answer comes back as the value
+of the yield. Why: the Slicer face blocks while the worker works (its progress callback keeps the GUI
+alive), while an asyncio face (the web app) must keep its event loop free during the tens of seconds a
+request takes and may touch MRML and VTK only on the loop's thread (its renders are asyncio tasks
+scheduled from MRML observers). One body of MRML code serves both through two drivers:
+`run(steps, progress)` does every request on the caller's thread (segment(p, progress) and the other
+plain methods are run(segment_steps(p), progress)); `await run_async(steps, progress, cancel)` runs the
+generator on the loop's thread and each request in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
+import queue
+import threading
+from typing import Callable
 
 import slicer
 
@@ -34,12 +50,27 @@ def method_arguments(p) -> dict:
                 max_omega_voxels=int(p.maxOmegaVoxels) or None)
 
 
+START = "__start__"  # a Request's cmd: start the worker process (it blocks for seconds, so the drivers do it like a request)
+
+
+@dataclasses.dataclass
+class Request:
+    """What a step needs from the worker: `cmd` with `arguments` (WorkerClient.request), or cmd START.
+    on_message(msg) gets the request's streamed messages (score's lesions); the drivers call it on the
+    thread that runs the steps, so it may write MRML."""
+
+    cmd: str
+    arguments: dict = dataclasses.field(default_factory=dict)
+    on_message: Callable | None = None
+
+
 class WorkerSession:
     """One worker process (started on first use) and what it holds."""
 
     def __init__(self, python=None, env=None, log=None):
         self._options = dict(python=python, env=env, log=log or (lambda line: logging.info(f"[worker] {line}")))
         self._client = None
+        self._running_steps = False
 
     @property
     def client(self):
@@ -61,19 +92,119 @@ class WorkerSession:
     def request(self, cmd, progress=None, on_message=None, **arguments):
         return self.client.request(cmd, progress=progress, on_message=on_message, **arguments)
 
+    # -- the drivers: run a step's generator to its end, doing the requests it yields
+
+    def run(self, steps, progress=None, first=None):
+        """Runs `steps` on this thread, every request blocking here with progress(done, total) as
+        WorkerClient.request has it (returning False cancels); returns what the generator returns.
+        An exception of a request is thrown into the generator where it yielded, so its try/finally
+        and except clauses work as around a plain call; unhandled, it comes out of run.
+        `first`: the request `steps` already yielded (LesionWorkflow advances its steps once, to check
+        the state before it makes a session)."""
+        with self._one_run(steps):
+            return _drive(steps, first, lambda request: self._execute(request, progress, request.on_message))
+
+    async def run_async(self, steps, progress=None, cancel=None, first=None):
+        """Like run, for an asyncio face: the generator (all MRML code, on_message included) runs on
+        the event loop's thread, each request in a worker thread, so the loop stays free meanwhile.
+        progress(done, total) is called on the loop's thread with each new value (False cancels, as in
+        run); `cancel` (a threading.Event, or anything with is_set()) cancels the running request when
+        set: it raises Cancelled, after the worker stopped at its next progress step, or killed after
+        the client's cancel_grace_s. Cancelling the task cancels the request too (and waits until it
+        ended, so that the next step finds the worker free). Starting the worker cannot be cancelled.
+        The requests always carry a progress callback, so the client's silence timeout does not apply;
+        the session's `log` is called on the request's thread (it must not touch MRML)."""
+        with self._one_run(steps):
+            return await _drive_async(steps, first, lambda request: self._execute_async(request, progress, cancel))
+
+    @contextlib.contextmanager
+    def _one_run(self, steps):
+        # one client, one request at a time: a second step (another click in a web page) must not interleave its requests
+        if self._running_steps:
+            steps.close()
+            raise RuntimeError("the worker is busy with another step: wait for it to end, or cancel it")
+        self._running_steps = True
+        try:
+            yield
+        finally:
+            self._running_steps = False
+
+    def _execute(self, request, progress=None, on_message=None):
+        if request.cmd == START:
+            self.client.start()  # no-op when it runs
+            return None
+        return self.client.request(request.cmd, progress=progress, on_message=on_message, **request.arguments)
+
+    async def _execute_async(self, request, progress, cancel):
+        """One request in a worker thread. The face's progress and the request's on_message run on the
+        loop's thread, in the order they came; every message has run when this returns or raises."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()  # set on the loop's thread: the task was cancelled, or a callback failed or said stop
+        failure = []  # the first exception of a callback: raised after the request, in place of its answer
+        inbox = queue.SimpleQueue()
+        last, ended = [None], threading.Event()
+
+        def on_loop(call, *args):
+            if failure or ended.is_set():  # a tick's progress that arrives after the request's end is stale
+                return
+            try:
+                if call(*args) is False and call is progress:
+                    stop.set()
+            except BaseException as exc:  # raised where the step awaits, not lost in the loop's exception handler
+                failure.append(exc)
+                stop.set()
+
+        def deliver():  # on the loop's thread: the messages that arrived so far, in order
+            while True:
+                try:
+                    msg = inbox.get_nowait()
+                except queue.Empty:
+                    return
+                on_loop(request.on_message, msg)
+
+        def thread_progress(done, total):  # on the request's thread, every client tick
+            if progress is not None and last[0] != (done, total):
+                last[0] = (done, total)
+                loop.call_soon_threadsafe(on_loop, progress, done, total)
+            return not (stop.is_set() or (cancel is not None and cancel.is_set()))
+
+        def thread_message(msg):  # on the request's thread: written into MRML by deliver, soon, on the loop's thread
+            inbox.put(msg)
+            loop.call_soon_threadsafe(deliver)
+
+        future = loop.run_in_executor(None, self._execute, request, thread_progress, thread_message if request.on_message else None)
+        try:
+            try:
+                return await asyncio.shield(future)  # shielded: cancelling the task must not forget the running request
+            except asyncio.CancelledError:
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await future  # the thread cannot be killed: wait until the client has cancelled the request
+                raise
+        finally:
+            deliver()  # what is left (a cancelled score keeps the lesions already done)
+            ended.set()
+            if failure:
+                raise failure[0]
+
     # -- what the worker holds
 
     def model_info(self) -> dict | None:
         """What the loaded model is and expects (its describe()), None before a model is loaded."""
         return self._client.synced.get("model_info") if self.running else None
 
-    def info(self, device="auto", progress=None) -> dict:
+    def info_steps(self, device="auto"):
         """The worker's torch build, GPUs and packages (asked once per worker process)."""
         client = self.client
-        client.start()  # no-op when it runs; a new worker starts with empty `synced`
+        if not client.alive:
+            yield Request(START)  # a new worker starts with empty `synced`
         if "info" not in client.synced:
-            client.synced["info"] = self.request("info", progress, device=device)
+            info = yield Request("info", dict(device=device))
+            client.synced["info"] = info
         return client.synced["info"]
+
+    def info(self, device="auto", progress=None) -> dict:
+        return self.run(self.info_steps(device), progress)
 
     def case_warnings(self) -> list:
         """What the user must know about the inputs the worker holds (e.g. a FLAIR covering part of the MPRAGE)."""
@@ -82,23 +213,26 @@ class WorkerSession:
     def last_info(self):
         return self._client.synced.get("info") if self.running else None
 
-    def sync_model(self, p, progress=None) -> dict:
-        self.info(p.device, progress)
+    def sync_model_steps(self, p):
+        yield from self.info_steps(p.device)
         synced = self.client.synced
         key = (p.modelPath or "", p.device)
         if synced.get("model") != key:
             synced.pop("model", None)
-            synced["model_info"] = self.request("load_model", progress, model=p.modelPath or None, device=p.device)
+            synced["model_info"] = yield Request("load_model", dict(model=p.modelPath or None, device=p.device))
             synced["model"] = key
             synced.pop("case", None)  # prepared for the previous model's channels and normalisation
         return synced["model_info"]
 
-    def sync(self, p, progress=None, labels=True) -> None:
+    def sync_model(self, p, progress=None) -> dict:
+        return self.run(self.sync_model_steps(p), progress)
+
+    def sync_steps(self, p, labels=True):
         import SimpleITK as sitk
 
         from MSInstanceSaliencyLib.worker import save_array
 
-        info = self.sync_model(p, progress)
+        info = yield from self.sync_model_steps(p)
         if not p.flairVolume:
             raise ValueError("Select the FLAIR volume.")
         if not p.mprageVolume and "mprage" in info.get("input_channels", ["mprage"]):
@@ -114,21 +248,25 @@ class WorkerSession:
                     continue
                 files[name] = client.path(f"{name}.nrrd")
                 sitk.WriteImage(image_from_volume_node(node), files[name])
-            synced["case_warnings"] = self.request("prepare", progress, **files).get("warnings", [])
+            prepared = yield Request("prepare", files)
+            synced["case_warnings"] = prepared.get("warnings", [])
             synced["case"] = key
         if labels and p.lesionLabels and synced.get("labels") != volume_key(p.lesionLabels):
             path = save_array(client.path("labels.npy"), array_from_volume_node(p.lesionLabels).astype("int32"))
-            self.request("set_labels", progress, path=path)
+            yield Request("set_labels", dict(path=path))
             synced["labels"] = volume_key(p.lesionLabels)
+
+    def sync(self, p, progress=None, labels=True) -> None:
+        return self.run(self.sync_steps(p, labels), progress)
 
     # -- the work
 
-    def segment(self, p, progress=None) -> list:
+    def segment_steps(self, p):
         """Probability, labels, one segment per lesion and the lesion table, into p's nodes (created when missing)."""
         from MSInstanceSaliencyLib.worker import load_array
 
-        self.sync(p, progress, labels=False)
-        result = self.request("segment", progress, threshold=float(p.threshold), min_volume_mm3=float(p.minLesionVolume))
+        yield from self.sync_steps(p, labels=False)
+        result = yield Request("segment", dict(threshold=float(p.threshold), min_volume_mm3=float(p.minLesionVolume)))
         prob, labels = load_array(result["probability"], remove=True), load_array(result["labels"], remove=True)
         ref = reference_volume(p)
         if p.lesionLabels:
@@ -148,12 +286,15 @@ class WorkerSession:
         p.selectedLesion = 0
         return result["table"]
 
-    def explain(self, p, progress=None) -> dict:
+    def segment(self, p, progress=None) -> list:
+        return self.run(self.segment_steps(p), progress)
+
+    def explain_steps(self, p):
         """The map of the picked lesion (or of the custom region) as a volume on the MPRAGE geometry:
         {"node", "tp_probability" (when the map was made with the classifier's settings), "tp_note"}."""
         from MSInstanceSaliencyLib.worker import load_array, save_array
 
-        self.sync(p, progress)
+        yield from self.sync_steps(p)
         arguments = method_arguments(p)
         if p.useCustomRegion:
             if not p.customRegionSegmentation or not p.customRegionSegmentId:
@@ -168,7 +309,7 @@ class WorkerSession:
                 raise ValueError("Pick a lesion first (table row or click in a view).")
             arguments["lesion_id"] = int(p.selectedLesion)
             name = f"Lesion {p.selectedLesion}"
-        result = self.request("explain", progress, **arguments)
+        result = yield Request("explain", arguments)
         maps = {key: load_array(path, remove=True) for key, path in result["maps"].items()}
         if arguments["method"] == "gradcampp":
             shown, title = maps["gradcampp"], f"{name} Grad-CAM++"
@@ -180,10 +321,13 @@ class WorkerSession:
             set_tp_probability(p.lesionTable, int(p.selectedLesion), result["tp_probability"])
         return {"node": p.saliencyVolume, "tp_probability": result["tp_probability"], "tp_note": result["tp_note"]}
 
-    def score(self, p, lesion_ids, progress=None) -> dict:
+    def explain(self, p, progress=None) -> dict:
+        return self.run(self.explain_steps(p), progress)
+
+    def score_steps(self, p, lesion_ids):
         """{lesion id: P(TP) or None}; each probability goes into the table as soon as it arrives, so a
         cancelled run keeps the lesions already done."""
-        self.sync(p, progress)
+        yield from self.sync_steps(p)
         probs = {}
 
         def received(msg):
@@ -194,13 +338,53 @@ class WorkerSession:
             elif msg.get("error"):
                 logging.warning(msg["error"])
 
-        self.request("score", progress, on_message=received, lesion_ids=[int(i) for i in lesion_ids])
+        yield Request("score", dict(lesion_ids=[int(i) for i in lesion_ids]), on_message=received)
         return probs
 
-    def layers(self, p, progress=None) -> tuple[list, str]:
+    def score(self, p, lesion_ids, progress=None) -> dict:
+        return self.run(self.score_steps(p, lesion_ids), progress)
+
+    def layers_steps(self, p):
         """(the model's Grad-CAM++ layer names, its default layer)"""
-        info = self.sync_model(p, progress)
+        info = yield from self.sync_model_steps(p)
         return info["layers"], info["gradcam_layer"]
+
+    def layers(self, p, progress=None) -> tuple[list, str]:
+        return self.run(self.layers_steps(p), progress)
+
+
+def _drive(steps, request, execute):
+    """The loop of run: `request` is the one `steps` already yielded, or None to start it."""
+    answer, error = None, None
+    while True:
+        if request is None:
+            try:
+                request = steps.send(answer) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return done.value
+        answer, error = None, None
+        try:
+            answer = execute(request)
+        except BaseException as exc:  # Cancelled, a worker error, Ctrl-C: the generator decides
+            error = exc
+        request = None
+
+
+async def _drive_async(steps, request, execute):
+    """The loop of run_async; the same as _drive, with the requests awaited."""
+    answer, error = None, None
+    while True:
+        if request is None:
+            try:
+                request = steps.send(answer) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return done.value
+        answer, error = None, None
+        try:
+            answer = await execute(request)
+        except BaseException as exc:  # asyncio.CancelledError as well: thrown in, and out again unless caught
+            error = exc
+        request = None
 
 
 def known_tp_probability(table_node, lesion_id):

@@ -12,6 +12,13 @@ The state is anything with the fields of `WorkflowState`: the Slicer face passes
 (MSInstanceSaliencyParameterNode, which has the same field names and defaults and is saved with the
 scene), the web face a plain WorkflowState. Every step checks the state first and raises InputError
 (a ValueError) with one line saying what to do, before the worker starts or works.
+
+The steps that need the worker are generators (`segment_steps()`, `explain_steps()`, `score_steps(ids)`,
+`score_all_steps()`, `layers_steps()`, `worker_info_steps()`; worker_session.py says how they yield
+requests): one body of MRML code for the Slicer face, which blocks (`segment(progress)` is
+`run(segment_steps(), progress)`), and for the asyncio web face, which keeps its event loop free and
+touches MRML only on the loop's thread (`await run_async(segment_steps(), progress, cancel)`). The
+checks run when the generator is first advanced, before any request and before a session is made.
 """
 
 from __future__ import annotations
@@ -122,11 +129,25 @@ class LesionWorkflow:
             self._session.close()
             self._session = None
 
+    def run(self, steps, progress=None):
+        """Runs a step's generator to its end, blocking (WorkerSession.run); returns its result."""
+        request, result = _advanced(steps)
+        return result if request is None else self.session.run(steps, progress, first=request)
+
+    async def run_async(self, steps, progress=None, cancel=None):
+        """Runs a step's generator on the event loop's thread, its requests in a worker thread
+        (WorkerSession.run_async: progress on the loop's thread, `cancel` an Event that cancels)."""
+        request, result = _advanced(steps)
+        return result if request is None else await self.session.run_async(steps, progress, cancel, first=request)
+
+    def worker_info_steps(self, device=None):
+        return (yield from self.session.info_steps(device or getattr(self.state, "device", "auto")))
+
     def worker_info(self, start=True, progress=None, device=None):
         """What the worker sees (torch build, GPU, pyradiomics); None when none runs and start is False."""
         if not start:
             return self._session.last_info() if self._session else None
-        return self.session.info(device or getattr(self.state, "device", "auto"), progress)
+        return self.run(self.worker_info_steps(device), progress)
 
     def model_info(self):
         """What the loaded model is and expects; None before one is loaded."""
@@ -136,10 +157,13 @@ class LesionWorkflow:
         """What the user must know about the inputs the worker holds (e.g. a FLAIR covering part of the MPRAGE)."""
         return self._session.case_warnings() if self._session else []
 
-    def layers(self, progress=None):
+    def layers_steps(self):
         """(the model's Grad-CAM++ layer names, its default layer)"""
         check_settings(self.state)
-        return self.session.layers(self.state, progress)
+        return (yield from self.session.layers_steps(self.state))
+
+    def layers(self, progress=None):
+        return self.run(self.layers_steps(), progress)
 
     # -- checks of the state, before any work
 
@@ -168,11 +192,14 @@ class LesionWorkflow:
 
     # -- segment, select
 
-    def segment(self, progress=None) -> list:
+    def segment_steps(self):
         """Fills (or makes) the label map, probability volume, segmentation and table; the lesion rows.
         Any earlier selection is cleared."""
         state = self._inputs_ready()  # before the session: a bad state must not start a worker
-        return self.session.segment(state, progress)
+        return (yield from self.session.segment_steps(state))
+
+    def segment(self, progress=None) -> list:
+        return self.run(self.segment_steps(), progress)
 
     def select_lesion(self, lesion) -> tuple:
         """Makes `lesion` the region to explain and highlights it; returns its centre (RAS) for the
@@ -190,7 +217,7 @@ class LesionWorkflow:
 
     # -- explain
 
-    def explain(self, progress=None) -> dict:
+    def explain_steps(self):
         """The map of the selected lesion (or of the custom region) as a volume on the reference grid,
         with the transparent-near-0 diverging colours: {"node", "title" (for the legend),
         "tp_probability" (when made with the classifier's settings, else None), "tp_note" (why not)}."""
@@ -208,7 +235,7 @@ class LesionWorkflow:
             lid = int(s.selectedLesion)
             self._segment_of(lid)
             region = f"Lesion {lid}"
-        result = self.session.explain(s, progress)
+        result = yield from self.session.explain_steps(s)
         node = result["node"]
         gradcam = s.method == "Grad-CAM++"
         for key, value in ((SHOWS_LESION, str(lid)), (SHOWS_REGION, region), (SHOWS_METHOD, s.method),
@@ -217,6 +244,9 @@ class LesionWorkflow:
         if lid:
             highlight_lesion(s.lesionSegmentation, lid, overlay_shown=True)  # outline only: a filled lesion hides the map
         return {**result, "title": node.GetName()}
+
+    def explain(self, progress=None) -> dict:
+        return self.run(self.explain_steps(), progress)
 
     def saliency_shown(self) -> dict | None:
         """The map made last and what it shows: {"node", "title", "lesion" (0: a custom region), "region",
@@ -236,7 +266,7 @@ class LesionWorkflow:
         lid = self.state.selectedLesion if lesion is None else lesion
         return known_tp_probability(self.state.lesionTable, lesion_id(lid)) if lid else None
 
-    def score(self, lesions, progress=None) -> dict:
+    def score_steps(self, lesions):
         """{lesion id: P(TP) or None}, written into the table lesion by lesion (a cancelled run keeps what was done)."""
         self._inputs_ready()
         ids = [lesion_id(v) for v in lesions]
@@ -245,10 +275,18 @@ class LesionWorkflow:
             raise InputError(f"Not in the lesion table (removed?): lesion {', '.join(map(str, unknown))}; score lesions of the table.")
         if not dependencies.has_radiomics():
             raise InputError(dependencies.RADIOMICS_HINT)
-        return self.session.score(self.state, ids, progress) if ids else {}
+        if not ids:
+            return {}
+        return (yield from self.session.score_steps(self.state, ids))
+
+    def score(self, lesions, progress=None) -> dict:
+        return self.run(self.score_steps(lesions), progress)
+
+    def score_all_steps(self):
+        return (yield from self.score_steps(self.lesion_ids()))
 
     def score_all(self, progress=None) -> dict:
-        return self.score(self.lesion_ids(), progress)
+        return self.run(self.score_all_steps(), progress)
 
     def lesions_below(self, threshold=None) -> list:
         """The scored lesions whose TP probability is below `threshold` (by default the state's pruneBelow);
@@ -272,6 +310,16 @@ class LesionWorkflow:
         if int(s.selectedLesion) in ids:
             s.selectedLesion = 0
         return removed
+
+
+def _advanced(steps):
+    """Advances a step's generator to its first request, which runs its state checks (raising
+    InputError) before the session, and so the worker, exists: (the request, None), or (None, its
+    result) when it ended without needing the worker."""
+    try:
+        return next(steps), None
+    except StopIteration as done:
+        return None, done.value
 
 
 def tp_verdict(probability: float) -> str:

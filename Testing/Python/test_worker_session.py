@@ -1,6 +1,7 @@
 """The module's worker session on real MRML nodes (slicer-core) and a real worker process: what the
 Slicer module does on Segment, Explain, Score and Remove, minus the Qt widgets."""
 
+import asyncio
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ slicer = pytest.importorskip("slicer")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MSInstanceSaliency"))
 
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
-from MSInstanceSaliencyMRML.worker_session import WorkerSession, known_tp_probability  # noqa: E402
+from MSInstanceSaliencyMRML.worker_session import Request, WorkerSession, known_tp_probability  # noqa: E402
 
 from MSInstanceSaliencyLib.errors import InputError  # noqa: E402
 from MSInstanceSaliencyLib.saliency.explain import explain  # noqa: E402
@@ -136,3 +137,25 @@ def test_layers_and_bad_model_folder(session, case, tmp_path):
     assert default in layers
     with pytest.raises(InputError, match="does not exist"):
         session.layers(parameters(case.flairVolume, case.mprageVolume, modelPath=str(tmp_path / "nowhere")))
+
+
+def test_a_failed_request_is_thrown_into_the_steps_and_a_second_step_waits_for_none(session):
+    def steps():
+        try:
+            yield Request("explain", {})  # refused by the worker: neither a lesion nor a region
+        except InputError as exc:
+            refused = str(exc)
+        info = yield Request("info", dict(device="cpu"))
+        return refused, info
+
+    refused, info = session.run(steps())
+    assert "lesion_id or mask" in refused and "torch" in str(info)
+
+    async def two_clicks():
+        first, second = steps(), steps()
+        return await asyncio.gather(session.run_async(first), session.run_async(second), return_exceptions=True), second
+
+    (done, busy), second = asyncio.run(two_clicks())
+    assert done[0] == refused
+    assert isinstance(busy, RuntimeError) and "busy" in str(busy) and second.gi_frame is None  # refused, its generator closed
+    assert session.run(steps())[0] == refused  # free again

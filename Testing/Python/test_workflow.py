@@ -1,16 +1,21 @@
 """The shared lesion workflow (MSInstanceSaliencyMRML.workflow) on real MRML nodes (slicer-core) with a real
 worker process and the demo model on the 2 mm phantom: what the Slicer module and the web app both do,
-segment -> table -> pick -> explain -> overlay -> score -> remove, and the errors on bad state."""
+segment -> table -> pick -> explain -> overlay -> score -> remove, and the errors on bad state; and the
+same steps through the asyncio driver (run_async), as the web app runs them."""
 
 import ast
+import asyncio
 import dataclasses
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
 
@@ -19,7 +24,7 @@ from MSInstanceSaliencyMRML.colors import saliency_color_node  # noqa: E402
 from MSInstanceSaliencyMRML.workflow import CHOICES, LesionWorkflow, WorkflowState  # noqa: E402
 
 from MSInstanceSaliencyLib import dependencies  # noqa: E402
-from MSInstanceSaliencyLib.errors import InputError  # noqa: E402
+from MSInstanceSaliencyLib.errors import Cancelled, InputError  # noqa: E402
 from MSInstanceSaliencyLib.io.volumes import array_from_image  # noqa: E402
 from MSInstanceSaliencyLib.segmentation.instances import label_instances, lesion_table  # noqa: E402
 
@@ -148,6 +153,120 @@ def test_score_fills_the_table(workflow):
     assert list(again) == [smallest]
     assert again[smallest] == pytest.approx(first[smallest], abs=1e-6)  # the same map (seed 0), the same probability
     assert workflow.lesions_below(first[smallest]) == [] and workflow.lesions_below(1.0) == [smallest]
+
+
+# ----------------------------------------------------------------------------- the asyncio driver (the web face)
+
+def on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def table_array(table_node):
+    return np.array([[row[c] for c in mrml.TABLE_COLUMNS] for row in mrml.lesion_table_rows(table_node)])
+
+
+def record_mrml_writes(scene, nodes, threads):  # noqa: F811
+    """The thread of every node added to the scene and of every modification of `nodes`."""
+    def record(caller, event):
+        threads.append(threading.current_thread())
+
+    scene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, record)
+    for node in nodes:
+        node.AddObserver(vtk.vtkCommand.ModifiedEvent, record)
+
+
+def test_run_async_gives_the_blocking_results_with_mrml_and_progress_on_the_loop_thread(workflow, scene):  # noqa: F811
+    s = workflow.state
+    rows = workflow.segment()
+    lid = by_size(workflow)[0]
+    workflow.select_lesion(lid)
+    blocking_table, blocking_map = table_array(s.lesionTable), mrml.array_from_volume_node(workflow.explain()["node"])
+
+    progress_threads, write_threads, ticks = [], [], []
+    record_mrml_writes(scene, (s.lesionTable, s.lesionLabels, s.probabilityVolume, s.lesionSegmentation), write_threads)
+
+    def progress(done, total):
+        progress_threads.append(threading.current_thread())
+
+    async def web_face():
+        async def tick():  # runs only while the loop is free
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.create_task(tick())
+        again = await workflow.run_async(workflow.segment_steps(), progress)
+        workflow.select_lesion(lid)
+        result = await workflow.run_async(workflow.explain_steps(), progress)
+        ticker.cancel()
+        return again, result
+
+    again, result = asyncio.run(web_face())
+    assert again == rows
+    np.testing.assert_array_equal(table_array(s.lesionTable), blocking_table)
+    # a new node beside the earlier map (keepEarlierMaps), hence a unique name
+    assert result["title"].startswith(f"Lesion {lid} SmoothGrad FLAIR") and result["node"] is s.saliencyVolume
+    assert np.array_equal(mrml.array_from_volume_node(result["node"]), blocking_map)
+    assert progress_threads and all(t is threading.main_thread() for t in progress_threads)
+    assert len(write_threads) > 5 and all(t is threading.main_thread() for t in write_threads)
+    assert len(ticks) > 3  # the loop ran its other tasks while the worker worked
+
+
+def test_cancel_stops_an_async_explain_promptly_and_the_next_step_works(workflow):
+    s = workflow.state
+    workflow.segment()
+    workflow.select_lesion(by_size(workflow)[0])
+    s.method, s.nSamples = "SmoothGrad mean", 1000  # minutes of work: only a cancel ends it in time
+    pid = workflow.session.client.pid
+    cancel, asked = threading.Event(), []
+
+    def progress(done, total):
+        assert on_main_thread()
+        if done and not cancel.is_set():  # the worker is at it
+            cancel.set()
+            asked.append(time.monotonic())
+
+    with pytest.raises(Cancelled):
+        asyncio.run(workflow.run_async(workflow.explain_steps(), progress, cancel))
+    assert time.monotonic() - asked[0] < 5.0
+    assert workflow.session.client.pid == pid  # stopped at its next step, not killed
+
+    # cancelling the task (a closed page) cancels the request as well
+    async def closed_page():
+        started = asyncio.Event()
+        task = asyncio.create_task(workflow.run_async(workflow.explain_steps(), lambda done, total: done and started.set()))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    t0 = time.monotonic()
+    asyncio.run(closed_page())
+    assert time.monotonic() - t0 < 30.0 and workflow.session.client.pid == pid
+
+    s.nSamples = 2
+    result = asyncio.run(workflow.run_async(workflow.explain_steps(), cancel=threading.Event()))
+    assert result["title"].endswith("SmoothGrad FLAIR") and mrml.array_from_volume_node(result["node"]).any()
+
+
+@pytest.mark.needs_radiomics
+def test_score_through_run_async_fills_the_table_live_on_the_loop_thread(workflow):
+    s = workflow.state
+    workflow.segment()
+    ids = by_size(workflow)[:2]
+    workflow.remove_lesions([lid for lid in workflow.lesion_ids() if lid not in ids])  # scoring costs seconds a lesion
+    events = []
+
+    def table_written(caller, event):
+        events.append(("write", on_main_thread()))
+
+    s.lesionTable.AddObserver(vtk.vtkCommand.ModifiedEvent, table_written)
+    probs = asyncio.run(workflow.run_async(workflow.score_all_steps(), lambda done, total: events.append(("progress", on_main_thread()))))
+    assert sorted(probs) == sorted(ids) and all(0.0 <= p <= 1.0 for p in probs.values())
+    assert all(workflow.known_tp_probability(lid) == pytest.approx(probs[lid], abs=1e-9) for lid in ids)
+    writes = [i for i, (kind, _) in enumerate(events) if kind == "write"]
+    assert writes and all(main for _, main in events)
+    assert any(kind == "progress" for kind, _ in events[writes[0]:])  # the first lesion was in the table while the worker scored the next
 
 
 # ----------------------------------------------------------------------------- bad state: refused before any work
