@@ -293,7 +293,7 @@ class MSISViewApp(TrameApp):
             for view in self.slicer_app.view_manager.get_slice_views():
                 view.get_view_node().JumpSliceByCentering(*centre)
         self.state.selected_lesion = lid
-        self._show_tp(self.workflow.known_tp_probability(lid), "not computed: press Explain (SmoothGrad max) or Score all")
+        self._show_tp(self.workflow.known_tp_probability(lid), "TP probability not computed yet: Explain with the classifier's settings, or Score all")
         self._say(f"Lesion {lid} picked: press Explain.")
 
     def on_pick(self, view_name, ras):
@@ -319,7 +319,7 @@ class MSISViewApp(TrameApp):
     def _show_tp(self, probability, note=""):
         lid = self.state.selected_lesion
         if probability is None:
-            self.state.tp_text = f"Lesion {lid}: TP probability {note}" if lid else ""
+            self.state.tp_text = f"Lesion {lid}: {note}" if lid else ""
         else:
             self.state.tp_text = f"Lesion {lid}: TP probability {probability:.2f} ({tp_verdict(probability)})"
 
@@ -345,7 +345,7 @@ class MSISViewApp(TrameApp):
         failed = [lid for lid, p in probs.items() if p is None]
         self._say(f"{len(probs) - len(failed)} lesion(s) scored" + (f"; not scored: {', '.join(map(str, failed))}" if failed else "") + ".")
         if self.state.selected_lesion:
-            self._show_tp(self.workflow.known_tp_probability(self.state.selected_lesion), "not computed")
+            self._show_tp(self.workflow.known_tp_probability(self.state.selected_lesion), "TP probability not computed")
 
     def remove_below(self):
         if self.state.busy:
@@ -375,7 +375,7 @@ class MSISViewApp(TrameApp):
             rows = mrml.lesion_table_rows(w.lesionTable)
             writer = csv.DictWriter(f, fieldnames=list(mrml.TABLE_COLUMNS))
             writer.writeheader()
-            writer.writerows({k: ("" if v != v else v) for k, v in r.items()} for r in rows)
+            writer.writerows({k: "" if v != v else int(v) if k == "Lesion" else v for k, v in r.items()} for r in rows)  # NaN: not computed
         files.append("lesions.csv")
         sitk.WriteImage(mrml.image_from_volume_node(w.lesionLabels), str(self.results_dir / "lesion_labels.nii.gz"))
         files.append("lesion_labels.nii.gz")
@@ -393,10 +393,11 @@ class MSISViewApp(TrameApp):
                 v3.VSpacer()
                 html.Div("{{ worker_text }}", id="worker-text", style="font-size: 0.8em; margin-right: 12px;")
             with self.ui.content:
-                with html.Div(style="display: flex; height: 100%;"):
-                    with html.Div(style="flex: 0 0 360px; overflow-y: auto; padding: 8px; font-size: 0.9em;", id="panel"):
+                # a fixed height under the toolbar: the panel scrolls on its own, the views keep the window's height
+                with html.Div(style="display: flex; height: calc(100vh - 64px - 24px); overflow: hidden;"):
+                    with html.Div(style="flex: 0 0 380px; overflow-y: auto; padding: 8px; font-size: 0.9em;", id="panel"):
                         self._build_panel()
-                    with html.Div(style="flex: 1 1 auto; position: relative; min-height: 360px;", id="views"):
+                    with html.Div(style="flex: 1 1 auto; position: relative; min-width: 0; height: 100%;", id="views"):
                         self.layout_manager.initialize_layout_grid(self.ui)
 
     def _build_panel(self):
@@ -407,7 +408,7 @@ class MSISViewApp(TrameApp):
             v3.VSelect(label="FLAIR", v_model=("flair_file",), items=("volume_files",), density="compact", id="flair-file")
             v3.VSelect(label="MPRAGE (T1)", v_model=("mprage_file",), items=("volume_files",), clearable=True, density="compact",
                        id="mprage-file")
-            v3.VBtn("Load", click=self.load_inputs, disabled=("busy",), size="small", id="load")
+            v3.VBtn("Load", click=self.load_inputs, disabled=("!!busy",), size="small", id="load")
         with html.Div(style="display: flex; align-items: center; gap: 4px;"):
             v3.VSelect(label="Model", v_model=("model_file",), items=("model_files",), density="compact", id="model-file",
                        update_modelValue=self.set_model)
@@ -416,7 +417,7 @@ class MSISViewApp(TrameApp):
             v3.VTextField(label="Threshold", v_model=("threshold",), type="number", step="0.05", density="compact")
             v3.VTextField(label="Min volume (mm³)", v_model=("minLesionVolume",), type="number", density="compact")
         with html.Div(style="display: flex; gap: 4px; margin-bottom: 8px;"):
-            v3.VBtn("Segment", click=self.segment, disabled=("busy",), color="primary", id="segment")
+            v3.VBtn("Segment", click=self.segment, disabled=("!!busy",), color="primary", id="segment")
             v3.VBtn("Cancel", click=self.cancel, disabled=("!busy",), id="cancel")
         v3.VProgressLinear(model_value=("progress",), indeterminate=("progress === null",), v_if="busy", height=6)
         html.Div("{{ progress_text }}", id="progress-text", style="min-height: 1.2em;")
@@ -427,18 +428,21 @@ class MSISViewApp(TrameApp):
             with html.Tr():
                 html.Th("{{ h.title }}{{ sort_key === h.key ? (sort_desc ? ' ▼' : ' ▲') : '' }}", v_for="h in headers", key="h.key",
                         click=(self.sort_by, "[h.key]"), style="cursor: pointer; text-align: left; border-bottom: 1px solid #888;")
-            html.Tr(v_for="row in lesion_rows", key="row.id", click=(self.select_lesion, "[row.id]"),
-                    raw_attrs=[':data-lesion="row.id"', ':class="{\'lesion-row\': true, \'selected\': row.id === selected_lesion}"',
-                               ':style="{cursor: \'pointer\', background: row.id === selected_lesion ? \'#ffe0b2\' : \'transparent\'}"'],
-                    children=[html.Td("{{ row.id }}"), html.Td("{{ row.volume }}"), html.Td("{{ row.max_prob }}"),
-                              html.Td("{{ row.tp === null ? '' : row.tp }}")])
+            with html.Tr(v_for="row in lesion_rows", key="row.id", click=(self.select_lesion, "[row.id]"), classes="lesion-row",
+                         raw_attrs=[':data-lesion="row.id"',
+                                    ':style="{cursor: \'pointer\', background: row.id === selected_lesion ? \'#ffe0b2\' : \'transparent\'}"']):
+                for cell in ("row.id", "row.volume", "row.max_prob", "row.tp === null ? '' : row.tp"):
+                    html.Td(f"{{{{ {cell} }}}}")
 
         with html.Div(style="display: flex; gap: 4px;"):
             v3.VSelect(label="Method", v_model=("method",), items=("choices.method",), density="compact")
             v3.VTextField(label="N", v_model=("nSamples",), type="number", density="compact", style="max-width: 80px;", id="n-samples")
         with html.Div(style="display: flex; gap: 4px;"):
             v3.VTextField(label="σ", v_model=("sigma",), type="number", step="0.01", density="compact")
-            v3.VSelect(label="Show", v_model=("displayChannel",), items=("choices.displayChannel",), density="compact")
+            v3.VTextField(label="Max Ω voxels", v_model=("maxOmegaVoxels",), type="number", density="compact",
+                          title="at most this many lesion voxels get a backward pass (0: all)")
+        with html.Div(style="display: flex; gap: 4px;"):
+            v3.VSelect(label="Show channel", v_model=("displayChannel",), items=("choices.displayChannel",), density="compact")
             v3.VSelect(label="Context", v_model=("context",), items=("choices.context",), density="compact")
         with html.Div(style="display: flex; gap: 4px; margin-bottom: 6px;"):
             v3.VBtn("Explain", click=self.explain, disabled=("busy || !selected_lesion",), color="primary", id="explain")

@@ -14,6 +14,11 @@ def serve(*, flair=None, mprage=None, model="", device="auto", data=None, demo=N
         # a headless server: straight to EGL, instead of VTK's failed X connection and its fallback
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     sys.argv = sys.argv[:1]  # trame parses sys.argv itself: msis has parsed it already
+    from vtkmodules.vtkCommonCore import vtkLogger, vtkObject
+
+    # VTK's deprecation warnings about trame-slicer's interactors say nothing to a user; errors still show
+    vtkObject.GlobalWarningDisplayOff()
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_ERROR)
     from trame.app import get_server
 
     from .app import MSISViewApp
