@@ -29,7 +29,9 @@ if stamp_current "$TOOL_STAMP" && { [ "$WITH_TESTS" = 0 ] || stamp_current "$TES
 fi
 source "$ROOT/scripts/setup_steps.sh"
 
-pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check "$@"; }
+# --no-compile: compiling every module of torch, scipy, ... to bytecode is two thirds of pip's time; Python compiles
+# what is imported, once, on first use
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check --no-compile "$@"; }
 
 # pyradiomics 3.x builds only against the numpy already installed.
 install_pyradiomics() { pip_install numpy versioneer && pip_install --no-build-isolation pyradiomics==3.0.1; }

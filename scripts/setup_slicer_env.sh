@@ -62,7 +62,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # Every install runs under Slicer's pins: nothing may upgrade or downgrade them.
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAINTS")
+# --no-compile: as in setup_env.sh, bytecode is compiled on first import instead of for every module at install
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-compile -c "$CONSTRAINTS")
 # pip, setuptools and wheel as Slicer ships them (pinned by the constraints file).
 step "pip, setuptools, wheel (Slicer's versions)" "${PIP[@]}" pip setuptools wheel
 # What Slicer's Python always has (versions from the constraints file).
@@ -78,7 +79,7 @@ step "torch 2.15.0, monai, scikit-learn, nilearn, ..., captum, slicer-core, pyte
   "${PIP[@]}" torch==2.15.0 monai scikit-learn "nilearn==0.13.1" nibabel matplotlib captum slicer-core==5.11.0.6 pytest pytest-xdist
 # The project itself, without letting pip resolve pyproject.toml's dependencies (they are all
 # above, except pyradiomics); no build isolation, so Slicer's setuptools and wheel build it.
-step "MSInstanceSaliencyLib (editable)" "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
+step "MSInstanceSaliencyLib (editable)" "$VENV/bin/python" -m pip install --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e "$ROOT"
 
 # triton (a torch dependency on Linux) compiles GPU kernels; it is of no use on CPU, and the CPU
 # build of torch (setup_env.sh, Slicer's PyTorch extension on a machine without a GPU) has none.
