@@ -7,6 +7,11 @@ The runs are real `python -m MSInstanceSaliencyLib features` processes on small 
 lesions there; a random tiny model finds one lesion covering everything or thousands of specks),
 SmoothGrad with N = 1 over at most 2 voxels of each lesion, one sampled TP per case and
 --min-volume 20 (drops the 1- and 2-voxel specks), so a case costs seconds.
+
+A process start costs more than a case (importing torch and MONAI, loading the model), so only what
+needs a process is one: the reference run (the command end to end), the runs killed with -9 and the
+refusals on the command line. The resumes after a kill run in this process on a shared model: the
+same phantom_feature_table the command calls, and the reference's sidecar must match their settings.
 """
 
 from __future__ import annotations
@@ -83,6 +88,24 @@ def _one_error_line(res, *fragments):
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def demo_model():
+    from MSInstanceSaliencyLib.models.loading import load_model
+
+    return load_model(device="cpu")
+
+
+def _features_in_process(model, out, patients=(9, 4)):
+    """What `msis features` with OPTIONS does, in this process; its log lines."""
+    from MSInstanceSaliencyLib.classifier.scoring import saliency_settings
+    from MSInstanceSaliencyLib.research.phantom_features import phantom_feature_table
+
+    log = []
+    phantom_feature_table(model, list(patients), out, saliency_settings(n_samples=1, max_omega_voxels=2), max_tp_per_case=1,
+                          min_volume_mm3=20.0, voxel_size=2.0, device="cpu", log=log.append)
+    return log
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -150,7 +173,7 @@ def _first_case_only(reference, out):
     return out.read_bytes()
 
 
-def test_a_kill_while_a_case_is_written_loses_no_rows(reference, tmp_path):
+def test_a_kill_while_a_case_is_written_loses_no_rows(reference, demo_model, tmp_path):
     """A run resumes a table that holds the first case and is killed (-9) after 60 rows of the second
     case went to the CSV writer: the table still holds exactly the first case; a rerun adds the second
     case whole (the same rows as an uninterrupted run)."""
@@ -163,8 +186,7 @@ def test_a_kill_while_a_case_is_written_loses_no_rows(reference, tmp_path):
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     assert f"{CASES[0]}: already in" in res.stderr
     assert out.read_bytes() == first  # nothing of the second case
-    res = _msis(*_features_args(out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{CASES[0]}: already in" in "\n".join(_features_in_process(demo_model, out))
     assert_same_rows(out, reference)
     assert json.loads(Path(str(out) + ".json").read_text()) == json.loads(Path(str(reference) + ".json").read_text())
     assert _leftovers(tmp_path, "f.csv") == ["killer.py"]  # no temporary file is left behind
@@ -189,7 +211,7 @@ def _features_in_first_case(out, log):
             proc.wait(timeout=60)
 
 
-def test_kill_9_from_outside_in_the_middle_of_a_case(reference, tmp_path):
+def test_kill_9_from_outside_in_the_middle_of_a_case(reference, demo_model, tmp_path):
     """A real kill -9 of a running features process while it computes its case's maps: no row of that
     case is left, and a rerun makes the case whole."""
     out, log = tmp_path / "f.csv", tmp_path / "stderr.txt"
@@ -197,18 +219,16 @@ def test_kill_9_from_outside_in_the_middle_of_a_case(reference, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert not out.exists() or not _rows(out)
-    res = _msis(*_features_args(out, "9"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    _features_in_process(demo_model, out, [9])
     assert_same_rows(out, reference, cases=CASES[:1])
 
 
-def test_a_table_left_empty_by_a_kill_at_creation_resumes(reference, tmp_path):
+def test_a_table_left_empty_by_a_kill_at_creation_resumes(reference, demo_model, tmp_path):
     """What a kill at creation left (older msis): the sidecar and a 0-byte CSV."""
     out = tmp_path / "f.csv"
     shutil.copy(str(reference) + ".json", str(out) + ".json")
     out.write_bytes(b"")
-    res = _msis(*_features_args(out, "9"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    _features_in_process(demo_model, out, [9])
     assert_same_rows(out, reference, cases=CASES[:1])
 
 
@@ -229,30 +249,44 @@ def test_a_table_without_rows_starts_afresh(reference, tmp_path, left):
     assert json.loads(side.read_text()) == json.loads(Path(str(reference) + ".json").read_text())
 
 
-def test_a_second_writer_is_refused(reference, tmp_path):
-    """Writer A is stopped (SIGSTOP) in the middle of its case; writer B on the same table is refused
-    at once, naming A; A then finishes, and the table has each row once."""
-    out, log = tmp_path / "f.csv", tmp_path / "stderr_a.txt"
-    with _features_in_first_case(out, log) as a:
-        assert a.poll() is None, log.read_text()[-3000:]
-        os.kill(a.pid, signal.SIGSTOP)
-        b = _msis(*_features_args(out, "9"), timeout=300)
-        os.kill(a.pid, signal.SIGCONT)
-        _one_error_line(b, "is being written by another msis process", f"pid {a.pid}")
-        assert a.wait(timeout=300) == 0, log.read_text()[-3000:]
-    assert_same_rows(out, reference, cases=CASES[:1])
+# Holds the table's lock the way a running `msis features` does (the same table_lock, for as long as it
+# writes) until its stdin closes: a writer without the cost of computing a case.
+LOCK_HOLDER = r'''
+import sys
+from MSInstanceSaliencyLib.io.outputs import table_lock
+with table_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+'''
+
+
+def test_a_second_writer_is_refused(reference, demo_model, tmp_path):
+    """While writer A (another process) holds the table of a first case, writer B is refused at once,
+    naming A, and touches nothing of A's; once A is gone the table resumes."""
+    out = tmp_path / "f.csv"
+    first = _first_case_only(reference, out)
+    sidecar = Path(str(out) + ".json").read_bytes()
+    a = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert a.stdout.readline() == "locked\n"
+        with pytest.raises(InputError, match=rf"is being written by another msis process \(pid {a.pid}\)"):
+            _features_in_process(demo_model, out)
+        assert out.read_bytes() == first and Path(str(out) + ".json").read_bytes() == sidecar
+    finally:
+        a.stdin.close()
+        assert a.wait(timeout=60) == 0
+    assert _features_in_process(demo_model, out, [9]) == [f"{CASES[0]}: already in {out}, skipped"]  # A's lock died with A
 
 
 def test_resuming_with_another_model_or_max_tp_is_refused(reference, tmp_path, tiny_model_dir):
     out = _copy_table(reference, tmp_path)
     side = Path(str(out) + ".json")
     table, sidecar = out.read_bytes(), side.read_bytes()
-    res = _msis(*_features_args(out, PATIENTS, "--model", tiny_model_dir))
-    line = _one_error_line(res, str(out), "model")
-    assert "tiny-test" in line and "msis-demo-unet" in line
-    args = _features_args(out)
+    # one process for both: the refusal names every setting that differs
+    args = _features_args(out, PATIENTS, "--model", tiny_model_dir)
     args[args.index("--max-tp") + 1] = "3"
-    _one_error_line(_msis(*args), "max_tp_per_case 1 (table) vs 3 (now)")
+    line = _one_error_line(_msis(*args), str(out), "model", "max_tp_per_case 1 (table) vs 3 (now)")
+    assert "tiny-test" in line and "msis-demo-unet" in line
     assert out.read_bytes() == table and side.read_bytes() == sidecar  # nothing appended, the sidecar keeps its settings
 
 
