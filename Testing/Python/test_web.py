@@ -256,6 +256,7 @@ def test_cancel_stops_a_long_explain_and_the_page_stays_usable(page):
     page.click(f"tr.lesion-row[data-lesion='{lesion}']")
     set_state(page, nSamples=1000)
     page.click("#explain")
+    page.wait_for_function("() => window.trame.state.get('busy') === 'Explain'", timeout=10000)  # its counters are reset now
     # the map so far is shown while the copies arrive (the first after about 2 s), then the user cancels
     page.wait_for_function("() => window.trame.state.get('partial_maps') > 0", timeout=STEP_TIMEOUT_MS)
     assert re.search(r"\(\d+/1000 copies\)$", state(page, "legend")["title"])
