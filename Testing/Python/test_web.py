@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from playwright.sync_api import sync_playwright
+from test_volumes import _write_dicom_series
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MSIS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -69,6 +70,7 @@ def data(small_phantom, tmp_path_factory):
     (d / "corrupt_flair.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
     (root / "outside.nii.gz").write_bytes((d / "flair.nii.gz").read_bytes())
     (d / "link_out.nii.gz").symlink_to(root / "outside.nii.gz")
+    _write_dicom_series(small_phantom.flair, d / "flair_dicom", "1.2.826.0.1.3680043.2.1125.7")  # a FLAIR as a scanner's series
     return d
 
 
@@ -279,9 +281,11 @@ def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page):
         page.click("#load")
         wait_message(page, expected)
         assert state(page, "message_error")
-    set_state(page, flair_file="flair.nii.gz", mprage_file="mprage.nii.gz")  # the server still works
+    assert "flair_dicom/" in files
+    set_state(page, flair_file="flair_dicom/", mprage_file="mprage.nii.gz")  # the server still works, DICOM too
     page.click("#load")
     wait_message(page, "Volumes loaded")
+    assert state(page, "inputs_text").startswith("FLAIR 80×98×82") and state(page, "lesion_rows") == []
 
 
 def test_a_second_page_is_told_that_one_user_is_served(browser, server, page):
