@@ -69,8 +69,17 @@ def test_a_failed_image_write_keeps_the_earlier_image(tmp_path, suffix):
 
 def _write_dicom_series(image, folder, series_uid):
     """One file per slice with the tags that place it (position, orientation, spacing), as scanners write them."""
+    import locale
+
     folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.Cast(sitk.RescaleIntensity(image, 0, 4000), sitk.sitkInt16)
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: later tests would read text as ASCII
+    try:
+        return _write_slices(sitk.Cast(sitk.RescaleIntensity(image, 0, 4000), sitk.sitkInt16), folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
+
+
+def _write_slices(image, folder, series_uid):
     direction = image.GetDirection()
     orientation = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))
     writer = sitk.ImageFileWriter()

@@ -272,7 +272,7 @@ def test_cancel_stops_a_long_explain_and_the_page_stays_usable(page):
     assert not state(page, "message_error"), state(page, "message")
 
 
-def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page):
+def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page, small_phantom):
     files = state(page, "volume_files")
     assert "flair.nii.gz" in files and "link_out.nii.gz" not in files  # the link out of --data is not offered
     for chosen, expected in (("corrupt_flair.nii.gz", "cannot read"), ("../outside.nii.gz", "outside the data folder"),
@@ -285,7 +285,8 @@ def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page):
     set_state(page, flair_file="flair_dicom/", mprage_file="mprage.nii.gz")  # the server still works, DICOM too
     page.click("#load")
     wait_message(page, "Volumes loaded")
-    assert state(page, "inputs_text").startswith("FLAIR 80×98×82") and state(page, "lesion_rows") == []
+    size = "×".join(map(str, small_phantom.flair.GetSize()))
+    assert state(page, "inputs_text").startswith(f"FLAIR {size}") and state(page, "lesion_rows") == []
 
 
 def test_a_second_page_is_told_that_one_user_is_served(browser, server, page):
@@ -308,3 +309,26 @@ def test_off_loopback_nothing_is_served_without_the_token(data):
             assert ok.status == 200 and "msis_view_token=" in ok.headers.get("Set-Cookie", "")
     finally:
         _stop(proc)
+
+
+def test_bad_view_arguments_end_with_one_line_before_anything_loads(data, tmp_path):
+    import socket
+
+    def view(*args):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", "view", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, fragment in (((data / "flair.nii.gz", data / "flair.nii.gz"), "the same file"),
+                               ((data / "corrupt_flair.nii.gz",), "cannot read FLAIR"),
+                               ((tmp_path / "none.nii.gz",), "does not exist"),
+                               (("--data", data / "flair.nii.gz"), "not a folder"),
+                               (("--port", port), f"cannot listen on 127.0.0.1:{port}")):
+            res = view(*args)
+            lines = [line for line in res.stderr.splitlines() if line.startswith("msis:")]
+            assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+            assert len(lines) == 1 and fragment in lines[0], res.stderr
