@@ -289,9 +289,12 @@ class WorkerSession:
     def segment(self, p, progress=None) -> list:
         return self.run(self.segment_steps(p), progress)
 
-    def explain_steps(self, p):
+    def explain_steps(self, p, on_partial=None, partial_interval_s=2.0):
         """The map of the picked lesion (or of the custom region) as a volume on the MPRAGE geometry:
-        {"node", "tp_probability" (when the map was made with the classifier's settings), "tp_note"}."""
+        {"node", "tp_probability" (when the map was made with the classifier's settings), "tp_note"}.
+        on_partial(node, copies_done, n_samples) (SmoothGrad): the map so far, as the noisy copies arrive
+        (the mean over the copies so far is itself a SmoothGrad with fewer samples), at most every
+        partial_interval_s seconds; it is shown in the node the final map then overwrites."""
         from MSInstanceSaliencyLib.worker import load_array, save_array
 
         yield from self.sync_steps(p)
@@ -309,14 +312,25 @@ class WorkerSession:
                 raise ValueError("Pick a lesion first (table row or click in a view).")
             arguments["lesion_id"] = int(p.selectedLesion)
             name = f"Lesion {p.selectedLesion}"
-        result = yield Request("explain", arguments)
-        maps = {key: load_array(path, remove=True) for key, path in result["maps"].items()}
-        if arguments["method"] == "gradcampp":
-            shown, title = maps["gradcampp"], f"{name} Grad-CAM++"
-        else:
-            shown, title = maps[p.displayChannel.lower()], f"{name} SmoothGrad {p.displayChannel}"
+        gradcam = arguments["method"] == "gradcampp"
+        title = f"{name} Grad-CAM++" if gradcam else f"{name} SmoothGrad {p.displayChannel}"
         replace = None if p.keepEarlierMaps or not p.saliencyVolume else p.saliencyVolume
-        p.saliencyVolume = add_saliency_volume(shown, reference_volume(p), title, replace=replace)
+        partial = [replace]  # the node the partial maps go to, then the final one
+
+        def received(msg):
+            if msg.get("type") != "partial" or p.displayChannel.lower() not in msg["maps"]:
+                return
+            done, n = int(msg["copies_done"]), int(msg["n_samples"])
+            shown = load_array(msg["maps"][p.displayChannel.lower()])  # rewritten whole by the worker for the next one
+            partial[0] = add_saliency_volume(shown, reference_volume(p), f"{title} ({done}/{n} copies)", replace=partial[0])
+            on_partial(partial[0], done, n)
+
+        if on_partial is not None and not gradcam:
+            arguments.update(partial_every=1, partial_interval_s=float(partial_interval_s))
+        result = yield Request("explain", arguments, on_message=received if on_partial is not None and not gradcam else None)
+        maps = {key: load_array(path, remove=True) for key, path in result["maps"].items()}
+        shown = maps["gradcampp"] if gradcam else maps[p.displayChannel.lower()]
+        p.saliencyVolume = add_saliency_volume(shown, reference_volume(p), title, replace=partial[0])
         if result["tp_probability"] is not None:
             set_tp_probability(p.lesionTable, int(p.selectedLesion), result["tp_probability"])
         return {"node": p.saliencyVolume, "tp_probability": result["tp_probability"], "tp_note": result["tp_note"]}

@@ -217,10 +217,11 @@ class LesionWorkflow:
 
     # -- explain
 
-    def explain_steps(self):
+    def explain_steps(self, on_partial=None):
         """The map of the selected lesion (or of the custom region) as a volume on the reference grid,
         with the transparent-near-0 diverging colours: {"node", "title" (for the legend),
-        "tp_probability" (when made with the classifier's settings, else None), "tp_note" (why not)}."""
+        "tp_probability" (when made with the classifier's settings, else None), "tp_note" (why not)}.
+        on_partial(node, copies_done, n_samples): SmoothGrad's map so far, for a face to show early."""
         s = self._inputs_ready()
         if s.useCustomRegion:
             if not s.customRegionSegmentation or not s.customRegionSegmentId:
@@ -235,7 +236,7 @@ class LesionWorkflow:
             lid = int(s.selectedLesion)
             self._segment_of(lid)
             region = f"Lesion {lid}"
-        result = yield from self.session.explain_steps(s)
+        result = yield from self.session.explain_steps(s, on_partial)
         node = result["node"]
         gradcam = s.method == "Grad-CAM++"
         for key, value in ((SHOWS_LESION, str(lid)), (SHOWS_REGION, region), (SHOWS_METHOD, s.method),

@@ -111,6 +111,7 @@ class MSISViewApp(TrameApp):
         s.selected_lesion = 0
         s.last_pick = None  # {"view", "ras", "lesion" (0: none)} of the last click in a view
         s.tp_text = ""
+        s.partial_maps, s.first_map_s = 0, None  # the partial SmoothGrad maps shown during the last Explain
         s.legend = None  # {"title", "max", "gradient"}
         s.worker_text = "Worker not started."
         s.downloads = []
@@ -309,9 +310,21 @@ class MSISViewApp(TrameApp):
             self.select_lesion(lid, jump=False)
 
     def explain(self):
-        self._start("Explain", self.workflow.explain_steps, self._explained)
+        self._explain_started = time.monotonic()
+        self.state.partial_maps, self.state.first_map_s = 0, None
+        self._start("Explain", lambda: self.workflow.explain_steps(on_partial=self._partial_map), self._explained)
+
+    def _partial_map(self, node, done, n):
+        """SmoothGrad's map over the copies so far: shown at once, refined until the final one replaces it."""
+        with self.state:
+            self.state.partial_maps += 1
+            if self.state.first_map_s is None:
+                self.state.first_map_s = round(time.monotonic() - self._explain_started, 1)
+            self._show_overlay(node)
 
     def _explained(self, result):
+        if self.state.first_map_s is not None:
+            self.state.progress_text += f" (first map after {self.state.first_map_s:g} s)"
         self._show_overlay()
         self._refresh_table()
         self._show_tp(result["tp_probability"], result["tp_note"])
@@ -323,9 +336,9 @@ class MSISViewApp(TrameApp):
         else:
             self.state.tp_text = f"Lesion {lid}: TP probability {probability:.2f} ({tp_verdict(probability)})"
 
-    def _show_overlay(self):
-        """The map made last over the FLAIR, with the opacity slider's value, and its legend."""
-        shown = self.workflow.saliency_shown()
+    def _show_overlay(self, partial=None):
+        """The map made last (or a partial one) over the FLAIR, with the opacity slider's value, and its legend."""
+        shown = {"node": partial, "title": partial.GetName()} if partial is not None else self.workflow.saliency_shown()
         views = self.slicer_app.view_manager.get_slice_views()
         for view in views:
             view.set_foreground_volume_id(shown["node"].GetID() if shown else None)

@@ -29,11 +29,28 @@ def _check_view_args(args):
         raise InputError(f"--model {args.model} does not exist")
     if args.data and not Path(args.data).is_dir():
         raise InputError(f"--data {args.data}: not a folder; give the folder that holds the scans (and models) to open from the page")
+    _check_port(args.host, args.port)
     if not (MODULE_DIR / "MSInstanceSaliencyWeb").is_dir():
         raise InputError(f"msis view runs from a source checkout (it needs {MODULE_DIR / 'MSInstanceSaliencyWeb'})")
     missing = [m for m in ("trame_slicer", "trame_vuetify", "slicer") if importlib.util.find_spec(m) is None]
     if missing:
         raise InputError(f"msis view needs trame-slicer, which is not installed here ({', '.join(missing)} missing): {WEB_HINT}")
+
+
+def _check_port(host, port):
+    """The address is this machine's and the port is free, before the scans and the model are loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InputError(f"--host {host}: not an address of this machine (use 127.0.0.1, or 0.0.0.0 for every interface)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port (0: any free one)") from None
 
 
 def cmd_view(args) -> int:

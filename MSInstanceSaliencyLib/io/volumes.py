@@ -24,14 +24,17 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} file {p} does not exist")
-    if not p.is_file():
+    if p.is_dir():
+        img = _read_dicom_series(p, what)
+    elif not p.is_file():
         raise InputError(f"{what} {p} is not a file")
-    check_complete(p, what)
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as exc:  # ITK's message is long; keep its first line
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"cannot read {what} {p} (NIfTI or NRRD expected): {first[:200]}") from None
+    else:
+        check_complete(p, what)
+        try:
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as exc:  # ITK's message is long; keep its first line
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+            raise InputError(f"cannot read {what} {p} (NIfTI or NRRD expected): {first[:200]}") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{what} {p} has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed")
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
@@ -42,6 +45,25 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         _check_nifti_finite(p, what)
     return img
 
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    """A folder of DICOM files holding one series (GDCM sorts the slices by position)."""
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        series = ()
+    if not series:
+        raise InputError(f"{what} {folder} is a folder without a DICOM series; give a NIfTI or NRRD file, or a folder of one DICOM series")
+    if len(series) > 1:
+        raise InputError(f"{what} folder {folder} holds {len(series)} DICOM series; give a folder that holds only the {what} series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputError(f"cannot read the DICOM series in {what} folder {folder}: {first[:200]}") from None
 
 
 def mask_from_image(img: sitk.Image) -> np.ndarray:

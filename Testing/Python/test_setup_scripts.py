@@ -76,7 +76,7 @@ def test_tool_setup_prints_one_line_per_step_and_installs_no_test_package(checko
     assert_one_line_per_step(proc)
     assert "torch 2.13.0 (CPU) ... ok" in proc.stderr
     calls = pip_calls(record, root)
-    assert "-e <root>[cohort]" in " ".join(calls)  # the project itself, editable
+    assert "-e <root>[cohort,web]" in " ".join(calls)  # the project itself, editable, with msis view's trame-slicer
     leaked = [c for c in calls for name in TEST_ONLY_PACKAGES if name in c]
     assert leaked == [], f"the tool's setup installs test-only packages: {leaked}"
     assert IGNORED_LOCATION in (root / ".venv/setup.log").read_text()  # pip's noise is kept, in the log

@@ -31,13 +31,13 @@ def test_ui_top_level_is_qmrmlwidget():
 
 def test_every_ui_reference_exists_in_the_ui_file():
     names = {w.get("name") for w in ui_tree().iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text(encoding="utf-8")))
     assert used, "the module uses no widgets?"
     assert used <= names, f"missing in the .ui: {sorted(used - names)}"
 
 
 def parameter_fields():
-    tree = ast.parse(MODULE_PY.read_text())
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MSInstanceSaliencyParameterNode")
     assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in cls.decorator_list)
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
@@ -55,7 +55,7 @@ def test_every_slicer_parameter_name_is_a_parameter_node_field():
 
 
 def test_no_top_level_import_of_heavy_packages():
-    tree = ast.parse(MODULE_PY.read_text())
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     top = set()
     for n in tree.body:
         if isinstance(n, ast.Import):
@@ -70,12 +70,12 @@ def test_no_top_level_import_of_heavy_packages():
     # the Lib's package __init__ (and its subpackages'), and the MRML adapter must stay light too
     for f in [*(ROOT / "MSInstanceSaliencyLib").glob("**/__init__.py"), ROOT / "MSInstanceSaliencyLib" / "dependencies.py",
               ROOT / "MSInstanceSaliencyLib" / "errors.py", *(MODULE / "MSInstanceSaliencyMRML").glob("*.py")]:
-        mods = {a.name.split(".")[0] for n in ast.parse(f.read_text()).body if isinstance(n, ast.Import) for a in n.names}
+        mods = {a.name.split(".")[0] for n in ast.parse(f.read_text(encoding="utf-8")).body if isinstance(n, ast.Import) for a in n.names}
         assert not (mods & HEAVY), f
 
 
 def _cmake_list(path, var):
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     m = re.search(r"set\(" + var + r"\s+(.*?)\)", text, re.S)
     return [t.replace("${MODULE_NAME}", path.parent.name) for t in m.group(1).split()]
 
@@ -84,14 +84,14 @@ def test_cmake_installs_every_python_file():
     lib = ROOT / "MSInstanceSaliencyLib"
     listed = set(_cmake_list(lib / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
     assert listed == {str(p.relative_to(lib)) for p in lib.rglob("*.py")}  # subpackages too, with their folders
-    assert "WITH_SUBDIR" in (lib / "CMakeLists.txt").read_text()
+    assert "WITH_SUBDIR" in (lib / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(_cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
     # the browser face (msis view) needs trame, which Slicer does not have: it is not installed into Slicer
     actual = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "MSInstanceSaliencyWeb" not in p.parts}
     assert listed == actual
     resources = set(_cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES"))
     assert all((MODULE / r).is_file() for r in resources)
-    top = (ROOT / "CMakeLists.txt").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "add_subdirectory(MSInstanceSaliencyLib)" in top and "add_subdirectory(MSInstanceSaliency)" in top
     assert 'EXTENSION_DEPENDS "PyTorch SlicerRadiomics"' in top  # pyradiomics comes from SlicerRadiomics
 
@@ -99,7 +99,7 @@ def test_cmake_installs_every_python_file():
 def test_cmake_puts_the_models_beside_the_lib_in_build_and_install_trees():
     """The demo model must be found by build-tree tests too; paths from PROJECT_SOURCE_DIR, which stays
     right when the extension is built inside another project (CMAKE_SOURCE_DIR does not)."""
-    texts = {p: p.read_text() for p in ROOT.glob("**/CMakeLists.txt") if ".venv" not in p.parts}
+    texts = {p: p.read_text(encoding="utf-8") for p in ROOT.glob("**/CMakeLists.txt") if ".venv" not in p.parts}
     assert not [p for p, t in texts.items() if "CMAKE_SOURCE_DIR" in t]
     lib = texts[ROOT / "MSInstanceSaliencyLib" / "CMakeLists.txt"]
     for folder in ("Models", "LesionMasks"):
@@ -113,13 +113,13 @@ def test_ready_for_the_extensions_index():
     that EXTENSION_DEPENDS names; a LICENSE; icon and screenshot URLs that point at committed files."""
     import json
 
-    entry = json.loads((ROOT / "docs" / "extensions-index" / "MSInstanceSaliency.json").read_text())
+    entry = json.loads((ROOT / "docs" / "extensions-index" / "MSInstanceSaliency.json").read_text(encoding="utf-8"))
     allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision", "scm_type", "scm_url", "tier"}
     assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
     assert entry["build_dependencies"] == ["PyTorch", "SlicerRadiomics"]
     assert "Slicer" in entry["scm_url"].rsplit("/", 1)[-1]  # the index wants "Slicer" in the repository name
-    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
-    top = (ROOT / "CMakeLists.txt").read_text()
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License")
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for var in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         urls = re.search(var + r' "([^"]+)"', top).group(1).split()
         assert urls
@@ -156,7 +156,7 @@ NOT_REACHABLE = {"mrmlTableRowIndex", "mrmlTableColumnIndex", "selectedMRMLTable
 
 def _ui_member_uses():
     """(widget name, member) for self.ui.NAME.MEMBER and for local aliases such as `view = self.ui.NAME`."""
-    tree = ast.parse(MODULE_PY.read_text())
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
 
     def ui_name(node):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"):
@@ -190,4 +190,4 @@ def test_qmrml_and_ctk_calls_are_reachable_from_python():
                  if classes[name] in REACHABLE and member not in REACHABLE[classes[name]])
     assert not bad, f"not reachable from Python (check the class's header): {bad}"
     assert not [m for _n, m in uses if m in NOT_REACHABLE]
-    assert ".mrmlTableRowIndex(" not in MODULE_PY.read_text()
+    assert ".mrmlTableRowIndex(" not in MODULE_PY.read_text(encoding="utf-8")

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from playwright.sync_api import sync_playwright
+from test_volumes import _write_dicom_series
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MSIS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -69,6 +70,7 @@ def data(small_phantom, tmp_path_factory):
     (d / "corrupt_flair.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
     (root / "outside.nii.gz").write_bytes((d / "flair.nii.gz").read_bytes())
     (d / "link_out.nii.gz").symlink_to(root / "outside.nii.gz")
+    _write_dicom_series(small_phantom.flair, d / "flair_dicom", "1.2.826.0.1.3680043.2.1125.7")  # a FLAIR as a scanner's series
     return d
 
 
@@ -256,7 +258,10 @@ def test_cancel_stops_a_long_explain_and_the_page_stays_usable(page):
     page.click(f"tr.lesion-row[data-lesion='{lesion}']")
     set_state(page, nSamples=1000)
     page.click("#explain")
-    page.wait_for_function("() => window.trame.state.get('progress') > 0", timeout=STEP_TIMEOUT_MS)
+    page.wait_for_function("() => window.trame.state.get('busy') === 'Explain'", timeout=10000)  # its counters are reset now
+    # the map so far is shown while the copies arrive (the first after about 2 s), then the user cancels
+    page.wait_for_function("() => window.trame.state.get('partial_maps') > 0", timeout=STEP_TIMEOUT_MS)
+    assert re.search(r"\(\d+/1000 copies\)$", state(page, "legend")["title"])
     t0 = time.monotonic()
     page.click("#cancel")
     wait_idle(page, timeout=60000)
@@ -267,7 +272,7 @@ def test_cancel_stops_a_long_explain_and_the_page_stays_usable(page):
     assert not state(page, "message_error"), state(page, "message")
 
 
-def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page):
+def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page, small_phantom):
     files = state(page, "volume_files")
     assert "flair.nii.gz" in files and "link_out.nii.gz" not in files  # the link out of --data is not offered
     for chosen, expected in (("corrupt_flair.nii.gz", "cannot read"), ("../outside.nii.gz", "outside the data folder"),
@@ -276,9 +281,12 @@ def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page):
         page.click("#load")
         wait_message(page, expected)
         assert state(page, "message_error")
-    set_state(page, flair_file="flair.nii.gz", mprage_file="mprage.nii.gz")  # the server still works
+    assert "flair_dicom/" in files
+    set_state(page, flair_file="flair_dicom/", mprage_file="mprage.nii.gz")  # the server still works, DICOM too
     page.click("#load")
     wait_message(page, "Volumes loaded")
+    size = "×".join(map(str, small_phantom.flair.GetSize()))
+    assert state(page, "inputs_text").startswith(f"FLAIR {size}") and state(page, "lesion_rows") == []
 
 
 def test_a_second_page_is_told_that_one_user_is_served(browser, server, page):
@@ -301,3 +309,26 @@ def test_off_loopback_nothing_is_served_without_the_token(data):
             assert ok.status == 200 and "msis_view_token=" in ok.headers.get("Set-Cookie", "")
     finally:
         _stop(proc)
+
+
+def test_bad_view_arguments_end_with_one_line_before_anything_loads(data, tmp_path):
+    import socket
+
+    def view(*args):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", "view", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, fragment in (((data / "flair.nii.gz", data / "flair.nii.gz"), "the same file"),
+                               ((data / "corrupt_flair.nii.gz",), "cannot read FLAIR"),
+                               ((tmp_path / "none.nii.gz",), "does not exist"),
+                               (("--data", data / "flair.nii.gz"), "not a folder"),
+                               (("--port", port), f"cannot listen on 127.0.0.1:{port}")):
+            res = view(*args)
+            lines = [line for line in res.stderr.splitlines() if line.startswith("msis:")]
+            assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+            assert len(lines) == 1 and fragment in lines[0], res.stderr

@@ -102,6 +102,26 @@ def test_segment_pick_and_explain(workflow, scene):  # noqa: F811
     assert workflow.saliency_shown()["channel"] == ""
 
 
+def test_partial_maps_are_shown_in_the_node_the_final_map_then_fills_and_it_equals_the_map_in_one_go(workflow):
+    s = workflow.state
+    workflow.segment()
+    workflow.select_lesion(by_size(workflow)[-1])
+    s.method, s.displayChannel, s.nSamples, s.keepEarlierMaps = "SmoothGrad mean", "FLAIR", 6, True
+    whole = mrml.array_from_volume_node(workflow.explain()["node"]).copy()
+    seen = []
+
+    def on_partial(node, done, n):
+        seen.append((node, done, n, node.GetName(), mrml.array_from_volume_node(node).copy()))
+
+    streamed = workflow.session.run(workflow.session.explain_steps(s, on_partial, partial_interval_s=0.0))
+    done = [d for _, d, _, _, _ in seen]  # as the engine's batches of copies end
+    assert done and done == sorted(set(done)) and done[-1] == 6 and all(n == 6 for _, _, n, _, _ in seen)
+    assert all(node is streamed["node"] for node, *_ in seen)  # one node: partial maps, then the final one
+    assert seen[0][3].endswith(f"({done[0]}/6 copies)") and streamed["node"].GetName().endswith("SmoothGrad FLAIR")
+    np.testing.assert_array_equal(mrml.array_from_volume_node(streamed["node"]), whole)  # the final map is the map in one go
+    np.testing.assert_array_equal(seen[-1][4], whole)  # and the last partial one is it too
+
+
 def test_remove_lesions_below_a_threshold(workflow):
     s = workflow.state
     workflow.segment()
