@@ -33,6 +33,8 @@ PY = sys.executable
 
 # (seed, shared patient) of the cohort's 4 phantom cases: those of benchmarks/cohort_workers.py
 COHORT_CASES = [(7, 3), (8, 3), (12, 2), (15, 8)]
+# --tiny: the first two, enough to prove phantoms made side by side and a cohort summed over its cases
+TINY_COHORT_CASES = COHORT_CASES[:2]
 # --min-volume 40 as in benchmarks/cohort_workers.py: the lesions of more than a few voxels
 COHORT_SETTINGS = ["--min-volume", "40", "--workers", "1"]
 # --tiny phantoms: the coarsest `msis phantom` makes (every lesion voxel is 64 mm³, above --min-volume 40)
@@ -177,7 +179,7 @@ def step_saliency(model: str):
 
 
 def step_cohort(r: Runner, tiny: bool) -> dict:
-    """4 phantom cases (made side by side), then `msis cohort` on them with the default settings but
+    """4 phantom cases (made side by side; 2 with --tiny), then `msis cohort` on them with the default settings but
     --min-volume 40 (TP probability included), one worker."""
     import pandas as pd
 
@@ -188,7 +190,7 @@ def step_cohort(r: Runner, tiny: bool) -> dict:
     lines, phantom_cmds, procs = ["case_id,flair,mprage,gt"], [], []
     t0 = time.perf_counter()
     try:
-        for seed, patient in COHORT_CASES:
+        for seed, patient in (TINY_COHORT_CASES if tiny else COHORT_CASES):
             name = f"p{patient:02d}_s{seed}"
             cmd = [PY, "-m", "MSInstanceSaliencyLib", "phantom", "--seed", seed, "--patient", patient, "--voxel-size", voxel,
                    "--out", folder / name]

@@ -118,15 +118,22 @@ def small_phantom_std(ph, c):
 
 def test_zero_padding_keeps_the_lesions_of_the_demo_model():
     """On a 1 mm phantom, the demo model's own domain (on 2 mm phantoms, which it never saw, its many
-    borderline detections move with the sliding windows' placement at the far end)."""
+    borderline detections move with the sliding windows' placement at the far end). The phantom of
+    `msis demo` (seed 2024, patient 17): its unpadded result also checks the demo model's quality on 1 mm
+    phantoms (test_cli's demo test runs a 2 mm phantom, 8x cheaper)."""
+    from MSInstanceSaliencyLib.io.volumes import mask_from_image
     from MSInstanceSaliencyLib.segmentation.evaluation import evaluate_case
     from MSInstanceSaliencyLib.models.loading import load_model
     from MSInstanceSaliencyLib.research.phantom import make_phantom
     from MSInstanceSaliencyLib.segmentation.pipeline import segment
 
-    ph = make_phantom(7, patient=3)
+    ph = make_phantom(2024, patient=17)
     model = load_model(device="cpu")
     plain = segment(ph.flair, ph.mprage, model, device="cpu")
+    # the demo model finds most lesions of this unseen phantom (TPR 0.77, PPV 0.57 when written; the model card
+    # has the full validation; on head phantoms it makes false positives, PPV 0.50-0.97 per validation case)
+    truth = evaluate_case(plain.labels, mask_from_image(ph.lesions))
+    assert truth["tpr"] > 0.6 and truth["ppv"] > 0.5, truth
     padded = segment(_zero_padded(ph.flair), _zero_padded(ph.mprage), model, device="cpu")
     nx, ny, nz = ph.flair.GetSize()
     assert not padded.labels[nx:].any() and not padded.labels[:, ny:].any() and not padded.labels[:, :, nz:].any()
