@@ -367,15 +367,23 @@ class WorkerSession:
         return self.run(self.layers_steps(p), progress)
 
 
+def _resume(steps, answer, error):
+    """Sends a request's answer into `steps` (or throws its error in): (the next request, False), or
+    (the generator's result, True) when it ended."""
+    try:
+        return (steps.send(answer) if error is None else steps.throw(error)), False
+    except StopIteration as done:
+        return done.value, True
+
+
 def _drive(steps, request, execute):
     """The loop of run: `request` is the one `steps` already yielded, or None to start it."""
     answer, error = None, None
     while True:
         if request is None:
-            try:
-                request = steps.send(answer) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return done.value
+            request, ended = _resume(steps, answer, error)
+            if ended:
+                return request
         answer, error = None, None
         try:
             answer = execute(request)
@@ -389,10 +397,9 @@ async def _drive_async(steps, request, execute):
     answer, error = None, None
     while True:
         if request is None:
-            try:
-                request = steps.send(answer) if error is None else steps.throw(error)
-            except StopIteration as done:
-                return done.value
+            request, ended = _resume(steps, answer, error)
+            if ended:
+                return request
         answer, error = None, None
         try:
             answer = await execute(request)

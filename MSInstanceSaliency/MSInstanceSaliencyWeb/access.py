@@ -94,29 +94,26 @@ class DataFolder:
                     return found
         return found
 
-    def volumes(self) -> list[str]:
-        """Volume files (NIfTI, NRRD, MetaImage) and folders with DICOM files, as paths relative to the root."""
-        if self.root is None:
-            return []
-        out = []
-        for path in self._walk():
-            name = path.name.lower()
-            if path.is_file() and name.endswith(VOLUME_SUFFIXES):
-                out.append(path.relative_to(self.root).as_posix())
-            elif path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file()):
-                out.append(path.relative_to(self.root).as_posix() + "/")
-        return out
-
-    def models(self) -> list[str]:
-        """What `--model` takes: model.json files, checkpoints, and folders (nnU-Net results, LST-AI checkpoints)."""
+    def _listed(self, file_matches, folder_matches) -> list[str]:
+        """Paths relative to the root of the files and folders that match, folders with a trailing '/'."""
         if self.root is None:
             return []
         out = []
         for path in self._walk():
             rel = path.relative_to(self.root).as_posix()
-            if path.is_file() and path.name.lower().endswith(MODEL_SUFFIXES) and not path.name.startswith("."):
+            if path.is_file() and file_matches(path):
                 out.append(rel)
-            elif path.is_dir() and ((path / "plans.json").is_file() or (path / "dataset.json").is_file()
-                                    or any(path.glob("*.pth")) or any(path.glob("*.pt"))):
+            elif path.is_dir() and folder_matches(path):
                 out.append(rel + "/")
         return out
+
+    def volumes(self) -> list[str]:
+        """Volume files (NIfTI, NRRD, MetaImage) and folders with DICOM files."""
+        return self._listed(lambda p: p.name.lower().endswith(VOLUME_SUFFIXES),
+                            lambda p: any(f.suffix.lower() == ".dcm" for f in p.iterdir() if f.is_file()))
+
+    def models(self) -> list[str]:
+        """What `--model` takes: model.json files, checkpoints, and folders (nnU-Net results, LST-AI checkpoints)."""
+        return self._listed(lambda p: p.name.lower().endswith(MODEL_SUFFIXES) and not p.name.startswith("."),
+                            lambda p: (p / "plans.json").is_file() or (p / "dataset.json").is_file()
+                            or any(p.glob("*.pth")) or any(p.glob("*.pt")))

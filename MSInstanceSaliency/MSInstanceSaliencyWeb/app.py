@@ -73,7 +73,7 @@ class MSISViewApp(TrameApp):
         kwargs = {} if session_factory is None else {"session_factory": session_factory}
         self.workflow = LesionWorkflow(WorkflowState(modelPath=model or ""), **kwargs)
         self._cancel = threading.Event()
-        self._clients = set()
+        self._clients = 0  # pages connected now
         self._init_state(model)
         self._build_ui()
         self.layout_manager.set_layout(LAYOUT_ID)
@@ -119,17 +119,15 @@ class MSISViewApp(TrameApp):
         s.headers = [{"key": k, "title": t} for k, t in TABLE_HEADERS]
 
     def _client_connected(self, *_args, **_kwargs):
-        self._clients.add(time.monotonic())
-        if len(self._clients) > 1:
-            with self.state:
-                self.state.second_client = True
+        self._count_clients(+1)
 
     def _client_exited(self, *_args, **_kwargs):
-        if self._clients:
-            self._clients.pop()
-        if len(self._clients) <= 1:
-            with self.state:
-                self.state.second_client = False
+        self._count_clients(-1)
+
+    def _count_clients(self, change):
+        self._clients = max(0, self._clients + change)
+        with self.state:
+            self.state.second_client = self._clients > 1
 
     def _say(self, text, error=False):
         self.state.message, self.state.message_error = text, error

@@ -27,11 +27,14 @@ def _check_view_args(args):
             read_image(path, what)  # a bad file fails now, in one line, not in the page
     if args.model and not Path(args.model).exists():
         raise InputError(f"--model {args.model} does not exist")
-    if args.data and not Path(args.data).is_dir():
-        raise InputError(f"--data {args.data}: not a folder; give the folder that holds the scans (and models) to open from the page")
-    _check_port(args.host, args.port)
     if not (MODULE_DIR / "MSInstanceSaliencyWeb").is_dir():
         raise InputError(f"msis view runs from a source checkout (it needs {MODULE_DIR / 'MSInstanceSaliencyWeb'})")
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from MSInstanceSaliencyWeb.access import DataFolder  # stdlib only: trame and slicer-core are not loaded yet
+
+    DataFolder(args.data)  # the page's own check of --data, now
+    _check_port(args.host, args.port)
     missing = [m for m in ("trame_slicer", "trame_vuetify", "slicer") if importlib.util.find_spec(m) is None]
     if missing:
         raise InputError(f"msis view needs trame-slicer, which is not installed here ({', '.join(missing)} missing): {WEB_HINT}")
@@ -54,9 +57,7 @@ def _check_port(host, port):
 
 
 def cmd_view(args) -> int:
-    _check_view_args(args)
-    if str(MODULE_DIR) not in sys.path:
-        sys.path.insert(0, str(MODULE_DIR))
+    _check_view_args(args)  # also puts the web face's folder on sys.path
     from MSInstanceSaliencyWeb.access import is_loopback
 
     token_required = not is_loopback(args.host) and not args.no_token
