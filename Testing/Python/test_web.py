@@ -108,8 +108,9 @@ def state(page, name):
 
 
 def set_state(page, **values):
+    """As the page's controls do; flushed to the server now, so that a click right after sees the values."""
     for k, v in values.items():
-        page.evaluate("([k, v]) => window.trame.state.set(k, v)", [k, v])
+        page.evaluate("async ([k, v]) => { window.trame.state.set(k, v); await window.trame.state.flush(); }", [k, v])
 
 
 def wait_idle(page, timeout=STEP_TIMEOUT_MS):
@@ -277,12 +278,12 @@ def test_a_corrupt_file_and_a_path_outside_data_are_refused_on_the_page(page, sm
     assert "flair.nii.gz" in files and "link_out.nii.gz" not in files  # the link out of --data is not offered
     for chosen, expected in (("corrupt_flair.nii.gz", "cannot read"), ("../outside.nii.gz", "outside the data folder"),
                              ("link_out.nii.gz", "outside the data folder")):
-        set_state(page, flair_file=chosen, mprage_file=None)
+        set_state(page, flair_file=chosen, mprage_file=None, message="")  # two cases give the same message: not the last one's
         page.click("#load")
         wait_message(page, expected)
         assert state(page, "message_error")
     assert "flair_dicom/" in files
-    set_state(page, flair_file="flair_dicom/", mprage_file="mprage.nii.gz")  # the server still works, DICOM too
+    set_state(page, flair_file="flair_dicom/", mprage_file="mprage.nii.gz", message="")  # the server still works, DICOM too
     page.click("#load")
     wait_message(page, "Volumes loaded")
     size = "×".join(map(str, small_phantom.flair.GetSize()))
