@@ -80,6 +80,7 @@ class MSISViewApp(TrameApp):
         self.ctrl.on_client_connected.add(self._client_connected)
         self.ctrl.on_client_exited.add(self._client_exited)
         self.state.change(*SETTINGS)(self._settings_changed)
+        self.state.change("overlayOpacity")(self._opacity_changed)
         if self.results_dir is not None:
             self.results_dir.mkdir(parents=True, exist_ok=True)
             self.server.enable_module({"serve": {"results": str(self.results_dir)}})
@@ -200,7 +201,16 @@ class MSISViewApp(TrameApp):
             except (TypeError, ValueError):
                 pass  # check_settings names it when a step starts
             setattr(self.workflow.state, name, value)
-        self._show_overlay()
+
+    def _opacity_changed(self, **_):
+        """Only the overlay's opacity: the map shown (a partial one during Explain, too) stays."""
+        try:
+            opacity = float(self.state.overlayOpacity)
+        except (TypeError, ValueError):
+            return
+        for view in self.slicer_app.view_manager.get_slice_views():
+            if view.get_foreground_volume_id():
+                view.set_foreground_opacity(opacity)
 
     # -- the steps
 
