@@ -205,8 +205,9 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         radiomics = dependencies.has_radiomics()
         self.ui.segmentButton.enabled = idle and inputs
         self.ui.explainButton.enabled = idle and inputs and (customReady or (hasLesions and p.selectedLesion > 0))
-        self.ui.scoreLesionButton.enabled = idle and radiomics and hasLesions and p.selectedLesion > 0
-        self.ui.scoreAllButton.enabled = idle and radiomics and hasLesions
+        # without pyradiomics the Score buttons stay enabled: a click offers the SlicerRadiomics extension
+        self.ui.scoreLesionButton.enabled = idle and hasLesions and p.selectedLesion > 0
+        self.ui.scoreAllButton.enabled = idle and hasLesions
         self.ui.removeBelowButton.enabled = idle and hasLesions
         self.ui.pickLesionButton.enabled = hasLesions
         self.ui.refreshLayersButton.enabled = idle
@@ -329,7 +330,16 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             else:
                 self.ui.tpProbabilityLabel.text = _("TP probability: not computed. ") + result["tp_note"]
 
+    def _radiomicsReady(self) -> bool:
+        """pyradiomics is here; otherwise offer the SlicerRadiomics extension (it needs a restart)."""
+        if dependencies.has_radiomics():
+            return True
+        self.logic.offerRadiomicsExtension()
+        return False
+
     def onScoreLesion(self) -> None:
+        if not self._radiomicsReady():
+            return
         p = self._parameterNode
         lesionId = int(p.selectedLesion)
         probs = self._runTask(_("TP probability of lesion {id}").format(id=lesionId), _("Scoring the lesion failed."),
@@ -338,6 +348,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._showTpProbability(probs.get(lesionId))
 
     def onScoreAll(self) -> None:
+        if not self._radiomicsReady():
+            return
         p = self._parameterNode
         # lesions scored before a Cancel keep their probability: the table is filled lesion by lesion
         self._runTask(_("TP probability of every lesion"), _("Scoring the lesions failed."),
@@ -487,42 +499,150 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return MSInstanceSaliencyParameterNode(super().getParameterNode())
 
-    # -- dependencies: torch through PyTorch Utils, MONAI without touching what Slicer ships
+    # -- dependencies: torch through PyTorch Utils, MONAI without touching what Slicer ships, and the
+    # optional SlicerRadiomics extension (pyradiomics) through the Extensions Manager
 
-    def ensureDependencies(self, askConfirmation=True) -> bool:
-        missing = dependencies.missing_packages()
-        if not missing:
-            return True
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("MS Instance Saliency needs these Python packages, which are not installed yet: {p}.\n\n"
-                  "PyTorch is installed by the PyTorch extension (the build that fits your GPU), MONAI with pip.\n"
-                  "Install them now? This can take several minutes.").format(p=", ".join(missing))):
-            slicer.util.warningDisplay(_("Segmentation and saliency need {p}. Install them from this module when you are ready.").format(p=", ".join(missing)))
+    # one install at a time in this Slicer: pip and the Extensions Manager write into shared folders, and
+    # both process events while they run (slicer.util.logProcessOutput, per output line), so a second
+    # click would start a second install. On the class: every logic instance shares that Python.
+    _installing = False
+
+    @classmethod
+    def _claimInstall(cls) -> bool:
+        if cls._installing:
+            slicer.util.showStatusMessage(_("An installation is running: please wait for it to end."), 5000)
             return False
-        try:
-            with slicer.util.WaitCursor():
-                self.installDependencies(missing)
-        except Exception as exc:
-            slicer.util.errorDisplay(_("Installing the Python packages failed: {e}").format(e=exc), detailedText=traceback.format_exc())
-            return False
-        return not dependencies.missing_packages()
+        cls._installing = True
+        return True
 
     @staticmethod
-    def installDependencies(missing):
-        if "torch" in missing:
+    def _installDialog(title):
+        """A modal busy dialog (maximum 0) without Cancel (a running pip cannot be stopped safely halfway);
+        autoClose/autoReset off so that it stays until it is closed."""
+        dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), windowTitle=title, labelText=title, maximum=0,
+                                                  autoClose=False, autoReset=False, windowModality=qt.Qt.ApplicationModal)
+        dialog.setCancelButton(None)
+        dialog.show()
+        slicer.app.processEvents()
+        return dialog
+
+    def ensureDependencies(self, askConfirmation=True) -> bool:
+        """True when torch and MONAI are installed in versions that work together (installing or replacing
+        them after one confirmation); False when declined, failed, or another installation is running."""
+        if not self._claimInstall():  # checked and set before anything else
+            return False
+        try:
+            return self._ensureDependencies(askConfirmation)
+        finally:
+            MSInstanceSaliencyLogic._installing = False
+
+    def _ensureDependencies(self, askConfirmation) -> bool:
+        # versions from the installed metadata: another extension may have left an old torch or MONAI
+        problems = dependencies.installed_problems()
+        if not problems:
+            return True
+        listed = "\n".join("- " + why for why in problems.values())
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                _("MS Instance Saliency needs PyTorch and MONAI in versions that work with Slicer's numpy:\n{p}\n\n"
+                  "PyTorch is installed by the PyTorch extension (the build that fits your GPU), MONAI with pip, "
+                  "leaving what Slicer ships unchanged.\nInstall them now? This can take several minutes.").format(p=listed)):
+            slicer.util.warningDisplay(_("Segmentation and saliency need:\n{p}\n\nInstall them from this module when you are ready.").format(p=listed))
+            return False
+        torchWasLoaded = "torch" in sys.modules  # by another module: it stays loaded in Slicer until a restart
+        dialog = self._installDialog(_("Installing Python packages"))
+        try:
+            self.installDependencies(problems, dialog)
+        except Exception as exc:
+            dialog.close()
+            slicer.util.errorDisplay(_("Installing the Python packages failed: {e}").format(e=exc), detailedText=traceback.format_exc())
+            return False
+        dialog.close()
+        left = dependencies.installed_problems()
+        if left:
+            slicer.util.errorDisplay(_("The Python packages are still not usable:\n{p}").format(p="\n".join("- " + why for why in left.values())))
+            return False
+        self.shutdown()  # a running worker still has the old packages loaded; the next task starts a fresh one
+        if "torch" in problems and torchWasLoaded:
+            slicer.util.infoDisplay(_("PyTorch was updated. This module uses it at once; restart Slicer before using "
+                                      "other modules that had loaded the old PyTorch."))
+        return True
+
+    @staticmethod
+    def installDependencies(problems, dialog=None):
+        """Install or replace what `problems` names (dependencies.installed_problems(): "torch", "monai")."""
+
+        def step(text):
+            if dialog is not None:
+                dialog.labelText = text
+            slicer.app.processEvents()
+
+        if "torch" in problems:
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("Install the PyTorch extension (View > Extensions Manager) and restart Slicer: it installs "
                                      "the torch build for your GPU.")) from None
-            # raises when the installation fails; None only when a confirmation was declined
+            step(_("Installing PyTorch {r} (PyTorch Utils chooses the build for your GPU)...").format(r=dependencies.TORCH_REQUIREMENT))
+            # an installed torch that does not satisfy the requirement is replaced; raises when the installation
+            # fails, None only when a confirmation was declined (asked already, so not asked again)
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:
                 raise RuntimeError(_("PyTorch was not installed."))
-        if "monai" in missing:
-            import importlib.metadata
-
+        # MONAI is judged again against the torch installed now
+        torchVersion = dependencies.installed_version("torch")
+        if dependencies.monai_problem(dependencies.installed_version("monai"), torchVersion) is None:
+            return
+        requirement = dependencies.monai_requirement(torchVersion)
+        step(_("Installing {r}...").format(r=requirement))
+        try:
+            import slicer.packaging as slicerPackaging  # Slicer 5.11 and later
+        except ImportError:
+            slicerPackaging = None
+        if hasattr(slicerPackaging, "pip_ensure"):
+            # installs without the packages named (its skip_packages installs with --no-deps and walks the rest)
+            slicerPackaging.pip_ensure(requirement, skip_packages=list(dependencies.KEEP_AS_INSTALLED), prompt_install=False,
+                                       requester="MS Instance Saliency")
+        else:
             # --no-deps: pip must not replace torch, numpy, SimpleITK, requests or packaging in Slicer's Python
-            slicer.util.pip_install(["--no-deps", dependencies.monai_requirement(importlib.metadata.version("torch"))])
+            slicer.util.pip_install(["--no-deps", requirement])
+
+    def offerRadiomicsExtension(self) -> bool:
+        """pyradiomics (the TP probability) comes from the optional SlicerRadiomics extension: offer to install
+        it with the Extensions Manager, after a confirmation; it is loaded after a restart. True when installed now."""
+        name = dependencies.RADIOMICS_EXTENSION
+        how = _("To compute the TP probability, install the {e} extension with View > Extensions Manager and restart Slicer.").format(e=name)
+        # no extensionsManagerModel in a Slicer built without the Extensions Manager
+        manager = slicer.app.extensionsManagerModel() if hasattr(slicer.app, "extensionsManagerModel") else None
+        if manager is None:
+            slicer.util.infoDisplay(dependencies.RADIOMICS_HINT)
+            return False
+        if manager.isExtensionInstalled(name):
+            slicer.util.infoDisplay(_("The {e} extension is installed but not loaded yet: restart Slicer to compute the TP probability.").format(e=name))
+            return False
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The TP probability needs pyradiomics, which comes from the {e} extension (segmentation and saliency maps "
+                  "work without it).\n\nDownload and install {e} from the Slicer extensions server now? Slicer must be "
+                  "restarted afterwards.").format(e=name)):
+            slicer.util.showStatusMessage(how, 10000)
+            return False
+        if not self._claimInstall():
+            return False
+        dialog = self._installDialog(_("Installing the {e} extension").format(e=name))
+        try:
+            # what installExtensionFromServer does, without its own questions (asked above): fresh metadata,
+            # then the download and install, waiting for both
+            installed = (manager.updateExtensionsMetadataFromServer(True, True)
+                         and manager.downloadAndInstallExtensionByName(name, True, True))
+        finally:
+            dialog.close()
+            MSInstanceSaliencyLogic._installing = False
+        if not installed:
+            slicer.util.errorDisplay(_("The {e} extension could not be installed: the extensions server may be unreachable, or "
+                                       "it is not built for this platform (not for macOS since Slicer 5.3). Segmentation and "
+                                       "saliency maps work without it.").format(e=name), detailedText=how)
+            return False
+        if slicer.util.confirmYesNoDisplay(_("The {e} extension is installed. Slicer must be restarted to use it. Restart now?").format(e=name)):
+            slicer.util.restart()
+        return True
 
     # -- the steps: MSInstanceSaliencyMRML.workflow does them on the parameter node (the web app shares
     # it); this adds what only Slicer does (PythonSlicer for the worker, the slice views, the colour legend)

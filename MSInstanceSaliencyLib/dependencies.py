@@ -12,6 +12,7 @@ SimpleITK) is part of Slicer.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import re
@@ -98,7 +99,8 @@ def dependency_problems(torch_version: str | None, monai_version: str | None) ->
 
 
 def installed_problems() -> dict[str, str]:
-    """dependency_problems for the torch and MONAI installed in this Python."""
+    """dependency_problems for the torch and MONAI installed in this Python (re-read after an install)."""
+    importlib.invalidate_caches()
     return dependency_problems(installed_version("torch"), installed_version("monai"))
 
 

@@ -80,6 +80,13 @@ def _cmake_list(path, var):
     return [t.replace("${MODULE_NAME}", path.parent.name) for t in m.group(1).split()]
 
 
+def _cmake_set(text, var):
+    """The words of set(VAR "...") in a CMakeLists text."""
+    m = re.search(r'set\(' + var + r'\s+"([^"]*)"\)', text)
+    assert m, var
+    return m.group(1).split()
+
+
 def test_cmake_installs_every_python_file():
     lib = ROOT / "MSInstanceSaliencyLib"
     listed = set(_cmake_list(lib / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
@@ -93,7 +100,9 @@ def test_cmake_installs_every_python_file():
     assert all((MODULE / r).is_file() for r in resources)
     top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "add_subdirectory(MSInstanceSaliencyLib)" in top and "add_subdirectory(MSInstanceSaliency)" in top
-    assert 'EXTENSION_DEPENDS "PyTorch SlicerRadiomics"' in top  # pyradiomics comes from SlicerRadiomics
+    # PyTorch only: SlicerRadiomics (pyradiomics) is offered from the module, never a build dependency (it does not
+    # build on macOS, and the extensions factory builds an extension only after its dependencies)
+    assert _cmake_set(top, "EXTENSION_DEPENDS") == ["PyTorch"]
 
 
 def test_cmake_puts_the_models_beside_the_lib_in_build_and_install_trees():
@@ -116,7 +125,7 @@ def test_ready_for_the_extensions_index():
     entry = json.loads((ROOT / "docs" / "extensions-index" / "MSInstanceSaliency.json").read_text(encoding="utf-8"))
     allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision", "scm_type", "scm_url", "tier"}
     assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
-    assert entry["build_dependencies"] == ["PyTorch", "SlicerRadiomics"]
+    assert entry["build_dependencies"] == ["PyTorch"]
     assert "Slicer" in entry["scm_url"].rsplit("/", 1)[-1]  # the index wants "Slicer" in the repository name
     assert (ROOT / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License")
     top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
@@ -129,11 +138,101 @@ def test_ready_for_the_extensions_index():
     assert re.search(r'EXTENSION_CONTRIBUTORS "[^"(]+ \([^)]+\)"', top)  # "Name (Affiliation)"
 
 
-def test_icons_are_128_pixels():
+def test_extensions_index_entry_agrees_with_the_cmakelists():
+    """What the index's scripts/check_description_files.py compares: the JSON file is named after project(),
+    the category is one the index accepts, and one icon URL and at least one screenshot URL are set the way
+    its patterns read them; plus what must agree by hand: build_dependencies = EXTENSION_DEPENDS, the
+    category, and a homepage in the repository that scm_url names."""
+    import json
+
+    path = ROOT / "docs" / "extensions-index" / "MSInstanceSaliency.json"
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"project\s*\(\s*([^\s)]+)", top).group(1) == path.stem
+    assert entry["build_dependencies"] == _cmake_set(top, "EXTENSION_DEPENDS")
+    assert "SlicerRadiomics" not in entry["build_dependencies"]
+    assert [entry["category"]] == [" ".join(_cmake_set(top, "EXTENSION_CATEGORY"))] == ["Segmentation"]
+    assert " ".join(_cmake_set(top, "EXTENSION_HOMEPAGE")).startswith(entry["scm_url"] + "#")
+    assert len(re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', top)) == 1
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', top)
+    assert shots and all(u.startswith("https://") and u.endswith(".png") for u in shots[0].split())
+    assert (ROOT / "docs" / "screenshots" / "slicer_views.png").is_file()
+
+
+def test_icons_are_128_pixel_pngs():
     from PIL import Image
 
     for p in (MODULE / "Resources" / "Icons" / "MSInstanceSaliency.png", ROOT / "Resources" / "MSInstanceSaliency.png"):
-        assert Image.open(p).size == (128, 128)
+        with Image.open(p) as image:
+            assert (image.format, image.size) == ("PNG", (128, 128)), p
+
+
+# What Slicer's Python has at a module's file scope (the index's review: no non-standard package imported
+# there): the standard library, Slicer's own modules and the Python packages Slicer ships (numpy, SimpleITK:
+# SuperBuild/External_python-*.cmake on the 5.10 branch), and our own packages
+SLICER_PROVIDED = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "mrml", "numpy", "SimpleITK", "__future__"}
+OUR_PACKAGES = {"MSInstanceSaliencyLib": ROOT / "MSInstanceSaliencyLib", "MSInstanceSaliencyMRML": MODULE / "MSInstanceSaliencyMRML"}
+
+
+def _file_scope_imports(path):
+    """Absolute module names imported at a file's top level (also inside top-level try/if blocks, not under
+    `if TYPE_CHECKING:`), relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = None
+    for name, root in OUR_PACKAGES.items():
+        if root in path.parents:
+            package = [name, *path.relative_to(root).parent.parts]
+    found = []
+
+    def visit(body):
+        for n in body:
+            if isinstance(n, ast.Import):
+                found.extend(a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom):
+                # "from pkg import name": name may be a submodule, so both are candidates
+                module = ".".join(package[:len(package) - n.level + 1] + [n.module or ""]).strip(".") if n.level else n.module
+                found.extend([module, *(f"{module}.{a.name}" for a in n.names)])
+            elif isinstance(n, ast.Try):
+                visit(n.body)
+                for h in n.handlers:
+                    visit(h.body)
+            elif isinstance(n, ast.If) and "TYPE_CHECKING" not in ast.unparse(n.test):
+                visit(n.body)
+                visit(n.orelse)
+
+    visit(tree.body)
+    return found
+
+
+def _our_files(module):
+    """The file of one of our modules and its packages' __init__ files (all run when it is imported)."""
+    parts = module.split(".")
+    root = OUR_PACKAGES[parts[0]]
+    files = [root.joinpath(*parts[1:i], "__init__.py") for i in range(1, len(parts) + 1)]
+    files.append(root.joinpath(*parts[1:]).with_suffix(".py"))
+    return [f for f in files if f.is_file()]
+
+
+def test_file_scope_imports_are_what_slicer_ships():
+    """Loading the module imports, at file scope and through our own packages' file-scope imports, only the
+    standard library, Slicer and what Slicer ships: a missing torch, MONAI or pyradiomics never stops the
+    module from loading."""
+    import sys
+
+    todo, seen, foreign = [MODULE_PY, *(MODULE / "MSInstanceSaliencyMRML").glob("*.py")], set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in _file_scope_imports(path):
+            top = module.split(".")[0]
+            if top in OUR_PACKAGES:
+                todo.extend(_our_files(module))
+            elif top not in sys.stdlib_module_names and top not in SLICER_PROVIDED:
+                foreign.add(f"{top} ({path.relative_to(ROOT)})")
+    assert ROOT / "MSInstanceSaliencyLib" / "dependencies.py" in seen  # the walk follows our own packages
+    assert not foreign, f"imported at file scope, not shipped with Slicer: {sorted(foreign)}"
 
 
 # What Python can reach on the qMRML/CTK widgets the module uses (PythonQt exposes slots, Q_INVOKABLE
@@ -191,3 +290,81 @@ def test_qmrml_and_ctk_calls_are_reachable_from_python():
     assert not bad, f"not reachable from Python (check the class's header): {bad}"
     assert not [m for _n, m in uses if m in NOT_REACHABLE]
     assert ".mrmlTableRowIndex(" not in MODULE_PY.read_text(encoding="utf-8")
+
+
+# Members Python may use on objects that are not .ui widgets, by the C++ class the object is, with where each
+# comes from. qSlicer classes as the .ui widgets above (slots, Q_INVOKABLE, properties, signals); Qt classes
+# are wrapped whole by PythonQt (public methods too).
+OBJECT_CLASSES = {
+    # slicer.app.extensionsManagerModel(): Q_INVOKABLE in Base/QTCore/qSlicerCoreApplication.h (v5.10.0, line 361),
+    # only in a Slicer built with the Extensions Manager (#ifdef Slicer_BUILD_EXTENSIONMANAGER_SUPPORT): hasattr first
+    "qSlicerExtensionsManagerModel": {
+        # Base/QTCore/qSlicerExtensionsManagerModel.h, v5.10.0: Q_INVOKABLE isExtensionInstalled (line 176);
+        # public slots downloadAndInstallExtensionByName (376) and updateExtensionsMetadataFromServer (432)
+        "isExtensionInstalled", "downloadAndInstallExtensionByName", "updateExtensionsMetadataFromServer",
+    },
+    # slicer.util.createProgressDialog returns a QProgressDialog (Base/Python/slicer/util.py 3202-3230, v5.10.0):
+    # Qt 5.15 qprogressdialog.h properties, slots and public methods, and QWidget's
+    "QProgressDialog": {
+        "wasCanceled", "minimum", "maximum", "value", "autoReset", "autoClose", "minimumDuration", "labelText",
+        "cancel", "reset", "setMaximum", "setMinimum", "setRange", "setValue", "setLabelText", "setCancelButtonText",
+        "setMinimumDuration", "setCancelButton", "show", "hide", "close", "setVisible", "windowTitle",
+        "windowModality", "visible", "enabled",
+    },
+}
+# calls whose result is an object of those classes
+OBJECT_FACTORIES = {"extensionsManagerModel": "qSlicerExtensionsManagerModel", "createProgressDialog": "QProgressDialog",
+                    "_installDialog": "QProgressDialog"}
+
+
+def _object_member_uses():
+    """(class, member) for every NAME.member where NAME was assigned from a call named in OBJECT_FACTORIES
+    (also inside a conditional expression) in the same function."""
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+
+    def factory_class(value):
+        for n in ast.walk(value):
+            if isinstance(n, ast.Call):
+                name = n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None)
+                if name in OBJECT_FACTORIES:
+                    return OBJECT_FACTORIES[name]
+        return None
+
+    uses = set()
+    for func in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        aliases = {n.targets[0].id: factory_class(n.value) for n in ast.walk(func)
+                   if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and factory_class(n.value)}
+        uses |= {(aliases[n.value.id], n.attr) for n in ast.walk(func)
+                 if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases}
+    return uses
+
+
+def test_calls_on_slicer_and_qt_objects_are_reachable_from_python():
+    uses = _object_member_uses()
+    assert ("qSlicerExtensionsManagerModel", "downloadAndInstallExtensionByName") in uses  # the walk sees the install
+    assert ("QProgressDialog", "setCancelButton") in uses
+    bad = sorted((cls, member) for cls, member in uses if member not in OBJECT_CLASSES[cls])
+    assert not bad, f"not in the table of reachable calls (check the class's header, then add it with its source): {bad}"
+    text = MODULE_PY.read_text(encoding="utf-8")
+    # the model exists only in Slicer builds with the Extensions Manager
+    assert 'hasattr(slicer.app, "extensionsManagerModel")' in text
+    # installExtensionFromServer asks its own questions and restarts: the module asks once and uses the two steps
+    assert ".installExtensionFromServer(" not in text
+    # the install dialog stays until it is closed (Qt's autoClose/autoReset would hide it at 100 %)
+    install_dialog = text[text.index("def _installDialog"):text.index("def ensureDependencies")]
+    assert "autoClose=False" in install_dialog and "autoReset=False" in install_dialog
+
+
+def test_dependency_install_is_guarded_and_uses_pip_ensure_where_it_exists():
+    """One install at a time: ensureDependencies checks and sets the guard before anything else; Slicer 5.11+
+    pip_ensure (Base/Python/slicer/packaging.py on main) installs MONAI there, pip --no-deps on 5.10."""
+    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MSInstanceSaliencyLogic")
+    methods = {n.name: n for n in logic.body if isinstance(n, ast.FunctionDef)}
+    first = methods["ensureDependencies"].body[1]  # after the docstring
+    assert isinstance(first, ast.If) and "_claimInstall" in ast.unparse(first.test)
+    assert "_claimInstall" in ast.unparse(methods["offerRadiomicsExtension"])
+    install = ast.unparse(methods["installDependencies"])
+    assert "hasattr(slicerPackaging, 'pip_ensure')" in install and "skip_packages=list(dependencies.KEEP_AS_INSTALLED)" in install
+    assert "['--no-deps', requirement]" in install
+    assert "torchVersionRequirement=dependencies.TORCH_REQUIREMENT" in install
