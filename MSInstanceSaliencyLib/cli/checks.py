@@ -24,7 +24,7 @@ def _check_args(args) -> None:
             load_classifier(args.classifier)  # a broken classifier is refused now, not after the segmentation
         except ImportError as exc:
             raise InputError(f"the TP probability needs {exc.name or 'pyradiomics'}, which is not installed here "
-                             "(in 3D Slicer it comes with the SlicerRadiomics extension); run without --tp-probability (demo: with "
+                             "(in 3D Slicer it comes with the optional SlicerRadiomics extension); run without --tp-probability (demo: with "
                              "--no-tp-probability)") from None
 
 
