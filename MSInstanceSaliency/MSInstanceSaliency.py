@@ -515,6 +515,10 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         cls._installing = True
         return True
 
+    @classmethod
+    def _releaseInstall(cls) -> None:
+        cls._installing = False
+
     @staticmethod
     def _installDialog(title):
         """A modal busy dialog (maximum 0) without Cancel (a running pip cannot be stopped safely halfway);
@@ -534,7 +538,7 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
         try:
             return self._ensureDependencies(askConfirmation)
         finally:
-            MSInstanceSaliencyLogic._installing = False
+            self._releaseInstall()
 
     def _ensureDependencies(self, askConfirmation) -> bool:
         # versions from the installed metadata: another extension may have left an old torch or MONAI
@@ -587,11 +591,10 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
             # fails, None only when a confirmation was declined (asked already, so not asked again)
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:
                 raise RuntimeError(_("PyTorch was not installed."))
-        # MONAI is judged again against the torch installed now
-        torchVersion = dependencies.installed_version("torch")
-        if dependencies.monai_problem(dependencies.installed_version("monai"), torchVersion) is None:
+        # MONAI is judged again against the torch installed now (raises with the reason if torch is still unusable)
+        if "monai" not in dependencies.installed_problems():
             return
-        requirement = dependencies.monai_requirement(torchVersion)
+        requirement = dependencies.monai_requirement(dependencies.installed_version("torch"))
         step(_("Installing {r}...").format(r=requirement))
         try:
             import slicer.packaging as slicerPackaging  # Slicer 5.11 and later
@@ -608,6 +611,14 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
     def offerRadiomicsExtension(self) -> bool:
         """pyradiomics (the TP probability) comes from the optional SlicerRadiomics extension: offer to install
         it with the Extensions Manager, after a confirmation; it is loaded after a restart. True when installed now."""
+        if not self._claimInstall():  # checked and set before anything else
+            return False
+        try:
+            return self._offerRadiomicsExtension()
+        finally:
+            self._releaseInstall()
+
+    def _offerRadiomicsExtension(self) -> bool:
         name = dependencies.RADIOMICS_EXTENSION
         how = _("To compute the TP probability, install the {e} extension with View > Extensions Manager and restart Slicer.").format(e=name)
         # no extensionsManagerModel in a Slicer built without the Extensions Manager
@@ -616,15 +627,15 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
             slicer.util.infoDisplay(dependencies.RADIOMICS_HINT)
             return False
         if manager.isExtensionInstalled(name):
-            slicer.util.infoDisplay(_("The {e} extension is installed but not loaded yet: restart Slicer to compute the TP probability.").format(e=name))
+            # installed in this session (loaded at the next start), or installed but its pyradiomics does not import
+            slicer.util.infoDisplay(_("The {e} extension is installed, but pyradiomics cannot be imported yet: restart Slicer "
+                                      "to compute the TP probability.").format(e=name))
             return False
         if not slicer.util.confirmOkCancelDisplay(
                 _("The TP probability needs pyradiomics, which comes from the {e} extension (segmentation and saliency maps "
                   "work without it).\n\nDownload and install {e} from the Slicer extensions server now? Slicer must be "
                   "restarted afterwards.").format(e=name)):
             slicer.util.showStatusMessage(how, 10000)
-            return False
-        if not self._claimInstall():
             return False
         dialog = self._installDialog(_("Installing the {e} extension").format(e=name))
         try:
@@ -634,7 +645,6 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
                          and manager.downloadAndInstallExtensionByName(name, True, True))
         finally:
             dialog.close()
-            MSInstanceSaliencyLogic._installing = False
         if not installed:
             slicer.util.errorDisplay(_("The {e} extension could not be installed: the extensions server may be unreachable, or "
                                        "it is not built for this platform (not for macOS since Slicer 5.3). Segmentation and "

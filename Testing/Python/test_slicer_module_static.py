@@ -361,9 +361,10 @@ def test_dependency_install_is_guarded_and_uses_pip_ensure_where_it_exists():
     tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MSInstanceSaliencyLogic")
     methods = {n.name: n for n in logic.body if isinstance(n, ast.FunctionDef)}
-    first = methods["ensureDependencies"].body[1]  # after the docstring
-    assert isinstance(first, ast.If) and "_claimInstall" in ast.unparse(first.test)
-    assert "_claimInstall" in ast.unparse(methods["offerRadiomicsExtension"])
+    for name in ("ensureDependencies", "offerRadiomicsExtension"):
+        first, second = methods[name].body[1:3]  # after the docstring
+        assert isinstance(first, ast.If) and "_claimInstall" in ast.unparse(first.test), name
+        assert isinstance(second, ast.Try) and "_releaseInstall" in ast.unparse(second.finalbody), name
     install = ast.unparse(methods["installDependencies"])
     assert "hasattr(slicerPackaging, 'pip_ensure')" in install and "skip_packages=list(dependencies.KEEP_AS_INSTALLED)" in install
     assert "['--no-deps', requirement]" in install
