@@ -784,14 +784,57 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
     def test_widget_pick_button_is_released_on_exit(self):
         logic, p, labels = self._syntheticCase()
         widget = self._moduleWidget()
-        widget.setParameterNode(p)
-        widget.ui.pickLesionButton.checked = True
         interaction = slicer.app.applicationLogic().GetInteractionNode()
-        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
-        widget.exit()
-        self.assertFalse(widget.ui.pickLesionButton.checked)
-        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.ViewTransform)
-        self.assertEqual(slicer.mrmlScene.GetNodesByName("MS lesion pick").GetNumberOfItems(), 0)
+        # picking turns "place multiple" on; the user's own setting comes back when it stops
+        for usersPersistence in (0, 1):
+            widget.setParameterNode(p)
+            interaction.SetPlaceModePersistence(usersPersistence)
+            widget.ui.pickLesionButton.checked = True
+            self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+            self.assertEqual(interaction.GetPlaceModePersistence(), 1)
+            widget.exit()
+            self.assertFalse(widget.ui.pickLesionButton.checked)
+            self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.ViewTransform)
+            self.assertEqual(interaction.GetPlaceModePersistence(), usersPersistence)
+            self.assertEqual(slicer.mrmlScene.GetNodesByName("MS lesion pick").GetNumberOfItems(), 0)
+        interaction.SetPlaceModePersistence(0)
+
+    def test_widget_table_row_follows_a_lesion_picked_in_a_view(self):
+        import qt
+
+        logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()
+        widget.setParameterNode(p)
+        view = widget.ui.lesionTableView
+        view.sortFilterProxyModel().sort(0, qt.Qt.DescendingOrder)  # the view's rows differ from the table's
+        widget.ui.pickLesionButton.checked = True
+        try:
+            for lesionId in (3, 1):
+                centre = p.lesionSegmentation.GetSegmentCenterRAS(mrml.segment_id_of_lesion(p.lesionSegmentation, lesionId))
+                widget._pickNode.AddControlPoint(list(centre))  # as a click in a slice view places it
+                slicer.app.processEvents()
+                self.assertEqual(p.selectedLesion, lesionId)
+                selected = view.selectionModel().selectedIndexes()
+                self.assertTrue(selected)
+                self.assertEqual(widget._lesionOfViewIndex(p.lesionTable, selected[0]), lesionId)
+        finally:
+            widget.ui.pickLesionButton.checked = False
+        p.selectedLesion = 0  # nothing selected: no row highlighted
+        self.assertFalse(view.selectionModel().selectedIndexes())
+
+    def test_legend_title_follows_the_map(self):
+        """A map made with "Keep earlier maps" off reuses its node under a new name: the legend must follow."""
+        import numpy as np
+
+        logic, p, labels = self._syntheticCase()
+        node = mrml.add_saliency_volume(np.zeros(labels.shape, "float32"), p.mprageVolume, "Lesion 3 SmoothGrad FLAIR")
+        first = logic.showColorLegend(node, slicer.modules.colors.logic())
+        self.assertEqual(first.GetTitleText(), "Lesion 3 SmoothGrad FLAIR")
+        node.SetName("Lesion 7 SmoothGrad FLAIR")
+        logic.showOverlay(p, node)
+        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(node)
+        self.assertEqual(legend.GetID(), first.GetID())  # the same legend, retitled
+        self.assertEqual(legend.GetTitleText(), "Lesion 7 SmoothGrad FLAIR")
 
     def test_select_lesion_jumps_the_views_to_it(self):
         """The shared workflow selects; the Slicer logic adds the jump (JumpSlicesToLocation), which pytest cannot run."""
@@ -824,8 +867,13 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         import tempfile
 
         logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()  # open during the reload, as in use: its selector must not overwrite what was saved
+        widget.setParameterNode(p)
         p.nSamples, p.method, p.context, p.maxOmegaVoxels, p.gradcamLayer = 7, "SmoothGrad mean", "full", 128, "model.1.submodule.0"
-        p.customRegionSegmentation, p.customRegionSegmentId = p.lesionSegmentation, mrml.segment_id_of_lesion(p.lesionSegmentation, 2)
+        savedSegmentId = mrml.segment_id_of_lesion(p.lesionSegmentation, 2)  # not the first segment: the selector's fallback
+        self.assertNotEqual(savedSegmentId, mrml.segment_id_of_lesion(p.lesionSegmentation, 1))
+        p.customRegionSegmentation, p.customRegionSegmentId = p.lesionSegmentation, savedSegmentId
+        savedSegmentationName = p.lesionSegmentation.GetName()
         path = os.path.join(tempfile.mkdtemp(), "scene.mrb")
         self.assertTrue(slicer.util.saveScene(path))
         slicer.mrmlScene.Clear()
@@ -834,9 +882,12 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         self.assertEqual((q.nSamples, q.method, q.context, q.maxOmegaVoxels, q.gradcamLayer),
                          (7, "SmoothGrad mean", "full", 128, "model.1.submodule.0"))
         self.assertIsNotNone(q.flairVolume)
-        widget = self._moduleWidget()
         widget.setParameterNode(q)
-        self.assertEqual(widget.ui.customRegionSelector.currentSegmentID(), q.customRegionSegmentId)
+        # compared with what was saved, not with the parameter node the widget may have written into
+        self.assertEqual(q.customRegionSegmentId, savedSegmentId)
+        self.assertEqual(q.customRegionSegmentation.GetName(), savedSegmentationName)
+        self.assertEqual(widget.ui.customRegionSelector.currentNode().GetName(), savedSegmentationName)
+        self.assertEqual(widget.ui.customRegionSelector.currentSegmentID(), savedSegmentId)
         self.assertEqual(widget.ui.layerComboBox.currentText, "model.1.submodule.0")
 
     # -- heavy: the demo model in the worker
