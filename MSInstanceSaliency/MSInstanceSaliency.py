@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 import shutil
@@ -61,7 +62,8 @@ to red (positive), symmetric around 0 and transparent near 0.<br>
 The work runs in a separate Python process (the worker), so Slicer stays responsive and Cancel
 stops it; the worker keeps the model and the case loaded between clicks.<br>
 The bundled model is a demonstration model trained on synthetic phantoms: not for clinical use.
-See <a href="https://github.com/MSInstanceSaliency/MSInstanceSaliency#use-in-3d-slicer">the documentation</a>.
+See <a href="https://github.com/MSInstanceSaliency/SlicerMSInstanceSaliency/blob/main/docs/SLICER.md">the Slicer guide</a> on
+<a href="https://github.com/MSInstanceSaliency/SlicerMSInstanceSaliency">the project's page</a>.
 """)
         self.parent.acknowledgementText = _("""
 Method: F. Spagnolo et al., "Instance-level quantitative saliency in multiple sclerosis lesion
@@ -114,6 +116,21 @@ class MSInstanceSaliencyParameterNode:
 #
 
 
+@contextlib.contextmanager
+def showErrorAndGoOn(message, waitCursor=False):
+    """slicer.util.tryWithErrorDisplay for a slot that must go on: it shows the error (traceback under
+    Details) and then re-raises it (Base/Python/slicer/util.py, end of tryWithErrorDisplay, v5.10.0), which
+    leaves a second copy in the Python console; this stops it there. In testing mode tryWithErrorDisplay
+    shows nothing, so the error goes on to the test."""
+    try:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+            yield
+    except Exception:
+        if slicer.app.testingEnabled():
+            raise
+        # already shown in the error dialog: nothing more to do
+
+
 class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -122,6 +139,9 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pickNode = None
+        self._placePersistenceBeforePicking = None  # the user's "place multiple" setting, put back when picking stops
+        self._customRegionSyncing = False  # the custom-region selector and the parameter node are being matched
+        self._rowFollowingLesion = False  # the table's row is being moved to the selected lesion
         self._shownTableID = None
         self._taskRunning = False
         self._cancelRequested = False
@@ -136,6 +156,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # a loaded scene's segments may arrive after its parameter node: show the saved custom region again
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._updateGUI)
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.explainButton.connect("clicked(bool)", self.onExplain)
@@ -216,6 +238,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             button.toolTip = "" if radiomics else dependencies.RADIOMICS_HINT
         self.ui.selectedLesionLabel.text = _("Lesion {id}").format(id=p.selectedLesion) if p.selectedLesion else _("none")
         self._showTable(p.lesionTable)
+        self._showSelectedRow(p)
         if self.ui.modelPathLineEdit.currentPath != p.modelPath:
             self.ui.modelPathLineEdit.currentPath = p.modelPath
         self._showCustomRegion(p)
@@ -228,14 +251,70 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._shownTableID = newID
             self.ui.lesionTableView.setMRMLTableNode(tableNode)
 
+    def _lesionTableRow(self, tableNode, lesionId):
+        """The vtkTable row of a lesion, or -1."""
+        table = tableNode.GetTable()
+        for row in range(table.GetNumberOfRows()):
+            if table.GetValue(row, 0).ToInt() == int(lesionId):
+                return row
+        return -1
+
+    def _lesionOfViewIndex(self, tableNode, viewIndex):
+        """The lesion id in the table row under an index of the view (sorted through its proxy), or 0."""
+        view = self.ui.lesionTableView
+        # qMRMLTableModel.mrmlTableRowIndex is not reachable from Python: map the proxy index ourselves
+        index = view.sortFilterProxyModel().mapToSource(viewIndex)
+        row = mrml.table_row_of_model_index(tableNode, index.row(), index.column(), view.transposed)
+        return tableNode.GetTable().GetValue(row, 0).ToInt() if 0 <= row < tableNode.GetNumberOfRows() else 0
+
+    def _showSelectedRow(self, p) -> None:
+        """The table's highlighted row follows the selected lesion, also when it was picked in a view, without
+        picking it again (onTableSelection returns while _rowFollowingLesion is set)."""
+        view = self.ui.lesionTableView
+        tableNode = p.lesionTable
+        if not tableNode or view.mrmlTableNode() is None or view.selectionModel() is None:
+            return
+        selected = view.selectionModel().selectedIndexes()
+        shownLesion = self._lesionOfViewIndex(tableNode, selected[0]) if selected else 0
+        if shownLesion == p.selectedLesion:
+            return
+        row = self._lesionTableRow(tableNode, p.selectedLesion) if p.selectedLesion else -1
+        self._rowFollowingLesion = True
+        try:
+            if row < 0:
+                view.clearSelection()
+                return
+            # the inverse of mrml.table_row_of_model_index: model row 0 holds the column names unless they are the header
+            modelRow = row if tableNode.GetUseColumnTitleAsColumnHeader() else row + 1
+            transposed = view.transposed
+            source = view.tableModel().index(0, modelRow) if transposed else view.tableModel().index(modelRow, 0)
+            shown = view.sortFilterProxyModel().mapFromSource(source)
+            if transposed:
+                view.selectColumn(shown.column())
+            else:
+                view.selectRow(shown.row())
+        finally:
+            self._rowFollowingLesion = False
+
     def _showCustomRegion(self, p) -> None:
-        """The segment selector has no parameter-node connector: restore it from the node (scene reload)."""
+        """The segment selector has no parameter-node connector: show the parameter node's region in it (scene
+        reload). setCurrentNode emits currentNodeChanged at once (qMRMLSegmentSelectorWidget.cxx, init and
+        setCurrentNode, v5.10.0), and onCustomRegionChanged would then write the selector's segment (none, or the
+        first one) into the parameter node before the saved one is shown: read the saved values first and keep
+        onCustomRegionChanged out while the selector follows them."""
+        if self._customRegionSyncing:
+            return
+        savedNode, savedSegmentId = p.customRegionSegmentation, p.customRegionSegmentId
         selector = self.ui.customRegionSelector
-        current = selector.currentNode()
-        if p.customRegionSegmentation and (current is None or current.GetID() != p.customRegionSegmentation.GetID()):
-            selector.setCurrentNode(p.customRegionSegmentation)
-        if p.customRegionSegmentId and selector.currentSegmentID() != p.customRegionSegmentId:
-            selector.setCurrentSegmentID(p.customRegionSegmentId)
+        self._customRegionSyncing = True
+        try:
+            current = selector.currentNode()
+            if savedNode and (current is None or current.GetID() != savedNode.GetID()):
+                selector.setCurrentNode(savedNode)
+            if savedSegmentId and selector.currentSegmentID() != savedSegmentId:
+                selector.setCurrentSegmentID(savedSegmentId)
+        finally:
+            self._customRegionSyncing = False
 
     def _showLayer(self, layer) -> None:
         """Item 0 is the model's default layer (gradcamLayer empty); a layer restored from a scene is
@@ -264,8 +343,10 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return None
         self._taskRunning, self._cancelRequested = True, False
         self._updateGUI()
+        # autoClose/autoReset off: the worker reports done == total before the task has ended (labelling, the
+        # table, TP scoring follow), and Qt's default would hide the dialog there (and end the modality)
         dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), windowTitle=title, labelText=title, maximum=0,
-                                                  windowModality=qt.Qt.ApplicationModal)
+                                                  windowModality=qt.Qt.ApplicationModal, autoClose=False, autoReset=False)
 
         def progress(done, total):
             if done is not None and total:
@@ -276,14 +357,14 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return not (dialog.wasCanceled or self._cancelRequested)
 
         try:
-            with slicer.util.tryWithErrorDisplay(failureMessage):
+            with showErrorAndGoOn(failureMessage):
                 try:
                     return task(progress)
                 except Cancelled:
                     slicer.util.showStatusMessage(_("Cancelled."), 5000)
-                    return None
+            return None  # cancelled, or failed (the error was shown)
         finally:
-            dialog.close()
+            dialog.close()  # the task has ended: only now
             self._taskRunning = False
             self._showWorkerStatus()
             self._updateGUI()
@@ -364,7 +445,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if not slicer.util.confirmOkCancelDisplay(_("Remove {n} lesions with TP probability below {p:.2f}: their segments, "
                                                     "table rows and label-map voxels?").format(n=len(ids), p=p.pruneBelow)):
             return
-        with slicer.util.tryWithErrorDisplay(_("Removing lesions failed."), waitCursor=True):
+        with showErrorAndGoOn(_("Removing lesions failed."), waitCursor=True):
             self.logic.removeLesions(p, ids)
 
     def onRefreshLayers(self) -> None:
@@ -388,14 +469,14 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onTableSelection(self) -> None:
         view, p = self.ui.lesionTableView, self._parameterNode
+        if self._rowFollowingLesion:  # the row was moved to the lesion already selected
+            return
         indexes = view.selectionModel().selectedIndexes() if view.selectionModel() else []
         if not indexes or not p or not p.lesionTable:
             return
-        # qMRMLTableModel.mrmlTableRowIndex is not reachable from Python: map the proxy index ourselves
-        index = view.sortFilterProxyModel().mapToSource(indexes[0])
-        row = mrml.table_row_of_model_index(p.lesionTable, index.row(), index.column(), view.transposed)
-        if 0 <= row < p.lesionTable.GetNumberOfRows():
-            self._selectLesion(int(p.lesionTable.GetTable().GetValue(row, 0).ToInt()))
+        lesionId = self._lesionOfViewIndex(p.lesionTable, indexes[0])
+        if lesionId:
+            self._selectLesion(lesionId)
 
     def onModelPathChanged(self, path) -> None:
         if self._parameterNode and self._parameterNode.modelPath != path:
@@ -407,13 +488,21 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def onCustomRegionChanged(self, *_args) -> None:
         p = self._parameterNode
-        if not p:
+        # not while the selector is made to show the parameter node's region, nor while a scene is loaded or
+        # closed (the selector's node box loses and finds nodes then, with nobody choosing)
+        if not p or self._customRegionSyncing or slicer.mrmlScene.IsBatchProcessing():
             return
-        p.customRegionSegmentation = self.ui.customRegionSelector.currentNode()
-        p.customRegionSegmentId = self.ui.customRegionSelector.currentSegmentID() or ""
+        selector = self.ui.customRegionSelector
+        node, segmentId = selector.currentNode(), selector.currentSegmentID() or ""
+        self._customRegionSyncing = True  # after the node is written, _updateGUI must not push the old segment back
+        try:
+            p.customRegionSegmentation = node
+            p.customRegionSegmentId = segmentId
+        finally:
+            self._customRegionSyncing = False
 
     def _selectLesion(self, lesionId) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Selecting the lesion failed.")):
+        with showErrorAndGoOn(_("Selecting the lesion failed.")):
             self.logic.selectLesion(self._parameterNode, lesionId)
             self._showTpProbability(self.logic.knownTpProbability(self._parameterNode, lesionId))
 
@@ -436,6 +525,9 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         markupsLogic = slicer.modules.markups.logic()
         markupsLogic.SetActiveList(node)
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        # StartPlaceMode(True) sets PlaceModePersistence to 1 (vtkSlicerMarkupsLogic.cxx, StartPlaceMode) and
+        # SwitchToViewTransformMode keeps it (vtkMRMLInteractionNode.cxx): remember the user's setting
+        self._placePersistenceBeforePicking = interactionNode.GetPlaceModePersistence()
         markupsLogic.StartPlaceMode(True, interactionNode)
         self.addObserver(interactionNode, interactionNode.EndPlacementEvent, self._onPlacementEnded)
 
@@ -449,6 +541,9 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.removeObserver(node, node.PointPositionDefinedEvent, self._onPointPlaced)
         if interactionNode and interactionNode.GetCurrentInteractionMode() == interactionNode.Place:
             interactionNode.SwitchToViewTransformMode()
+        persistence, self._placePersistenceBeforePicking = self._placePersistenceBeforePicking, None
+        if interactionNode and persistence is not None:
+            interactionNode.SetPlaceModePersistence(persistence)
         if node.GetScene():
             slicer.mrmlScene.RemoveNode(node)
 
@@ -709,9 +804,22 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
     def showOverlay(self, p, node):
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=node, foregroundOpacity=p.overlayOpacity)
         try:
-            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
+            self.showColorLegend(node, slicer.modules.colors.logic())
         except Exception as exc:  # the legend is a convenience; the overlay is what matters
             logging.warning(f"No colour legend: {exc}")
+
+    @staticmethod
+    def showColorLegend(node, colorLogic):
+        """The map's colour legend, titled with the map's current name. AddDefaultColorLegendDisplayNode
+        titles a legend only when it creates it and otherwise returns the existing one unchanged
+        (Modules/Loadable/Colors/Logic/vtkSlicerColorLogic.cxx, v5.10.0), while a map made with "Keep earlier
+        maps" off reuses the node under a new name: so the title is set every time."""
+        legend = colorLogic.AddDefaultColorLegendDisplayNode(node)
+        if legend is None:
+            raise RuntimeError(f"no legend could be made for {node.GetName()}")
+        legend.SetTitleText(node.GetName())
+        legend.SetName(f"{node.GetName()} color legend")  # as the logic names a new one
+        return legend
 
     def layerNames(self, p, progress=None):
         """(Grad-CAM++ layer names of the model, its default layer)"""
@@ -806,14 +914,57 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
     def test_widget_pick_button_is_released_on_exit(self):
         logic, p, labels = self._syntheticCase()
         widget = self._moduleWidget()
-        widget.setParameterNode(p)
-        widget.ui.pickLesionButton.checked = True
         interaction = slicer.app.applicationLogic().GetInteractionNode()
-        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
-        widget.exit()
-        self.assertFalse(widget.ui.pickLesionButton.checked)
-        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.ViewTransform)
-        self.assertEqual(slicer.mrmlScene.GetNodesByName("MS lesion pick").GetNumberOfItems(), 0)
+        # picking turns "place multiple" on; the user's own setting comes back when it stops
+        for usersPersistence in (0, 1):
+            widget.setParameterNode(p)
+            interaction.SetPlaceModePersistence(usersPersistence)
+            widget.ui.pickLesionButton.checked = True
+            self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+            self.assertEqual(interaction.GetPlaceModePersistence(), 1)
+            widget.exit()
+            self.assertFalse(widget.ui.pickLesionButton.checked)
+            self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.ViewTransform)
+            self.assertEqual(interaction.GetPlaceModePersistence(), usersPersistence)
+            self.assertEqual(slicer.mrmlScene.GetNodesByName("MS lesion pick").GetNumberOfItems(), 0)
+        interaction.SetPlaceModePersistence(0)
+
+    def test_widget_table_row_follows_a_lesion_picked_in_a_view(self):
+        import qt
+
+        logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()
+        widget.setParameterNode(p)
+        view = widget.ui.lesionTableView
+        view.sortFilterProxyModel().sort(0, qt.Qt.DescendingOrder)  # the view's rows differ from the table's
+        widget.ui.pickLesionButton.checked = True
+        try:
+            for lesionId in (3, 1):
+                centre = p.lesionSegmentation.GetSegmentCenterRAS(mrml.segment_id_of_lesion(p.lesionSegmentation, lesionId))
+                widget._pickNode.AddControlPoint(list(centre))  # as a click in a slice view places it
+                slicer.app.processEvents()
+                self.assertEqual(p.selectedLesion, lesionId)
+                selected = view.selectionModel().selectedIndexes()
+                self.assertTrue(selected)
+                self.assertEqual(widget._lesionOfViewIndex(p.lesionTable, selected[0]), lesionId)
+        finally:
+            widget.ui.pickLesionButton.checked = False
+        p.selectedLesion = 0  # nothing selected: no row highlighted
+        self.assertFalse(view.selectionModel().selectedIndexes())
+
+    def test_legend_title_follows_the_map(self):
+        """A map made with "Keep earlier maps" off reuses its node under a new name: the legend must follow."""
+        import numpy as np
+
+        logic, p, labels = self._syntheticCase()
+        node = mrml.add_saliency_volume(np.zeros(labels.shape, "float32"), p.mprageVolume, "Lesion 3 SmoothGrad FLAIR")
+        first = logic.showColorLegend(node, slicer.modules.colors.logic())
+        self.assertEqual(first.GetTitleText(), "Lesion 3 SmoothGrad FLAIR")
+        node.SetName("Lesion 7 SmoothGrad FLAIR")
+        logic.showOverlay(p, node)
+        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(node)
+        self.assertEqual(legend.GetID(), first.GetID())  # the same legend, retitled
+        self.assertEqual(legend.GetTitleText(), "Lesion 7 SmoothGrad FLAIR")
 
     def test_select_lesion_jumps_the_views_to_it(self):
         """The shared workflow selects; the Slicer logic adds the jump (JumpSlicesToLocation), which pytest cannot run."""
@@ -846,8 +997,13 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         import tempfile
 
         logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()  # open during the reload, as in use: its selector must not overwrite what was saved
+        widget.setParameterNode(p)
         p.nSamples, p.method, p.context, p.maxOmegaVoxels, p.gradcamLayer = 7, "SmoothGrad mean", "full", 128, "model.1.submodule.0"
-        p.customRegionSegmentation, p.customRegionSegmentId = p.lesionSegmentation, mrml.segment_id_of_lesion(p.lesionSegmentation, 2)
+        savedSegmentId = mrml.segment_id_of_lesion(p.lesionSegmentation, 2)  # not the first segment: the selector's fallback
+        self.assertNotEqual(savedSegmentId, mrml.segment_id_of_lesion(p.lesionSegmentation, 1))
+        p.customRegionSegmentation, p.customRegionSegmentId = p.lesionSegmentation, savedSegmentId
+        savedSegmentationName = p.lesionSegmentation.GetName()
         path = os.path.join(tempfile.mkdtemp(), "scene.mrb")
         self.assertTrue(slicer.util.saveScene(path))
         slicer.mrmlScene.Clear()
@@ -856,9 +1012,12 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         self.assertEqual((q.nSamples, q.method, q.context, q.maxOmegaVoxels, q.gradcamLayer),
                          (7, "SmoothGrad mean", "full", 128, "model.1.submodule.0"))
         self.assertIsNotNone(q.flairVolume)
-        widget = self._moduleWidget()
         widget.setParameterNode(q)
-        self.assertEqual(widget.ui.customRegionSelector.currentSegmentID(), q.customRegionSegmentId)
+        # compared with what was saved, not with the parameter node the widget may have written into
+        self.assertEqual(q.customRegionSegmentId, savedSegmentId)
+        self.assertEqual(q.customRegionSegmentation.GetName(), savedSegmentationName)
+        self.assertEqual(widget.ui.customRegionSelector.currentNode().GetName(), savedSegmentationName)
+        self.assertEqual(widget.ui.customRegionSelector.currentSegmentID(), savedSegmentId)
         self.assertEqual(widget.ui.layerComboBox.currentText, "model.1.submodule.0")
 
     # -- heavy: the demo model in the worker

@@ -17,7 +17,7 @@ echo "=== tests under Slicer-5.10-pinned Python ($("$ROOT/.venv-slicer/bin/pytho
 SLICER_SIDE_TESTS=(
   test_volumes.py test_preprocessing.py test_model.py test_instances.py test_evaluation.py test_phantom.py
   test_saliency.py test_radiomics.py test_worker.py test_worker_session.py test_dependencies.py
-  test_mrml_adapter.py test_workflow.py test_rendering.py test_slicer_module_static.py
+  test_mrml_adapter.py test_workflow.py test_rendering.py test_slicer_module_static.py test_slicer_module_widget.py
 )
 # Left to the main run: tests of the demo model's behaviour and of the phantom's anatomy on 1 mm volumes (a minute
 # each), which check no package that Slicer pins differently and which the module never runs.

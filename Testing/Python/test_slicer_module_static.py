@@ -243,7 +243,7 @@ def test_file_scope_imports_are_what_slicer_ships():
 QT_WIDGET = {"connect", "enabled", "toolTip", "visible", "blockSignals"}
 REACHABLE = {
     "qMRMLTableView": QT_WIDGET | {"setMRMLTableNode", "mrmlTableNode", "tableModel", "sortFilterProxyModel", "transposed",
-                                   "selectionModel", "selectRow", "clearSelection", "setMRMLScene"},
+                                   "selectionModel", "selectRow", "selectColumn", "clearSelection", "setMRMLScene"},
     "qMRMLSegmentSelectorWidget": QT_WIDGET | {"currentNode", "currentNodeID", "currentSegmentID", "setCurrentNode", "setCurrentNodeID",
                                                "setCurrentSegmentID", "segmentIDs", "setMRMLScene"},
     "ctkPathLineEdit": QT_WIDGET | {"currentPath", "setCurrentPath", "filters", "nameFilters", "options"},
