@@ -263,12 +263,11 @@ class Worker:
                 "classifier": self._classifier_status()}
 
     def cmd_prepare(self, rid, flair, mprage=None, register=False, n4=False):
-        from .io.volumes import read_image
+        from .io.volumes import read_inputs
 
         self.need("model")
         self.case = self.labels = None
-        self.case = self.model.prepare(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE") if mprage else None,
-                                       register=register, n4=n4)
+        self.case = self.model.prepare(*read_inputs(flair, mprage or None), register=bool(register), n4=bool(n4))
         return {"shape": list(self.case.shape), "spacing": list(self.case.spacing), "channels": self.case.channels,
                 "steps": self.case.steps, "warnings": self.case.warnings}
 
