@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     sys.stdout = sys.stderr
     from .models.device import env_threads
 
-    env_threads()
+    env_threads(leave_free=1)  # the client (Slicer, a web server) keeps a core for its own user interface
     return serve(args.workdir, stdout=protocol)
 
 
