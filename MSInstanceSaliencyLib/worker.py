@@ -266,8 +266,9 @@ class Worker:
         from .io.volumes import read_inputs
 
         self.need("model")
+        images = read_inputs(flair, mprage or None)  # unreadable or identical inputs: refused, the case held is kept
         self.case = self.labels = None
-        self.case = self.model.prepare(*read_inputs(flair, mprage or None), register=bool(register), n4=bool(n4))
+        self.case = self.model.prepare(*images, register=bool(register), n4=bool(n4))
         return {"shape": list(self.case.shape), "spacing": list(self.case.spacing), "channels": self.case.channels,
                 "steps": self.case.steps, "warnings": self.case.warnings}
 

@@ -105,7 +105,7 @@ def test_gradcampp_and_a_custom_region(client, segmented):
     np.testing.assert_array_equal(load_array(region["maps"]["flair"]), load_array(client.request("explain", lesion_id=1, n_samples=2)["maps"]["flair"]))
 
 
-def test_bad_requests_are_input_errors_and_the_worker_stays(client):
+def test_bad_requests_are_input_errors_and_the_worker_stays(client, segmented):
     pid = client.pid
     with pytest.raises(InputError, match="lesion 9999 does not exist"):
         client.request("explain", lesion_id=9999)
@@ -113,7 +113,13 @@ def test_bad_requests_are_input_errors_and_the_worker_stays(client):
         client.request("no_such_command")
     with pytest.raises(InputError, match="threshold"):
         client.request("segment", threshold=1.5)
+    copy = client.path("flair copy.nrrd")
+    sitk.WriteImage(sitk.ReadImage(client.path("flair.nrrd")), copy)
+    for mprage in (client.path("flair.nrrd"), copy):  # the same file, or the same volume in another file
+        with pytest.raises(InputError, match="FLAIR and MPRAGE are the same volume"):
+            client.request("prepare", flair=client.path("flair.nrrd"), mprage=mprage)
     assert client.pid == pid
+    client.request("explain", lesion_id=1, n_samples=1)  # the case and labels it held are still there
 
 
 @pytest.mark.needs_radiomics
