@@ -182,7 +182,7 @@ def on_main_thread() -> bool:
 
 
 def table_array(table_node):
-    return np.array([[row[c] for c in mrml.TABLE_COLUMNS] for row in mrml.lesion_table_rows(table_node)])
+    return np.array([[row[c] for c in mrml.TABLE_COLUMNS if c != mrml.TP_NOTE] for row in mrml.lesion_table_rows(table_node)])
 
 
 def record_mrml_writes(scene, nodes, threads):  # noqa: F811
