@@ -183,18 +183,10 @@ def labels_follow_segmentation(label_node, segmentation_node, reference_node) ->
         if lid:
             ids.InsertNextValue(seg.GetNthSegmentID(i))
             lesion_ids.append(lid)
-    shape = tuple(reference_node.GetImageData().GetDimensions())
-    labels = np.zeros(shape, np.int32)
+    labels = np.zeros(tuple(reference_node.GetImageData().GetDimensions()), np.int32)
     if lesion_ids[1:]:
-        scene = segmentation_node.GetScene() or slicer.mrmlScene
-        temp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__lesion labels__")
-        try:
-            # without a colour table the exported values are 1, 2, ... in the order of `ids` (overlaps: the later wins)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, temp, reference_node):
-                raise RuntimeError("exporting the lesion segments to the label map failed")
-            labels = np.asarray(lesion_ids, np.int32)[array_from_volume_node(temp)]
-        finally:
-            remove_node_and_display(scene, temp)
+        # the exported values are 1, 2, ... in the order of `ids` (overlaps: the later wins)
+        labels = np.asarray(lesion_ids, np.int32)[exported_segments(segmentation_node, ids, reference_node)]
     set_volume_from_array(label_node, labels, reference_node)
     mark_labels_current(label_node, segmentation_node)
     return True
@@ -210,19 +202,32 @@ def segment_id_of_lesion(segmentation_node, lesion_id: int) -> str | None:
     return None
 
 
+def exported_segments(segmentation_node, segment_ids, reference_node) -> np.ndarray:
+    """(x, y, z) label array of segments on the reference grid: 1, 2, ... in the order of `segment_ids`
+    (a vtkStringArray), 0 elsewhere. The export's temporary nodes (label map, its display node, the
+    colour table the export makes) are removed: they would pile up in the scene and be saved with it."""
+    scene = segmentation_node.GetScene() or slicer.mrmlScene
+    colours_before = {scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetID()
+                      for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))}
+    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__exported segments__")
+    try:
+        # the logic class directly: slicer.util's helper goes through slicer.modules
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, segment_ids, label_node, reference_node):
+            raise RuntimeError("exporting the segments to a label map failed")
+        return array_from_volume_node(label_node)
+    finally:
+        remove_node_and_display(scene, label_node)
+        added = [scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))]
+        for node in added:
+            if node.GetID() not in colours_before:
+                scene.RemoveNode(node)
+
+
 def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
     """(x, y, z) boolean mask of one segment on the reference volume's grid (e.g. a user-drawn Ω)."""
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
-    scene = segmentation_node.GetScene() or slicer.mrmlScene
-    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__omega__")
-    try:
-        # the logic class directly: slicer.util's helper goes through slicer.modules
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, label_node, reference_node):
-            raise RuntimeError(f"exporting segment {segment_id} failed")
-        return array_from_volume_node(label_node) > 0
-    finally:
-        remove_node_and_display(scene, label_node)
+    return exported_segments(segmentation_node, ids, reference_node) > 0
 
 
 PICKED_FILL, OTHER_FILL = 0.8, 0.15

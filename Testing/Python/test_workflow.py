@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
 
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
 from MSInstanceSaliencyMRML.colors import saliency_color_node  # noqa: E402
+from MSInstanceSaliencyMRML.worker_session import volume_key  # noqa: E402
 from MSInstanceSaliencyMRML.workflow import CHOICES, LesionWorkflow, WorkflowState  # noqa: E402
 
 from MSInstanceSaliencyLib import dependencies  # noqa: E402
@@ -345,6 +346,42 @@ def test_bad_state_is_refused_with_a_clear_error_before_the_worker_starts(scene)
     # what the state allows works without a worker too
     assert workflow.select_lesion(2.0) and s.selectedLesion == 2
     assert workflow.lesions_below(0.5) == []
+
+
+def test_the_same_volume_as_flair_and_mprage_is_refused_before_the_worker_starts(scene):  # noqa: F811
+    started = []
+    img = make_image(shape=(20, 24, 28), spacing=(0.8, 1.1, 2.5))
+    flair = mrml.add_volume(array_from_image(img), img, "FLAIR")
+    copy = mrml.add_volume(array_from_image(img), img, "FLAIR copy")
+    for mprage in (flair, copy):  # the same node (both selectors on the first volume loaded), or a copy of it
+        workflow = LesionWorkflow(WorkflowState(flairVolume=flair, mprageVolume=mprage), session_factory=lambda: started.append(True))
+        with pytest.raises(InputError, match="FLAIR and MPRAGE are the same volume"):
+            workflow.segment()
+    assert started == []
+
+
+def test_edited_lesion_segments_reach_the_label_map_that_picking_uses(scene):  # noqa: F811
+    workflow = LesionWorkflow(_lesions_without_the_worker(scene), session_factory=lambda: None)
+    s = workflow.state
+    labels = mrml.array_from_volume_node(s.lesionLabels)
+    inside_2, elsewhere = np.argwhere(labels == 2)[0], (15, 4, 6)
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, inside_2)) == 2
+    np.testing.assert_array_equal(mrml.array_from_volume_node(s.lesionLabels), labels)  # made again from the segments: the same
+    # lesion 2 redrawn elsewhere, as the Segment Editor does it (its segment's labelmap replaced)
+    moved = np.zeros_like(labels, dtype=np.uint8)
+    moved[14:17, 3:6, 5:8] = 1
+    paint = mrml.add_volume(moved, s.lesionLabels, "paint", "vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(mrml.segment_id_of_lesion(s.lesionSegmentation, 2))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(paint, s.lesionSegmentation, ids)
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, elsewhere)) == 2
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, inside_2)) is None
+    now = mrml.array_from_volume_node(s.lesionLabels)
+    np.testing.assert_array_equal(now == 2, moved > 0)
+    np.testing.assert_array_equal(now == 1, labels == 1)  # the other lesion untouched
+    key = volume_key(s.lesionLabels)  # what the worker session compares to re-send the labels
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, elsewhere)) == 2
+    assert volume_key(s.lesionLabels) == key  # nothing edited since: not made again, not re-sent
 
 
 @pytest.mark.skipif(dependencies.has_radiomics(), reason="pyradiomics is installed here")
