@@ -174,6 +174,14 @@ def test_score_fills_the_table(workflow):
     assert list(again) == [smallest]
     assert again[smallest] == pytest.approx(first[smallest], abs=1e-6)  # the same map (seed 0), the same probability
     assert workflow.lesions_below(first[smallest]) == [] and workflow.lesions_below(1.0) == [smallest]
+    # a lesion whose voxels were erased from the label map by hand (its segment kept): pyradiomics has nothing
+    # to measure, and the reason reaches the caller and the table instead of a log line
+    kji = slicer.util.arrayFromVolume(s.lesionLabels)
+    kji[kji == smallest] = 0
+    slicer.util.arrayFromVolumeModified(s.lesionLabels)
+    failed = workflow.score([smallest])
+    assert failed[smallest] is None and f"lesion {smallest}" in failed.errors[smallest]
+    assert workflow.known_tp_probability(smallest) is None and workflow.known_tp_note(smallest) == failed.errors[smallest]
 
 
 # ----------------------------------------------------------------------------- the asyncio driver (the web face)
@@ -346,6 +354,46 @@ def test_bad_state_is_refused_with_a_clear_error_before_the_worker_starts(scene)
     # what the state allows works without a worker too
     assert workflow.select_lesion(2.0) and s.selectedLesion == 2
     assert workflow.lesions_below(0.5) == []
+
+
+@pytest.fixture(scope="module")
+def flair_only_model(tmp_path_factory):
+    import torch
+
+    from MSInstanceSaliencyLib.models.monai import build_network, save_model
+
+    from conftest import tiny_spec
+
+    torch.manual_seed(0)
+    args = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], norm="batch", num_res_units=0)
+    spec = tiny_spec(network_args=args, input_channels=["flair"])
+    folder = tmp_path_factory.mktemp("flair_only_model")
+    save_model(build_network(spec), spec, folder)
+    return folder
+
+
+def test_a_flair_only_model_offers_only_its_channel_and_refuses_mprage_before_the_smoothgrad(workflow, flair_only_model):
+    s = workflow.state
+    s.modelPath, s.mprageVolume = str(flair_only_model), None
+    workflow.layers()  # loads the model
+    assert workflow.channels() == ["FLAIR"]
+    region = np.zeros(s.flairVolume.GetImageData().GetDimensions(), np.int32)
+    region[38:42, 45:49, 38:42] = 1
+    s.useCustomRegion, s.customRegionSegmentation = True, mrml.labels_to_segmentation(region, s.flairVolume)
+    s.customRegionSegmentId = s.customRegionSegmentation.GetSegmentation().GetNthSegmentID(0)
+    s.displayChannel = "MPRAGE"
+    stages = []
+    workflow.on_stage = stages.append
+    with pytest.raises(InputError, match="This model takes FLAIR only: set 'Show channel'"):
+        workflow.explain()
+    assert stages == []  # refused before any request
+    # the session checks too (a face that did not load the model first): after preparing, before the SmoothGrad
+    with pytest.raises(InputError, match="This model takes FLAIR only"):
+        workflow.session.explain(s)
+    assert "Preparing the case…" in stages and "Computing the saliency map…" not in stages
+    s.displayChannel = "FLAIR"
+    workflow.explain()
+    assert workflow.saliency_shown()["channel"] == "FLAIR"
 
 
 def test_the_same_volume_as_flair_and_mprage_is_refused_before_the_worker_starts(scene):  # noqa: F811
