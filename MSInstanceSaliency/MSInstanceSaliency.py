@@ -86,6 +86,7 @@ class MSInstanceSaliencyParameterNode:
 
     flairVolume: vtkMRMLScalarVolumeNode
     mprageVolume: vtkMRMLScalarVolumeNode
+    registerFlair: bool = False  # rigid FLAIR-to-MPRAGE registration first (inputs not already aligned)
     modelPath: str = ""  # empty: the bundled demo model
     device: Annotated[str, Choice(DEVICES)] = "auto"
     threshold: Annotated[float, WithinRange(*RANGES["threshold"])] = 0.3
@@ -348,14 +349,22 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), windowTitle=title, labelText=title, maximum=0,
                                                   windowModality=qt.Qt.ApplicationModal, autoClose=False, autoReset=False)
 
+        stage = [title]
+
+        def onStage(text):  # "Starting the worker (loading torch)…", "Loading the model…", ... (worker_session.LABELS)
+            stage[0] = dialog.labelText = text
+            slicer.app.processEvents()
+
         def progress(done, total):
             if done is not None and total:
                 dialog.maximum = 100
                 dialog.value = int(100 * done / total)
-                dialog.labelText = f"{title}: {done} / {total}"
+                dialog.labelText = f"{stage[0]}: {done} / {total}"
             slicer.app.processEvents()
             return not (dialog.wasCanceled or self._cancelRequested)
 
+        workflow = self.logic.workflow(self._parameterNode)
+        workflow.on_stage = onStage
         try:
             with showErrorAndGoOn(failureMessage):
                 try:
@@ -364,6 +373,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                     slicer.util.showStatusMessage(_("Cancelled."), 5000)
             return None  # cancelled, or failed (the error was shown)
         finally:
+            workflow.on_stage = None
             dialog.close()  # the task has ended: only now
             self._taskRunning = False
             self._showWorkerStatus()
@@ -427,6 +437,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                               lambda progress: self.logic.scoreLesions(p, [lesionId], progress=progress))
         if probs is not None:
             self._showTpProbability(probs.get(lesionId))
+            if probs.get(lesionId) is None and probs.errors.get(lesionId):  # why (also in the table's TP note column)
+                self.ui.tpProbabilityLabel.text = _("TP probability: not computed: ") + probs.errors[lesionId]
 
     def onScoreAll(self) -> None:
         if not self._radiomicsReady():

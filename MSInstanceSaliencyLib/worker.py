@@ -263,12 +263,12 @@ class Worker:
                 "classifier": self._classifier_status()}
 
     def cmd_prepare(self, rid, flair, mprage=None, register=False, n4=False):
-        from .io.volumes import read_image
+        from .io.volumes import read_inputs
 
         self.need("model")
+        images = read_inputs(flair, mprage or None)  # unreadable or identical inputs: refused, the case held is kept
         self.case = self.labels = None
-        self.case = self.model.prepare(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE") if mprage else None,
-                                       register=register, n4=n4)
+        self.case = self.model.prepare(*images, register=bool(register), n4=bool(n4))
         return {"shape": list(self.case.shape), "spacing": list(self.case.spacing), "channels": self.case.channels,
                 "steps": self.case.steps, "warnings": self.case.warnings}
 
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     sys.stdout = sys.stderr
     from .models.device import env_threads
 
-    env_threads()
+    env_threads(leave_free=1)  # the client (Slicer, a web server) keeps a core for its own user interface
     return serve(args.workdir, stdout=protocol)
 
 

@@ -40,10 +40,16 @@ class WorkerClient:
     A request without a progress callback has nobody to cancel it: when the worker stays silent (no
     progress, no answer) for silence_timeout_s (default 600 s; request(..., timeout_s=T) for one
     request, with or without progress), it is taken for hung, killed, and WorkerError is raised.
+    Once a cancel is sent, progress is still called every tick (its answer no longer matters) until the
+    worker stops or is killed, so a GUI keeps processing its events meanwhile.
+    start(progress) (request does it when no worker runs) takes the same callback: the worker imports
+    torch before it is ready, which can take minutes on a cold disk, so with a callback there is no time
+    limit, progress(None, None) is called every tick and returning False kills the starting worker and
+    raises Cancelled; without one, a worker silent for start_timeout_s is taken for hung.
     """
 
     def __init__(self, python: str | None = None, workdir: str | None = None, env: dict | None = None, log=None,
-                 cancel_grace_s: float = 10.0, tick_s: float = 0.05, start_timeout_s: float = 120.0,
+                 cancel_grace_s: float = 10.0, tick_s: float = 0.05, start_timeout_s: float = 600.0,
                  silence_timeout_s: float = 600.0):
         self.python = python or sys.executable
         self._own_workdir = workdir is None
@@ -71,7 +77,7 @@ class WorkerClient:
     def pid(self) -> int | None:
         return self._proc.pid if self.alive else None
 
-    def start(self) -> None:
+    def start(self, progress=None) -> None:
         if self.alive:
             return
         self.kill()
@@ -79,7 +85,7 @@ class WorkerClient:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join([LIB_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env["PYTHONUNBUFFERED"] = "1"
-        popen_kw = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        popen_kw = popen_options(os.name, subprocess)
         try:
             self._proc = subprocess.Popen([self.python, "-u", "-m", "MSInstanceSaliencyLib.worker", "--workdir", str(self.workdir)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -93,12 +99,26 @@ class WorkerClient:
         proc, messages = self._proc, self._messages
         threading.Thread(target=self._read_stdout, args=(proc, messages), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(proc, messages), daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout_s
+        heard = time.monotonic()
         while True:
-            msg = self._next_message(deadline)
-            if msg.get("type") == "ready":
-                return
-            self._dispatch_log(msg)
+            try:
+                msg = self._messages.get(timeout=self.tick_s)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                if msg.get("type") == "exit":
+                    self._crashed("start")
+                if msg.get("type") == "ready":
+                    return
+                heard = time.monotonic()
+                self._dispatch_log(msg)
+            if progress is not None:
+                if not _keep_going(progress, None, None):
+                    self.kill()
+                    raise Cancelled("cancelled while the worker was starting")
+            elif time.monotonic() - heard > self.start_timeout_s:
+                self.kill()
+                raise WorkerError(f"the worker sent nothing for {self.start_timeout_s:g} s while starting and was stopped")
 
     def kill(self) -> None:
         """Stop the worker now, whatever it is doing: its whole process group (or tree on Windows), since
@@ -148,7 +168,7 @@ class WorkerClient:
 
     def request(self, cmd: str, progress=None, on_message=None, timeout_s: float | None = None, **arguments) -> dict:
         if not self.alive:
-            self.start()
+            self.start(progress)
         rid = self._new_id()
         self._send({"id": rid, "cmd": cmd, **arguments})
         last = (None, None)
@@ -180,7 +200,9 @@ class WorkerClient:
                     on_message(msg)
             elif msg is not None:
                 self._dispatch_log(msg)
-            if cancel_deadline is None and progress is not None and not _keep_going(progress, *last):
+            if cancel_deadline is not None:
+                _keep_going(progress, *last)  # the GUI keeps its events while the worker stops; the answer is given
+            elif progress is not None and not _keep_going(progress, *last):
                 self._send({"id": rid, "cmd": "cancel"})
                 cancel_deadline = time.monotonic() + self.cancel_grace_s
             if cancel_deadline is not None and time.monotonic() > cancel_deadline:
@@ -204,19 +226,6 @@ class WorkerClient:
             self._proc.stdin.flush()
         except (OSError, ValueError, AttributeError):
             self._crashed(msg.get("cmd"))
-
-    def _next_message(self, deadline) -> dict:
-        while True:
-            try:
-                msg = self._messages.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise WorkerError(f"the worker did not start within {self.start_timeout_s:g} s") from None
-                continue
-            if msg.get("type") == "exit":
-                self._crashed("start")
-            return msg
 
     def _raise(self, msg):
         kind, text = msg.get("kind"), msg.get("message", "")
@@ -251,6 +260,19 @@ class WorkerClient:
         for line in proc.stderr:
             self._stderr_tail.append(line.rstrip())
             messages.put({"type": "log", "line": line.rstrip()})
+
+
+def popen_options(os_name: str, sp=subprocess) -> dict:
+    """Popen keyword arguments for the worker: its own process group (so kill reaches the launcher's
+    child too) and, on Windows, no console window: PythonSlicer is a console program, and Slicer's
+    slicer.util.launchConsoleProcess hides it the same way (STARTUPINFO, STARTF_USESHOWWINDOW, SW_HIDE).
+    `sp` is the subprocess module (its Windows names exist only on Windows)."""
+    if os_name != "nt":
+        return {"start_new_session": True}
+    info = sp.STARTUPINFO()
+    info.dwFlags |= sp.STARTF_USESHOWWINDOW
+    info.wShowWindow = sp.SW_HIDE
+    return {"creationflags": sp.CREATE_NEW_PROCESS_GROUP, "startupinfo": info}
 
 
 def _keep_going(progress, done, total) -> bool:

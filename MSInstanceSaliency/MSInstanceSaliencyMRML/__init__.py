@@ -15,7 +15,10 @@ import slicer
 import vtk
 
 LESION_ID_TAG = "MSInstanceSaliency.LesionId"
-TABLE_COLUMNS = ("Lesion", "Volume (mm3)", "R", "A", "S", "Max probability", "TP probability")
+TP_NOTE = "TP note"  # why a lesion has no TP probability (the scoring's error), empty otherwise
+TABLE_COLUMNS = ("Lesion", "Volume (mm3)", "R", "A", "S", "Max probability", "TP probability", TP_NOTE)
+# on the label map: the state of the lesion segments it was made from (segmentation_state)
+SEGMENTATION_STATE = "MSInstanceSaliency.SegmentationState"
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -76,6 +79,22 @@ def set_volume_from_array(node, array_xyz: np.ndarray, reference) -> None:
         node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras_from_image(reference)))
 
 
+def voxels_and_grid(node):
+    """(voxels (K, J, I), IJK-to-RAS) of a volume node, for io.volumes.check_distinct_inputs; no copy."""
+    if node is None or node.GetImageData() is None:
+        return None
+    return slicer.util.arrayFromVolume(node), ijk_to_ras(node)
+
+
+def remove_node_and_display(scene, node) -> None:
+    """Removes a temporary node with its display nodes (RemoveNode leaves them in the scene, saved with it)."""
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    scene.RemoveNode(node)
+    for display in displays:
+        if display is not None and display.GetScene() is scene:
+            scene.RemoveNode(display)
+
+
 def add_volume(array_xyz, reference, name: str, class_name: str = "vtkMRMLScalarVolumeNode", scene=None):
     scene = scene or slicer.mrmlScene
     node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
@@ -118,7 +137,7 @@ def labels_to_segmentation(labels_xyz: np.ndarray, reference_node, segmentation_
         if not ok:
             raise RuntimeError("importing the lesion label map into the segmentation failed")
     finally:
-        scene.RemoveNode(label_node)
+        remove_node_and_display(scene, label_node)
     seg = segmentation_node.GetSegmentation()
     for i in range(seg.GetNumberOfSegments()):
         segment = seg.GetNthSegment(i)
@@ -126,6 +145,51 @@ def labels_to_segmentation(labels_xyz: np.ndarray, reference_node, segmentation_
         segment.SetName(f"Lesion {lesion_id}")
         segment.SetTag(LESION_ID_TAG, str(lesion_id))
     return segmentation_node
+
+
+def lesion_id_of_segment(segment) -> int:
+    """The lesion id a segment was made for, 0 for a segment the user added."""
+    tag = vtk.mutable("")
+    return int(str(tag)) if segment.GetTag(LESION_ID_TAG, tag) and str(tag).isdigit() else 0
+
+
+def segmentation_state(segmentation_node) -> str:
+    """Changes whenever a segment is added, removed or edited (the Segment Editor modifies the segments'
+    labelmaps): the segment ids and the modification times of their source representations."""
+    seg = segmentation_node.GetSegmentation()
+    source = seg.GetSourceRepresentationName()
+    parts = []
+    for i in range(seg.GetNumberOfSegments()):
+        rep = seg.GetNthSegment(i).GetRepresentation(source)
+        parts.append(f"{seg.GetNthSegmentID(i)}:{rep.GetMTime() if rep is not None else 0}")
+    return ";".join(parts)
+
+
+def mark_labels_current(label_node, segmentation_node) -> None:
+    """Records that the label map matches the lesion segments as they are now."""
+    label_node.SetAttribute(SEGMENTATION_STATE, segmentation_state(segmentation_node))
+
+
+def labels_follow_segmentation(label_node, segmentation_node, reference_node) -> bool:
+    """The label map (what picking, Explain and Score use) made again from the lesion segments when they
+    changed since it was made (e.g. edited in the Segment Editor): each lesion segment's voxels get its
+    lesion id, on the reference grid; segments without a lesion id are left out. True when re-made."""
+    if label_node.GetAttribute(SEGMENTATION_STATE) == segmentation_state(segmentation_node):
+        return False
+    seg = segmentation_node.GetSegmentation()
+    ids, lesion_ids = vtk.vtkStringArray(), [0]
+    for i in range(seg.GetNumberOfSegments()):
+        lid = lesion_id_of_segment(seg.GetNthSegment(i))
+        if lid:
+            ids.InsertNextValue(seg.GetNthSegmentID(i))
+            lesion_ids.append(lid)
+    labels = np.zeros(tuple(reference_node.GetImageData().GetDimensions()), np.int32)
+    if lesion_ids[1:]:
+        # the exported values are 1, 2, ... in the order of `ids` (overlaps: the later wins)
+        labels = np.asarray(lesion_ids, np.int32)[exported_segments(segmentation_node, ids, reference_node)]
+    set_volume_from_array(label_node, labels, reference_node)
+    mark_labels_current(label_node, segmentation_node)
+    return True
 
 
 def segment_id_of_lesion(segmentation_node, lesion_id: int) -> str | None:
@@ -138,19 +202,32 @@ def segment_id_of_lesion(segmentation_node, lesion_id: int) -> str | None:
     return None
 
 
+def exported_segments(segmentation_node, segment_ids, reference_node) -> np.ndarray:
+    """(x, y, z) label array of segments on the reference grid: 1, 2, ... in the order of `segment_ids`
+    (a vtkStringArray), 0 elsewhere. The export's temporary nodes (label map, its display node, the
+    colour table the export makes) are removed: they would pile up in the scene and be saved with it."""
+    scene = segmentation_node.GetScene() or slicer.mrmlScene
+    colours_before = {scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetID()
+                      for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))}
+    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__exported segments__")
+    try:
+        # the logic class directly: slicer.util's helper goes through slicer.modules
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, segment_ids, label_node, reference_node):
+            raise RuntimeError("exporting the segments to a label map failed")
+        return array_from_volume_node(label_node)
+    finally:
+        remove_node_and_display(scene, label_node)
+        added = [scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))]
+        for node in added:
+            if node.GetID() not in colours_before:
+                scene.RemoveNode(node)
+
+
 def segment_mask(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
     """(x, y, z) boolean mask of one segment on the reference volume's grid (e.g. a user-drawn Ω)."""
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
-    scene = segmentation_node.GetScene() or slicer.mrmlScene
-    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__omega__")
-    try:
-        # the logic class directly: slicer.util's helper goes through slicer.modules
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, label_node, reference_node):
-            raise RuntimeError(f"exporting segment {segment_id} failed")
-        return array_from_volume_node(label_node) > 0
-    finally:
-        scene.RemoveNode(label_node)
+    return exported_segments(segmentation_node, ids, reference_node) > 0
 
 
 PICKED_FILL, OTHER_FILL = 0.8, 0.15
@@ -202,13 +279,16 @@ def fill_lesion_table(table_node, rows: list[dict]) -> None:
     """Columns: Lesion, Volume (mm3), R, A, S (centroid, RAS mm), Max probability, TP probability."""
     table = table_node.GetTable()
     table_node.RemoveAllColumns()
-    keys = ("lesion_id", "volume_mm3", "centroid_r", "centroid_a", "centroid_s", "max_probability", "tp_probability")
+    keys = ("lesion_id", "volume_mm3", "centroid_r", "centroid_a", "centroid_s", "max_probability", "tp_probability", "tp_note")
     for title, key in zip(TABLE_COLUMNS, keys):
-        col = vtk.vtkIntArray() if key == "lesion_id" else vtk.vtkDoubleArray()
+        col = vtk.vtkIntArray() if key == "lesion_id" else vtk.vtkStringArray() if key == "tp_note" else vtk.vtkDoubleArray()
         col.SetName(title)
         for r in rows:
             v = r.get(key)
-            col.InsertNextValue(int(v) if key == "lesion_id" else (float("nan") if v in (None, "") else float(v)))
+            if key == "tp_note":
+                col.InsertNextValue(str(v or ""))
+            else:
+                col.InsertNextValue(int(v) if key == "lesion_id" else (float("nan") if v in (None, "") else float(v)))
         table.AddColumn(col)
     table_node.SetUseColumnTitleAsColumnHeader(True)
     for title in TABLE_COLUMNS:
@@ -228,21 +308,39 @@ def table_row_of_model_index(table_node, row: int, column: int, transposed: bool
 
 
 def lesion_table_rows(table_node) -> list[dict]:
-    """Read back the table as {column title: value}."""
+    """Read back the table as {column title: value}: numbers, and text for the TP note."""
     table = table_node.GetTable()
-    return [{table.GetColumn(c).GetName(): table.GetValue(r, c).ToDouble() for c in range(table.GetNumberOfColumns())}
+    columns = [(c, table.GetColumn(c).GetName(), isinstance(table.GetColumn(c), vtk.vtkStringArray)) for c in range(table.GetNumberOfColumns())]
+    return [{name: table.GetValue(r, c).ToString() if text else table.GetValue(r, c).ToDouble() for c, name, text in columns}
             for r in range(table.GetNumberOfRows())]
 
 
-def set_tp_probability(table_node, lesion_id: int, probability: float) -> None:
+def set_tp_probability(table_node, lesion_id: int, probability, note: str = "") -> None:
+    """A lesion's TP probability (None: not computed, NaN in the table) and its note (why it is missing)."""
     table = table_node.GetTable()
     ids = table.GetColumnByName(TABLE_COLUMNS[0])
-    col = table.GetColumnByName(TABLE_COLUMNS[-1])
+    col = table.GetColumnByName("TP probability")
+    notes = table.GetColumnByName(TP_NOTE)
+    if notes is None:  # a table saved before the column existed
+        notes = vtk.vtkStringArray()
+        notes.SetName(TP_NOTE)
+        notes.SetNumberOfValues(table.GetNumberOfRows())
+        table.AddColumn(notes)
+        table_node.SetColumnTitle(TP_NOTE, TP_NOTE)
     for r in range(table.GetNumberOfRows()):
         if int(ids.GetValue(r)) == int(lesion_id):
-            col.SetValue(r, float(probability))
+            col.SetValue(r, float("nan") if probability is None else float(probability))
+            notes.SetValue(r, str(note or ""))
     table.Modified()
     table_node.Modified()
+
+
+def tp_note(table_node, lesion_id: int) -> str:
+    """Why the table has no TP probability for a lesion (the scoring's error), '' when there is none."""
+    for row in lesion_table_rows(table_node) if table_node is not None else []:
+        if int(row["Lesion"]) == int(lesion_id):
+            return str(row.get(TP_NOTE, ""))
+    return ""
 
 
 # ----------------------------------------------------------------------------- saliency overlay

@@ -14,6 +14,12 @@ scheduled from MRML observers). One body of MRML code serves both through two dr
 `run(steps, progress)` does every request on the caller's thread (segment(p, progress) and the other
 plain methods are run(segment_steps(p), progress)); `await run_async(steps, progress, cancel)` runs the
 generator on the loop's thread and each request in a worker thread.
+
+Stages: each request carries a `label` ("Starting the worker (loading torch)…", "Loading the model…",
+...), and the steps yield a Request(STAGE, label=...) before blocking work of their own (writing the
+input volumes). Both drivers call the session's `on_stage(label)` (when set) as each begins, on the
+thread that runs the steps, so a face can say what is going on; at a STAGE the blocking driver also
+calls progress(None, None), and False cancels there (Cancelled is thrown into the steps).
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from typing import Callable
 
 import slicer
 
+from MSInstanceSaliencyLib.errors import Cancelled, InputError
+
 from . import (add_saliency_volume, add_volume, array_from_volume_node, fill_lesion_table, ijk_to_ras, image_from_volume_node,
-               labels_to_segmentation, lesion_table_rows, segment_mask, set_tp_probability, set_volume_from_array)
+               labels_to_segmentation, lesion_table_rows, mark_labels_current, segment_mask, set_tp_probability, set_volume_from_array)
 
 
 def volume_key(node):
@@ -51,26 +59,46 @@ def method_arguments(p) -> dict:
 
 
 START = "__start__"  # a Request's cmd: start the worker process (it blocks for seconds, so the drivers do it like a request)
+STAGE = "__stage__"  # a Request's cmd: no work, only its label for on_stage (before the steps block on work of their own)
+
+LABELS = {START: "Starting the worker (loading torch)…", "info": "Asking the worker what it sees (torch, GPU)…",
+          "load_model": "Loading the model…", "prepare": "Preparing the case…", "set_labels": "Sending the lesion labels to the worker…",
+          "segment": "Segmenting…", "explain": "Computing the saliency map…", "score": "Computing TP probabilities…"}
 
 
 @dataclasses.dataclass
 class Request:
-    """What a step needs from the worker: `cmd` with `arguments` (WorkerClient.request), or cmd START.
-    on_message(msg) gets the request's streamed messages (score's lesions); the drivers call it on the
-    thread that runs the steps, so it may write MRML."""
+    """What a step needs from the worker: `cmd` with `arguments` (WorkerClient.request), or cmd START,
+    or STAGE (nothing to do). on_message(msg) gets the request's streamed messages (score's lesions);
+    the drivers call it on the thread that runs the steps, so it may write MRML. `label`: what the face
+    may show while it runs (by default the command's entry in LABELS)."""
 
     cmd: str
     arguments: dict = dataclasses.field(default_factory=dict)
     on_message: Callable | None = None
+    label: str = ""
+
+    def __post_init__(self):
+        self.label = self.label or LABELS.get(self.cmd, "")
+
+
+class TPScores(dict):
+    """What scoring returns: {lesion id: P(TP), or None where it could not be computed}, and `errors`
+    {lesion id: why not} for those (the same text is in the table's TP note column)."""
+
+    def __init__(self, *args, errors=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors = dict(errors or {})
 
 
 class WorkerSession:
     """One worker process (started on first use) and what it holds."""
 
-    def __init__(self, python=None, env=None, log=None):
+    def __init__(self, python=None, env=None, log=None, on_stage=None):
         self._options = dict(python=python, env=env, log=log or (lambda line: logging.info(f"[worker] {line}")))
         self._client = None
         self._running_steps = False
+        self.on_stage = on_stage  # on_stage(label) as each request or stage begins (the module docstring)
 
     @property
     def client(self):
@@ -101,8 +129,16 @@ class WorkerSession:
         and except clauses work as around a plain call; unhandled, it comes out of run.
         `first`: the request `steps` already yielded (LesionWorkflow advances its steps once, to check
         the state before it makes a session)."""
+        def execute(request):
+            self._stage(request)
+            if request.cmd == STAGE:
+                if progress is not None and progress(None, None) is False:
+                    raise Cancelled("cancelled")
+                return None
+            return self._execute(request, progress, request.on_message)
+
         with self._one_run(steps):
-            return _drive(steps, first, lambda request: self._execute(request, progress, request.on_message))
+            return _drive(steps, first, execute)
 
     async def run_async(self, steps, progress=None, cancel=None, first=None):
         """Like run, for an asyncio face: the generator (all MRML code, on_message included) runs on
@@ -110,12 +146,24 @@ class WorkerSession:
         progress(done, total) is called on the loop's thread with each new value (False cancels, as in
         run); `cancel` (a threading.Event, or anything with is_set()) cancels the running request when
         set: it raises Cancelled, after the worker stopped at its next progress step, or killed after
-        the client's cancel_grace_s. Cancelling the task cancels the request too (and waits until it
-        ended, so that the next step finds the worker free). Starting the worker cannot be cancelled.
+        the client's cancel_grace_s (a worker still starting is killed at once). Cancelling the task
+        cancels the request too (and waits until it ended, so that the next step finds the worker free).
         The requests always carry a progress callback, so the client's silence timeout does not apply;
-        the session's `log` is called on the request's thread (it must not touch MRML)."""
+        the session's `log` is called on the request's thread (it must not touch MRML); on_stage on the loop's."""
+        async def execute(request):
+            self._stage(request)
+            if request.cmd == STAGE:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled")
+                return None
+            return await self._execute_async(request, progress, cancel)
+
         with self._one_run(steps):
-            return await _drive_async(steps, first, lambda request: self._execute_async(request, progress, cancel))
+            return await _drive_async(steps, first, execute)
+
+    def _stage(self, request):
+        if self.on_stage is not None and request.label:
+            self.on_stage(request.label)
 
     @contextlib.contextmanager
     def _one_run(self, steps):
@@ -131,7 +179,7 @@ class WorkerSession:
 
     def _execute(self, request, progress=None, on_message=None):
         if request.cmd == START:
-            self.client.start()  # no-op when it runs
+            self.client.start(progress)  # no-op when it runs; progress keeps the GUI alive, False kills the starting worker
             return None
         return self.client.request(request.cmd, progress=progress, on_message=on_message, **request.arguments)
 
@@ -228,6 +276,8 @@ class WorkerSession:
         return self.run(self.sync_model_steps(p), progress)
 
     def sync_steps(self, p, labels=True):
+        """Model, case (p.registerFlair: FLAIR rigidly registered to the MPRAGE first) and labels, where the
+        worker lacks them; returns the model's info."""
         import SimpleITK as sitk
 
         from MSInstanceSaliencyLib.worker import save_array
@@ -238,23 +288,27 @@ class WorkerSession:
         if not p.mprageVolume and "mprage" in info.get("input_channels", ["mprage"]):
             raise ValueError("This model needs the MPRAGE (T1) as well: select it.")
         synced, client = self.client.synced, self.client
-        key = (volume_key(p.flairVolume), volume_key(p.mprageVolume) if p.mprageVolume else None)
+        register = bool(getattr(p, "registerFlair", False)) and bool(p.mprageVolume)
+        key = (volume_key(p.flairVolume), volume_key(p.mprageVolume) if p.mprageVolume else None, register)
         if synced.get("case") != key:
             synced.pop("case", None)
             synced.pop("labels", None)
             files = {}
+            yield Request(STAGE, label="Writing the volumes for the worker…")  # seconds for large volumes
             for name, node in (("flair", p.flairVolume), ("mprage", p.mprageVolume)):
                 if node is None:
                     continue
                 files[name] = client.path(f"{name}.nrrd")
                 sitk.WriteImage(image_from_volume_node(node), files[name])
-            prepared = yield Request("prepare", files)
+            prepared = yield Request("prepare", dict(files, register=register),
+                                     label="Registering the FLAIR to the MPRAGE…" if register else "")
             synced["case_warnings"] = prepared.get("warnings", [])
             synced["case"] = key
         if labels and p.lesionLabels and synced.get("labels") != volume_key(p.lesionLabels):
             path = save_array(client.path("labels.npy"), array_from_volume_node(p.lesionLabels).astype("int32"))
             yield Request("set_labels", dict(path=path))
             synced["labels"] = volume_key(p.lesionLabels)
+        return info
 
     def sync(self, p, progress=None, labels=True) -> None:
         return self.run(self.sync_steps(p, labels), progress)
@@ -280,6 +334,7 @@ class WorkerSession:
         else:
             p.probabilityVolume = add_volume(prob, ref, "MS lesion probability")
         p.lesionSegmentation = labels_to_segmentation(labels, ref, p.lesionSegmentation)
+        mark_labels_current(p.lesionLabels, p.lesionSegmentation)  # edits of the segments are taken back later (workflow)
         if not p.lesionTable:
             p.lesionTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "MS lesions")
         fill_lesion_table(p.lesionTable, result["table"])
@@ -297,8 +352,10 @@ class WorkerSession:
         partial_interval_s seconds; it is shown in the node the final map then overwrites."""
         from MSInstanceSaliencyLib.worker import load_array, save_array
 
-        yield from self.sync_steps(p)
+        info = yield from self.sync_steps(p)
         arguments = method_arguments(p)
+        if arguments["method"] != "gradcampp":
+            check_display_channel(p.displayChannel, info)  # before the SmoothGrad, not after it
         if p.useCustomRegion:
             if not p.customRegionSegmentation or not p.customRegionSegmentId:
                 raise ValueError("Choose the segment to explain in 'Custom region'.")
@@ -332,27 +389,30 @@ class WorkerSession:
         shown = maps["gradcampp"] if gradcam else maps[p.displayChannel.lower()]
         p.saliencyVolume = add_saliency_volume(shown, reference_volume(p), title, replace=partial[0])
         if result["tp_probability"] is not None:
-            set_tp_probability(p.lesionTable, int(p.selectedLesion), result["tp_probability"])
+            set_tp_probability(p.lesionTable, int(p.selectedLesion), result["tp_probability"], note="")
         return {"node": p.saliencyVolume, "tp_probability": result["tp_probability"], "tp_note": result["tp_note"]}
 
     def explain(self, p, progress=None) -> dict:
         return self.run(self.explain_steps(p), progress)
 
     def score_steps(self, p, lesion_ids):
-        """{lesion id: P(TP) or None}; each probability goes into the table as soon as it arrives, so a
-        cancelled run keeps the lesions already done."""
+        """TPScores {lesion id: P(TP) or None} with .errors {lesion id: why not}; each result goes into the
+        table as soon as it arrives (a failure as NaN with its reason in the TP note column), so a cancelled
+        run keeps the lesions already done."""
         yield from self.sync_steps(p)
-        probs = {}
+        probs = TPScores()
 
         def received(msg):
-            lid, prob = int(msg["lesion_id"]), msg["tp_probability"]
+            lid, prob, error = int(msg["lesion_id"]), msg["tp_probability"], msg.get("error") or ""
             probs[lid] = prob
-            if prob is not None:
-                set_tp_probability(p.lesionTable, lid, prob)
-            elif msg.get("error"):
-                logging.warning(msg["error"])
+            if prob is None:
+                error = error or "the TP probability could not be computed"
+                probs.errors[lid] = error
+                logging.warning(error)
+            set_tp_probability(p.lesionTable, lid, prob, note=error)
 
-        yield Request("score", dict(lesion_ids=[int(i) for i in lesion_ids]), on_message=received)
+        yield Request("score", dict(lesion_ids=[int(i) for i in lesion_ids]), on_message=received,
+                      label=f"Computing the TP probability of {len(lesion_ids)} lesion(s)…")
         return probs
 
     def score(self, p, lesion_ids, progress=None) -> dict:
@@ -406,6 +466,19 @@ async def _drive_async(steps, request, execute):
         except BaseException as exc:  # asyncio.CancelledError as well: thrown in, and out again unless caught
             error = exc
         request = None
+
+
+def model_channels(model_info) -> list:
+    """The display names (FLAIR, MPRAGE) of a model's input channels, in the order of the module's choice."""
+    have = [c.lower() for c in model_info.get("input_channels", [])]
+    return [name for name in ("FLAIR", "MPRAGE") if name.lower() in have]
+
+
+def check_display_channel(channel, model_info) -> None:
+    """The SmoothGrad channel to show must be one the model takes (a FLAIR-only model has no MPRAGE map)."""
+    if model_info and str(channel).lower() not in [c.lower() for c in model_info.get("input_channels", [])]:
+        raise InputError(f"This model takes {' + '.join(model_channels(model_info))} only: set 'Show channel' to one of them "
+                         f"(not {channel}).")
 
 
 def known_tp_probability(table_node, lesion_id):

@@ -27,10 +27,12 @@ import dataclasses
 
 from MSInstanceSaliencyLib import dependencies
 from MSInstanceSaliencyLib.errors import InputError
+from MSInstanceSaliencyLib.io.volumes import check_distinct_inputs
 
-from . import highlight_lesion, lesion_id_at_ras, lesion_table_rows, segment_id_of_lesion
+from . import (highlight_lesion, labels_follow_segmentation, lesion_id_at_ras, lesion_table_rows, mark_labels_current, segment_id_of_lesion,
+               tp_note, voxels_and_grid)
 from . import remove_lesions as remove_lesions_everywhere
-from .worker_session import WorkerSession, known_tp_probability
+from .worker_session import WorkerSession, check_display_channel, known_tp_probability, model_channels, reference_volume
 
 METHODS = ["SmoothGrad max", "SmoothGrad mean", "Grad-CAM++"]
 CHANNELS = ["FLAIR", "MPRAGE"]
@@ -52,6 +54,7 @@ class WorkflowState:
 
     flairVolume: object = None
     mprageVolume: object = None  # optional for a FLAIR-only model
+    registerFlair: bool = False  # rigid FLAIR-to-MPRAGE registration before resampling (inputs not already aligned)
     modelPath: str = ""  # empty: the bundled demo model
     device: str = "auto"
     threshold: float = 0.3
@@ -114,6 +117,9 @@ class LesionWorkflow:
         self.state = WorkflowState() if state is None else state
         self._session_factory = session_factory
         self._session = None
+        # on_stage(text): called as each stage of a step begins ("Starting the worker (loading torch)…",
+        # "Loading the model…", ...; worker_session's docstring), on the thread that runs the steps
+        self.on_stage = None
 
     # -- the worker
 
@@ -121,6 +127,7 @@ class LesionWorkflow:
     def session(self) -> WorkerSession:
         if self._session is None:
             self._session = self._session_factory()
+        self._session.on_stage = self.on_stage
         return self._session
 
     def shutdown(self) -> None:
@@ -153,6 +160,12 @@ class LesionWorkflow:
         """What the loaded model is and expects; None before one is loaded."""
         return self._session.model_info() if self._session else None
 
+    def channels(self) -> list:
+        """The channels 'Show channel' may take: the loaded model's inputs (["FLAIR"] for a FLAIR-only
+        model), all of CHANNELS before a model is loaded (Explain checks it once the model is there)."""
+        info = self.model_info()
+        return model_channels(info) if info else list(CHANNELS)
+
     def case_warnings(self) -> list:
         """What the user must know about the inputs the worker holds (e.g. a FLAIR covering part of the MPRAGE)."""
         return self._session.case_warnings() if self._session else []
@@ -172,6 +185,16 @@ class LesionWorkflow:
         check_settings(s)
         if not s.flairVolume:
             raise InputError("Select the FLAIR volume first (input 'FLAIR').")
+        if s.mprageVolume:  # the same node, or two nodes with the same voxels on the same grid
+            check_distinct_inputs(voxels_and_grid(s.flairVolume), voxels_and_grid(s.mprageVolume))
+        return s
+
+    def _labels_current(self):
+        """The label map made again from the lesion segments when they were edited (Segment Editor) since
+        it was made, so picking, Explain and Score follow the edit."""
+        s = self._lesions_ready()
+        reference = reference_volume(s) if s.flairVolume else s.lesionLabels
+        labels_follow_segmentation(s.lesionLabels, s.lesionSegmentation, reference)
         return s
 
     def _lesions_ready(self):
@@ -213,7 +236,7 @@ class LesionWorkflow:
 
     def lesion_at_ras(self, ras):
         """The lesion id under a clicked RAS point, or None outside every lesion."""
-        return lesion_id_at_ras(self._lesions_ready().lesionLabels, ras)
+        return lesion_id_at_ras(self._labels_current().lesionLabels, ras)
 
     # -- explain
 
@@ -236,6 +259,10 @@ class LesionWorkflow:
             lid = int(s.selectedLesion)
             self._segment_of(lid)
             region = f"Lesion {lid}"
+        if s.method != "Grad-CAM++":
+            check_display_channel(s.displayChannel, self.model_info())  # known when a model is loaded; else the session checks
+        if s.lesionLabels and s.lesionSegmentation and s.lesionTable:
+            self._labels_current()
         result = yield from self.session.explain_steps(s, on_partial)
         node = result["node"]
         gradcam = s.method == "Grad-CAM++"
@@ -267,8 +294,15 @@ class LesionWorkflow:
         lid = self.state.selectedLesion if lesion is None else lesion
         return known_tp_probability(self.state.lesionTable, lesion_id(lid)) if lid else None
 
+    def known_tp_note(self, lesion=None) -> str:
+        """Why the table has no TP probability for a lesion (the scoring's error, also after reopening a
+        scene), '' when there is none; by default the selected lesion's."""
+        lid = self.state.selectedLesion if lesion is None else lesion
+        return tp_note(self.state.lesionTable, lesion_id(lid)) if lid else ""
+
     def score_steps(self, lesions):
-        """{lesion id: P(TP) or None}, written into the table lesion by lesion (a cancelled run keeps what was done)."""
+        """worker_session.TPScores: {lesion id: P(TP) or None} and .errors {lesion id: why not}, written into
+        the table lesion by lesion (the errors in its TP note column; a cancelled run keeps what was done)."""
         self._inputs_ready()
         ids = [lesion_id(v) for v in lesions]
         unknown = sorted(set(ids) - set(self.lesion_ids()))
@@ -278,6 +312,7 @@ class LesionWorkflow:
             raise InputError(dependencies.RADIOMICS_HINT)
         if not ids:
             return {}
+        self._labels_current()
         return (yield from self.session.score_steps(self.state, ids))
 
     def score(self, lesions, progress=None) -> dict:
@@ -305,9 +340,10 @@ class LesionWorkflow:
     def remove_lesions(self, lesions) -> int:
         """Removes the lesions' segments, table rows and label voxels (the worker gets the new labels
         before its next use); returns how many segments were removed."""
-        s = self._lesions_ready()
+        s = self._labels_current()  # edits made before the removal are kept
         ids = {lesion_id(v) for v in lesions}
         removed = remove_lesions_everywhere(ids, s.lesionSegmentation, s.lesionTable, s.lesionLabels)
+        mark_labels_current(s.lesionLabels, s.lesionSegmentation)
         if int(s.selectedLesion) in ids:
             s.selectedLesion = 0
         return removed

@@ -30,7 +30,7 @@ from trame_vuetify.ui.vuetify3 import SinglePageLayout
 
 import MSInstanceSaliencyMRML as mrml
 from MSInstanceSaliencyLib.errors import Cancelled, InputError, WorkerError
-from MSInstanceSaliencyLib.io.volumes import array_from_image, read_image
+from MSInstanceSaliencyLib.io.volumes import array_from_image, check_distinct_inputs, read_image
 from MSInstanceSaliencyMRML.colors import saliency_rgba_table
 from MSInstanceSaliencyMRML.workflow import CHOICES, LesionWorkflow, WorkflowState, tp_verdict
 
@@ -173,10 +173,11 @@ class MSISViewApp(TrameApp):
         if self.state.busy:
             return self._say("Wait for the running step to end (or cancel it) before loading other volumes.", True)
         try:
-            flair = self._volume_from_file(self.data.resolve(self.state.flair_file or ""), "FLAIR")
-            mprage = self._volume_from_file(self.data.resolve(self.state.mprage_file), "MPRAGE") if self.state.mprage_file else None
-            if self.state.mprage_file and self.state.mprage_file == self.state.flair_file:
-                raise InputError("FLAIR and MPRAGE are the same file: choose the T1 (MPRAGE) as the second volume, or none")
+            flair_path = self.data.resolve(self.state.flair_file or "")
+            mprage_path = self.data.resolve(self.state.mprage_file) if self.state.mprage_file else None
+            check_distinct_inputs(flair_path, mprage_path)  # before either is loaded
+            flair = self._volume_from_file(flair_path, "FLAIR")
+            mprage = self._volume_from_file(mprage_path, "MPRAGE") if mprage_path else None
         except InputError as exc:
             return self._say(str(exc), True)
         self._show_inputs(flair, mprage)

@@ -16,7 +16,7 @@ def cmd_features(args) -> int:
     from ..classifier.scoring import case_feature_rows, model_identity, saliency_settings, write_feature_rows, write_table_manifest
     from ..research.phantom_features import phantom_feature_table
     from ..io.outputs import table_lock
-    from ..io.volumes import mask_from_image, read_image, same_grid
+    from ..io.volumes import mask_from_image, read_image, read_inputs, same_grid
 
     settings = saliency_settings(n_samples=args.samples, sigma=args.sigma, sigma_mode=args.sigma_mode, context=args.context,
                                  max_omega_voxels=args.max_omega_voxels)
@@ -39,7 +39,7 @@ def cmd_features(args) -> int:
         raise InputError(f"{out_path} already exists; choose another --out")
     if Path(f"{out_path}.json").exists():  # the table's sidecar: never over a file the user put there
         raise InputError(f"{out_path}.json already exists; choose another --out or move it")
-    flair, mprage = read_image(args.flair, "FLAIR"), read_image(args.mprage, "MPRAGE") if args.mprage else None
+    flair, mprage = read_inputs(args.flair, args.mprage)
     result = segment(flair, mprage, model, device=dev, threshold=args.threshold, min_volume_mm3=args.min_volume)
     gt = None
     if args.gt:

@@ -16,15 +16,13 @@ WEB_HINT = "bash scripts/setup_env.sh (it installs the web extra: pip install -e
 
 
 def _check_view_args(args):
-    from ..io.volumes import read_image
+    from ..io.volumes import check_distinct_inputs, read_image
 
     if args.mprage and not args.flair:
         raise InputError("give the FLAIR first: msis view FLAIR [MPRAGE]")
-    if args.flair and args.mprage and Path(args.flair).resolve() == Path(args.mprage).resolve():
-        raise InputError("FLAIR and MPRAGE are the same file: give the T1 (MPRAGE) as the second volume, or none")
-    for path, what in ((args.flair, "FLAIR"), (args.mprage, "MPRAGE")):
-        if path:
-            read_image(path, what)  # a bad file fails now, in one line, not in the page
+    check_distinct_inputs(args.flair or None, args.mprage or None)
+    images = [read_image(path, what) if path else None for path, what in ((args.flair, "FLAIR"), (args.mprage, "MPRAGE"))]
+    check_distinct_inputs(*images)  # a bad or duplicate file fails now, in one line, not in the page
     if args.model and not Path(args.model).exists():
         raise InputError(f"--model {args.model} does not exist")
     if not (MODULE_DIR / "MSInstanceSaliencyWeb").is_dir():

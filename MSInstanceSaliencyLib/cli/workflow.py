@@ -15,10 +15,9 @@ def cmd_segment(args) -> int:
     from ..segmentation.instances import format_table
     from ..segmentation.pipeline import run_info, segment, write_segmentation
     from ..progress import ProgressBar
-    from ..io.volumes import read_image
+    from ..io.volumes import read_inputs
 
-    flair = read_image(args.flair, "FLAIR")
-    mprage = read_image(args.mprage, "MPRAGE") if args.mprage else None
+    flair, mprage = read_inputs(args.flair, args.mprage)
     _check_register_size([("FLAIR", flair)] + ([("MPRAGE", mprage)] if mprage else []), args)
     from ..segmentation.pipeline import SEGMENTATION_FILES
 
@@ -169,10 +168,9 @@ def cmd_explain(args) -> int:
 
     from ..saliency.explain import omega_from_lesion, omega_from_mask
     from ..segmentation.pipeline import segment
-    from ..io.volumes import array_from_image, read_image, same_grid
+    from ..io.volumes import array_from_image, read_image, read_inputs, same_grid
 
-    flair = read_image(args.flair, "FLAIR")
-    mprage = read_image(args.mprage, "MPRAGE") if args.mprage else None
+    flair, mprage = read_inputs(args.flair, args.mprage)
     protected = [p for p in (args.flair, args.mprage, args.mask, args.labels) if p]
     label = "mask" if args.mask else f"lesion{args.lesion}"
     maps = ["gradcampp"] if args.method == "gradcampp" else ["smoothgrad_flair", "smoothgrad_mprage"]

@@ -121,6 +121,55 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
+SAME_INPUTS = ("FLAIR and MPRAGE are the same volume: give the T1 (MPRAGE) as the second input, or none "
+               "(FLAIR-only models)")
+
+
+def _voxels_and_grid(volume):
+    """(voxels, index-to-world matrix) of a SimpleITK image or of an (array, 4x4 matrix) pair; array axes as
+    the caller has them (only equality between two volumes of the same kind matters)."""
+    if isinstance(volume, sitk.Image):
+        m = np.eye(4)
+        m[:3, :3] = np.array(volume.GetDirection()).reshape(3, 3) @ np.diag(volume.GetSpacing())
+        m[:3, 3] = volume.GetOrigin()
+        return sitk.GetArrayViewFromImage(volume), m
+    array, matrix = volume
+    return np.asarray(array), np.asarray(matrix, dtype=float)
+
+
+def check_distinct_inputs(flair, mprage) -> None:
+    """Refuse a FLAIR and an MPRAGE that are the same volume (the network would get the FLAIR twice and
+    answer nonsense without complaint). Each is a path, a SimpleITK image, or an (array, 4x4
+    index-to-world matrix) pair (Slicer's volume nodes); mprage None (FLAIR-only) passes.
+    Same object, same file, or equal voxels on the same grid: InputError SAME_INPUTS."""
+    if flair is None or mprage is None:
+        return
+    if flair is mprage:
+        raise InputError(SAME_INPUTS)
+    if isinstance(flair, (str, os.PathLike)) and isinstance(mprage, (str, os.PathLike)):
+        a, b = Path(flair), Path(mprage)
+        try:
+            same = a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+        except OSError:
+            same = False
+        if same:
+            raise InputError(SAME_INPUTS)
+        return
+    va, ma = _voxels_and_grid(flair)
+    vb, mb = _voxels_and_grid(mprage)
+    if va.shape == vb.shape and np.allclose(ma, mb, atol=1e-4) and np.array_equal(va, vb):
+        raise InputError(SAME_INPUTS)
+
+
+def read_inputs(flair_path, mprage_path=None) -> tuple:
+    """(FLAIR, MPRAGE or None) read as images, refused when they are the same file or the same volume."""
+    check_distinct_inputs(flair_path, mprage_path)
+    flair = read_image(flair_path, "FLAIR")
+    mprage = read_image(mprage_path, "MPRAGE") if mprage_path else None
+    check_distinct_inputs(flair, mprage)
+    return flair, mprage
+
+
 def physical_bounds(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned (LPS) bounding box of the voxel centres' hull."""
     size = np.array(img.GetSize()) - 1

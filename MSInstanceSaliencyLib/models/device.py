@@ -8,12 +8,13 @@ import os
 from ..errors import InputError
 
 
-def env_threads() -> None:
-    """Use all cores for torch on CPU (torch defaults may be lower inside some launchers), or
-    MSIS_THREADS of them (to run several jobs side by side)."""
+def env_threads(leave_free: int = 0) -> None:
+    """Use all cores but `leave_free` for torch on CPU (torch defaults may be lower inside some
+    launchers), or MSIS_THREADS of them (to run several jobs side by side). The Slicer worker leaves one
+    to Slicer: with every core busy its own user interface turns sluggish."""
     import torch
 
-    n = int(os.environ.get("MSIS_THREADS") or os.cpu_count() or 1)
+    n = int(os.environ.get("MSIS_THREADS") or max(1, (os.cpu_count() or 1) - leave_free))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..io.volumes import array_from_image, check_intensities, image_from_array, overlap_fraction, same_grid
+from ..io.volumes import array_from_image, check_distinct_inputs, check_intensities, image_from_array, overlap_fraction, same_grid
 from .grids import ResampledGrid, SameGrid
 
 MIN_OVERLAP = 0.5  # of the MPRAGE field of view that FLAIR must cover
@@ -172,6 +172,7 @@ def align_inputs(flair: sitk.Image, mprage: sitk.Image | None, channels, *, regi
     if mprage is None and "mprage" in channels:
         raise InputError(f"this model takes {', '.join(c.upper() for c in channels)}: an MPRAGE (T1) is needed as well as the FLAIR")
     check_volume(flair, "FLAIR")
+    check_distinct_inputs(flair, mprage)
     if mprage is None:
         return {"flair": sitk.Cast(flair, sitk.sitkFloat32)}, flair, [], None, None, []
     mprage_array = check_volume(mprage, "MPRAGE")

@@ -405,16 +405,28 @@ def test_bad_arguments_are_refused_before_the_work(files, tmp_path, capsys, argv
     assert time.time() - t0 < 5 and not (tmp_path / "o").exists()
 
 
-def _small_noise_image(path, size):
-    a = np.random.default_rng(size).random((size, size, size)).astype(np.float32) * 100 + 10
+def _small_noise_image(path, size, seed=None):
+    a = np.random.default_rng(size if seed is None else seed).random((size, size, size)).astype(np.float32) * 100 + 10
     sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
     return path
 
 
 @pytest.mark.parametrize("flag", ["--register", "--n4"])
 def test_register_and_n4_refuse_images_too_small_for_them(tiny_model_dir, tmp_path, capsys, flag):
-    img = _small_noise_image(tmp_path / "small.nii.gz", 6)
-    one_error(run(capsys, "segment", img, img, "--out", tmp_path / "o", "--model", tiny_model_dir, "--device", "cpu", flag), flag)
+    img, other = _small_noise_image(tmp_path / "small.nii.gz", 6), _small_noise_image(tmp_path / "other.nii.gz", 6, seed=1)
+    one_error(run(capsys, "segment", img, other, "--out", tmp_path / "o", "--model", tiny_model_dir, "--device", "cpu", flag), flag)
+
+
+@pytest.mark.parametrize("command", [["segment"], ["explain", "--lesion", "1"]])
+def test_the_same_volume_as_flair_and_mprage_is_refused_before_the_model_loads(files, tmp_path, capsys, command):
+    """The network would get the FLAIR twice and answer without complaint: the same file, or a copy of it."""
+    copy = tmp_path / "copy.nii.gz"
+    copy.write_bytes(Path(files["flair"]).read_bytes())
+    for second in (files["flair"], copy):
+        t0 = time.time()
+        one_error(run(capsys, command[0], files["flair"], second, *command[1:], "--out", tmp_path / "o", "--model", tmp_path / "no model"),
+                  "FLAIR and MPRAGE are the same volume")
+        assert time.time() - t0 < 5 and not (tmp_path / "o").exists()
 
 
 def test_a_threshold_of_2_is_refused_before_inference(files, tiny_model_dir, tmp_path, capsys):

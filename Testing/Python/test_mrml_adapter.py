@@ -170,3 +170,37 @@ def test_transformed_volume_is_refused(scene):
     node.SetAndObserveTransformNodeID(t.GetID())
     with pytest.raises(ValueError, match="harden the transform"):
         mrml.image_from_volume_node(node)
+
+
+def test_segmenting_twice_leaves_no_temporary_node_or_display_node(scene):
+    img = oblique_image()
+    ref = mrml.add_volume(array_from_image(img), img, "ref")
+    labels = _lesions(img)
+    before = {c: scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLDisplayNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLColorTableNode")}
+    seg = mrml.labels_to_segmentation(labels, ref)
+    mrml.labels_to_segmentation(labels, ref, seg)
+    mrml.segment_mask(seg, seg.GetSegmentation().GetNthSegmentID(0), ref)
+    # what stays is the segmentation and its one display node, nothing else (Slicer would save the rest with the scene)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLDisplayNode") == before["vtkMRMLDisplayNode"] + 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == before["vtkMRMLLabelMapVolumeNode"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == before["vtkMRMLColorTableNode"]  # the export's colour table too
+
+
+def test_the_tp_note_says_why_a_lesion_has_no_probability(scene):
+    img = oblique_image()
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.fill_lesion_table(table, lesion_table(_lesions(img), img))
+    mrml.set_tp_probability(table, 2, None, note="lesion 2: pyradiomics failed: too small")
+    mrml.set_tp_probability(table, 3, 0.4)
+    rows = mrml.lesion_table_rows(table)
+    assert [r[mrml.TP_NOTE] for r in rows] == ["", "lesion 2: pyradiomics failed: too small", ""]
+    assert np.isnan(rows[1]["TP probability"]) and rows[2]["TP probability"] == pytest.approx(0.4)
+    assert mrml.tp_note(table, 2).endswith("too small") and mrml.tp_note(table, 1) == ""
+    mrml.set_tp_probability(table, 2, 0.7)  # scored later: the note goes
+    assert mrml.tp_note(table, 2) == ""
+    # a table saved before the column existed gets it on the first score
+    old = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.fill_lesion_table(old, lesion_table(_lesions(img), img))
+    old.GetTable().RemoveColumnByName(mrml.TP_NOTE)
+    mrml.set_tp_probability(old, 1, None, note="failed")
+    assert mrml.tp_note(old, 1) == "failed" and mrml.tp_note(old, 3) == ""

@@ -324,7 +324,7 @@ def test_bad_view_arguments_end_with_one_line_before_anything_loads(data, tmp_pa
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for args, fragment in (((data / "flair.nii.gz", data / "flair.nii.gz"), "the same file"),
+        for args, fragment in (((data / "flair.nii.gz", data / "flair.nii.gz"), "are the same volume"),
                                ((data / "corrupt_flair.nii.gz",), "cannot read FLAIR"),
                                ((tmp_path / "none.nii.gz",), "does not exist"),
                                (("--data", data / "flair.nii.gz"), "not a folder"),

@@ -51,6 +51,8 @@ def test_info_reports_the_torch_build_and_the_device(client):
     assert info["torch"] == torch.__version__ and info["device"] == "cpu" and info["pid"] == client.pid
     assert info["cuda_available"] == torch.cuda.is_available()
     assert info["device_note"]  # says why there is or is not a GPU
+    if not os.environ.get("MSIS_THREADS"):
+        assert info["threads"] == max(1, (os.cpu_count() or 1) - 1)  # a core left to Slicer's user interface
 
 
 def test_segment_equals_the_library_in_process(client, segmented, small_phantom):
@@ -103,7 +105,7 @@ def test_gradcampp_and_a_custom_region(client, segmented):
     np.testing.assert_array_equal(load_array(region["maps"]["flair"]), load_array(client.request("explain", lesion_id=1, n_samples=2)["maps"]["flair"]))
 
 
-def test_bad_requests_are_input_errors_and_the_worker_stays(client):
+def test_bad_requests_are_input_errors_and_the_worker_stays(client, segmented):
     pid = client.pid
     with pytest.raises(InputError, match="lesion 9999 does not exist"):
         client.request("explain", lesion_id=9999)
@@ -111,7 +113,13 @@ def test_bad_requests_are_input_errors_and_the_worker_stays(client):
         client.request("no_such_command")
     with pytest.raises(InputError, match="threshold"):
         client.request("segment", threshold=1.5)
+    copy = client.path("flair copy.nrrd")
+    sitk.WriteImage(sitk.ReadImage(client.path("flair.nrrd")), copy)
+    for mprage in (client.path("flair.nrrd"), copy):  # the same file, or the same volume in another file
+        with pytest.raises(InputError, match="FLAIR and MPRAGE are the same volume"):
+            client.request("prepare", flair=client.path("flair.nrrd"), mprage=mprage)
     assert client.pid == pid
+    client.request("explain", lesion_id=1, n_samples=1)  # the case and labels it held are still there
 
 
 @pytest.mark.needs_radiomics
@@ -166,14 +174,20 @@ def test_a_worker_that_ignores_cancel_is_killed_after_the_grace_period(small_pha
         sitk.WriteImage(small_phantom.mprage, c.path("mprage.nrrd"))
         first = c.pid
 
+        calls = []
+
         def hang_then_cancel(done, total):
-            os.kill(first, signal.SIGSTOP)  # a worker that no longer answers, whatever the machine's speed
+            if not calls:
+                os.kill(first, signal.SIGSTOP)  # a worker that no longer answers, whatever the machine's speed
+            calls.append(time.monotonic())
             return False
 
         with pytest.raises(Cancelled, match="restarted"):
             c.request("prepare", flair=c.path("flair.nrrd"), mprage=c.path("mprage.nrrd"), register=True, n4=True,
                       progress=hang_then_cancel)
         assert not c.alive
+        # the GUI's progress (its processEvents) kept being called during the grace period, every tick
+        assert len(calls) >= 0.5 * c.cancel_grace_s / c.tick_s and max(np.diff(calls)) < 0.5
         assert c.request("ping")["pid"] != first
 
 
@@ -444,3 +458,48 @@ def test_bad_partial_settings_in_the_worker_are_input_errors(tiny_client, args, 
     with pytest.raises(InputError, match=says):
         tiny_client.request("explain", mask=tiny_client.region, n_samples=2, on_message=print, progress=_stop_at_first_step, **args)
     assert tiny_client.request("ping")["pid"] == tiny_client.pid
+
+
+# ----------------------------------------------------------------------------- starting: slow, cancelled, hidden
+
+def _slow_python(tmp_path, seconds):
+    """A `python` that sleeps before it becomes the real one, as a cold torch import on a slow disk does."""
+    import sys
+
+    path = tmp_path / "slow-python"
+    path.write_text(f"#!/bin/sh\nsleep {seconds}\nexec {sys.executable} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the slow python is a shell script")
+def test_a_slow_start_calls_progress_has_no_fixed_limit_and_cancels_at_once(tmp_path):
+    # with a progress callback the start has no time limit: 2 s of silence is fine with a 0.5 s limit
+    calls = []
+    with WorkerClient(python=_slow_python(tmp_path, 2), start_timeout_s=0.5) as c:
+        assert c.request("ping", progress=lambda done, total: calls.append((done, total)) or True)["pid"]
+    assert len(calls) > 1.5 / c.tick_s and set(calls[:10]) == {(None, None)}  # every tick while it started
+    # without one, silence beyond start_timeout_s means a hung start
+    with WorkerClient(python=_slow_python(tmp_path, 30), start_timeout_s=0.5) as c:
+        with pytest.raises(WorkerError, match="sent nothing for 0.5 s while starting"):
+            c.start()
+        assert not c.alive
+    # returning False stops the starting worker (its whole process group) within a second
+    with WorkerClient(python=_slow_python(tmp_path, 30)) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled, match="starting"):
+            c.start(progress=lambda done, total: time.monotonic() - t0 < 0.3)
+        assert time.monotonic() - t0 < 1.3 and not c.alive
+
+
+def test_the_worker_is_started_hidden_on_windows():
+    """What Slicer's launchConsoleProcess does for its console programs (STARTF_USESHOWWINDOW = 1, SW_HIDE = 0)."""
+    from types import SimpleNamespace
+
+    from MSInstanceSaliencyLib.worker_client import popen_options
+
+    windows = SimpleNamespace(STARTUPINFO=lambda: SimpleNamespace(dwFlags=0, wShowWindow=1), STARTF_USESHOWWINDOW=1, SW_HIDE=0,
+                              CREATE_NEW_PROCESS_GROUP=0x200)
+    kw = popen_options("nt", windows)
+    assert kw["creationflags"] == 0x200 and kw["startupinfo"].dwFlags == 1 and kw["startupinfo"].wShowWindow == 0
+    assert popen_options("posix") == {"start_new_session": True}

@@ -3,6 +3,7 @@ Slicer module does on Segment, Explain, Score and Remove, minus the Qt widgets."
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MSInstanceSaliency
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
 from MSInstanceSaliencyMRML.worker_session import Request, WorkerSession, known_tp_probability  # noqa: E402
 
-from MSInstanceSaliencyLib.errors import InputError  # noqa: E402
+from MSInstanceSaliencyLib.errors import Cancelled, InputError  # noqa: E402
 from MSInstanceSaliencyLib.saliency.explain import explain  # noqa: E402
 from MSInstanceSaliencyLib.models.loading import load_model  # noqa: E402
 from MSInstanceSaliencyLib.segmentation.pipeline import segment  # noqa: E402
@@ -159,3 +160,28 @@ def test_a_failed_request_is_thrown_into_the_steps_and_a_second_step_waits_for_n
     assert done[0] == refused
     assert isinstance(busy, RuntimeError) and "busy" in str(busy) and second.gi_frame is None  # refused, its generator closed
     assert session.run(steps())[0] == refused  # free again
+
+
+def test_stages_are_announced_and_progress_can_cancel_at_each(session, case):
+    stages = []
+    session.on_stage = stages.append
+    try:
+        session.sync_model(case)
+        stages.clear()
+        with pytest.raises(Cancelled):  # at the stage before the input volumes are written
+            session.sync(case, progress=lambda done, total: False)
+        assert stages == ["Writing the volumes for the worker…"] and "case" not in session.client.synced
+        session.segment(case)
+        assert stages[1:] == ["Writing the volumes for the worker…", "Preparing the case…", "Segmenting…"]
+    finally:
+        session.on_stage = None
+    # a worker that is starting (importing torch) is said so, and cancelled at once
+    stages = []
+    fresh = WorkerSession(on_stage=stages.append)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled):
+            fresh.info(progress=lambda done, total: False)
+        assert stages == ["Starting the worker (loading torch)…"] and not fresh.running and time.monotonic() - t0 < 5
+    finally:
+        fresh.close()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "MSInstanceSaliency"))
 
 import MSInstanceSaliencyMRML as mrml  # noqa: E402
 from MSInstanceSaliencyMRML.colors import saliency_color_node  # noqa: E402
+from MSInstanceSaliencyMRML.worker_session import volume_key  # noqa: E402
 from MSInstanceSaliencyMRML.workflow import CHOICES, LesionWorkflow, WorkflowState  # noqa: E402
 
 from MSInstanceSaliencyLib import dependencies  # noqa: E402
@@ -173,6 +174,14 @@ def test_score_fills_the_table(workflow):
     assert list(again) == [smallest]
     assert again[smallest] == pytest.approx(first[smallest], abs=1e-6)  # the same map (seed 0), the same probability
     assert workflow.lesions_below(first[smallest]) == [] and workflow.lesions_below(1.0) == [smallest]
+    # a lesion whose voxels were erased from the label map by hand (its segment kept): pyradiomics has nothing
+    # to measure, and the reason reaches the caller and the table instead of a log line
+    kji = slicer.util.arrayFromVolume(s.lesionLabels)
+    kji[kji == smallest] = 0
+    slicer.util.arrayFromVolumeModified(s.lesionLabels)
+    failed = workflow.score([smallest])
+    assert failed[smallest] is None and f"lesion {smallest}" in failed.errors[smallest]
+    assert workflow.known_tp_probability(smallest) is None and workflow.known_tp_note(smallest) == failed.errors[smallest]
 
 
 # ----------------------------------------------------------------------------- the asyncio driver (the web face)
@@ -182,7 +191,7 @@ def on_main_thread() -> bool:
 
 
 def table_array(table_node):
-    return np.array([[row[c] for c in mrml.TABLE_COLUMNS] for row in mrml.lesion_table_rows(table_node)])
+    return np.array([[row[c] for c in mrml.TABLE_COLUMNS if c != mrml.TP_NOTE] for row in mrml.lesion_table_rows(table_node)])
 
 
 def record_mrml_writes(scene, nodes, threads):  # noqa: F811
@@ -345,6 +354,82 @@ def test_bad_state_is_refused_with_a_clear_error_before_the_worker_starts(scene)
     # what the state allows works without a worker too
     assert workflow.select_lesion(2.0) and s.selectedLesion == 2
     assert workflow.lesions_below(0.5) == []
+
+
+@pytest.fixture(scope="module")
+def flair_only_model(tmp_path_factory):
+    import torch
+
+    from MSInstanceSaliencyLib.models.monai import build_network, save_model
+
+    from conftest import tiny_spec
+
+    torch.manual_seed(0)
+    args = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], norm="batch", num_res_units=0)
+    spec = tiny_spec(network_args=args, input_channels=["flair"])
+    folder = tmp_path_factory.mktemp("flair_only_model")
+    save_model(build_network(spec), spec, folder)
+    return folder
+
+
+def test_a_flair_only_model_offers_only_its_channel_and_refuses_mprage_before_the_smoothgrad(workflow, flair_only_model):
+    s = workflow.state
+    s.modelPath, s.mprageVolume = str(flair_only_model), None
+    workflow.layers()  # loads the model
+    assert workflow.channels() == ["FLAIR"]
+    region = np.zeros(s.flairVolume.GetImageData().GetDimensions(), np.int32)
+    region[38:42, 45:49, 38:42] = 1
+    s.useCustomRegion, s.customRegionSegmentation = True, mrml.labels_to_segmentation(region, s.flairVolume)
+    s.customRegionSegmentId = s.customRegionSegmentation.GetSegmentation().GetNthSegmentID(0)
+    s.displayChannel = "MPRAGE"
+    stages = []
+    workflow.on_stage = stages.append
+    with pytest.raises(InputError, match="This model takes FLAIR only: set 'Show channel'"):
+        workflow.explain()
+    assert stages == []  # refused before any request
+    # the session checks too (a face that did not load the model first): after preparing, before the SmoothGrad
+    with pytest.raises(InputError, match="This model takes FLAIR only"):
+        workflow.session.explain(s)
+    assert "Preparing the case…" in stages and "Computing the saliency map…" not in stages
+    s.displayChannel = "FLAIR"
+    workflow.explain()
+    assert workflow.saliency_shown()["channel"] == "FLAIR"
+
+
+def test_the_same_volume_as_flair_and_mprage_is_refused_before_the_worker_starts(scene):  # noqa: F811
+    started = []
+    img = make_image(shape=(20, 24, 28), spacing=(0.8, 1.1, 2.5))
+    flair = mrml.add_volume(array_from_image(img), img, "FLAIR")
+    copy = mrml.add_volume(array_from_image(img), img, "FLAIR copy")
+    for mprage in (flair, copy):  # the same node (both selectors on the first volume loaded), or a copy of it
+        workflow = LesionWorkflow(WorkflowState(flairVolume=flair, mprageVolume=mprage), session_factory=lambda: started.append(True))
+        with pytest.raises(InputError, match="FLAIR and MPRAGE are the same volume"):
+            workflow.segment()
+    assert started == []
+
+
+def test_edited_lesion_segments_reach_the_label_map_that_picking_uses(scene):  # noqa: F811
+    workflow = LesionWorkflow(_lesions_without_the_worker(scene), session_factory=lambda: None)
+    s = workflow.state
+    labels = mrml.array_from_volume_node(s.lesionLabels)
+    inside_2, elsewhere = np.argwhere(labels == 2)[0], (15, 4, 6)
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, inside_2)) == 2
+    np.testing.assert_array_equal(mrml.array_from_volume_node(s.lesionLabels), labels)  # made again from the segments: the same
+    # lesion 2 redrawn elsewhere, as the Segment Editor does it (its segment's labelmap replaced)
+    moved = np.zeros_like(labels, dtype=np.uint8)
+    moved[14:17, 3:6, 5:8] = 1
+    paint = mrml.add_volume(moved, s.lesionLabels, "paint", "vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(mrml.segment_id_of_lesion(s.lesionSegmentation, 2))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(paint, s.lesionSegmentation, ids)
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, elsewhere)) == 2
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, inside_2)) is None
+    now = mrml.array_from_volume_node(s.lesionLabels)
+    np.testing.assert_array_equal(now == 2, moved > 0)
+    np.testing.assert_array_equal(now == 1, labels == 1)  # the other lesion untouched
+    key = volume_key(s.lesionLabels)  # what the worker session compares to re-send the labels
+    assert workflow.lesion_at_ras(ras_of_voxel(s.lesionLabels, elsewhere)) == 2
+    assert volume_key(s.lesionLabels) == key  # nothing edited since: not made again, not re-sent
 
 
 @pytest.mark.skipif(dependencies.has_radiomics(), reason="pyradiomics is installed here")
