@@ -174,6 +174,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.customRegionSelector.connect("currentSegmentChanged(QString)", self.onCustomRegionChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.layerComboBox.connect("currentIndexChanged(int)", self.onLayerChanged)
+        self._channelToolTip = self.ui.channelComboBox.toolTip  # the .ui's; a one-channel model shows why the box is off
 
         self.initializeParameterNode()
 
@@ -214,6 +215,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._followModelChannels()
         self._updateGUI()
 
     def _updateGUI(self, caller=None, event=None) -> None:
@@ -227,6 +229,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         customReady = bool(p.useCustomRegion and p.customRegionSegmentation and p.customRegionSegmentId)
         radiomics = dependencies.has_radiomics()
         self.ui.segmentButton.enabled = idle and inputs
+        self.ui.registerFlairCheckBox.enabled = bool(p.mprageVolume)  # registration is onto the MPRAGE
         self.ui.explainButton.enabled = idle and inputs and (customReady or (hasLesions and p.selectedLesion > 0))
         # without pyradiomics the Score buttons stay enabled: a click offers the SlicerRadiomics extension
         self.ui.scoreLesionButton.enabled = idle and hasLesions and p.selectedLesion > 0
@@ -317,6 +320,23 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         finally:
             self._customRegionSyncing = False
 
+    def _followModelChannels(self) -> None:
+        """'Show channel' offers the loaded model's channels (all of them before a model is loaded). The items stay:
+        the parameter node declares displayChannel with Choice(CHANNELS), and connectGui's QComboBoxToStringableConnector
+        maps item index i to choice i (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, v5.10.0), so removing
+        an item would make it read the wrong channel. A value the model lacks becomes its first channel, and with one
+        channel the box is disabled with a tooltip saying why."""
+        p = self._parameterNode
+        if not p or not self.logic:
+            return
+        channels = [c for c in self.logic.modelChannels(p) if c in CHANNELS] or list(CHANNELS)
+        if p.displayChannel not in channels:
+            p.displayChannel = channels[0]
+        combo = self.ui.channelComboBox
+        combo.enabled = len(channels) > 1
+        combo.toolTip = self._channelToolTip if len(channels) > 1 else _(
+            "This model takes {channel} only: its map is the one shown.").format(channel=channels[0])
+
     def _showLayer(self, layer) -> None:
         """Item 0 is the model's default layer (gradcamLayer empty); a layer restored from a scene is
         shown even before the list is filled from the model."""
@@ -377,6 +397,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             dialog.close()  # the task has ended: only now
             self._taskRunning = False
             self._showWorkerStatus()
+            self._followModelChannels()  # the task may have loaded a model (or restarted the worker without one)
             self._updateGUI()
 
     def _showWorkerStatus(self) -> None:
@@ -436,17 +457,27 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         probs = self._runTask(_("TP probability of lesion {id}").format(id=lesionId), _("Scoring the lesion failed."),
                               lambda progress: self.logic.scoreLesions(p, [lesionId], progress=progress))
         if probs is not None:
-            self._showTpProbability(probs.get(lesionId))
-            if probs.get(lesionId) is None and probs.errors.get(lesionId):  # why (also in the table's TP note column)
-                self.ui.tpProbabilityLabel.text = _("TP probability: not computed: ") + probs.errors[lesionId]
+            # a failure's reason is also in the table's TP note column
+            self._showTpProbability(probs.get(lesionId), getattr(probs, "errors", {}).get(lesionId) or self.logic.knownTpNote(p, lesionId))
 
     def onScoreAll(self) -> None:
         if not self._radiomicsReady():
             return
         p = self._parameterNode
         # lesions scored before a Cancel keep their probability: the table is filled lesion by lesion
-        self._runTask(_("TP probability of every lesion"), _("Scoring the lesions failed."),
-                      lambda progress: self.logic.scoreAllLesions(p, progress=progress))
+        probs = self._runTask(_("TP probability of every lesion"), _("Scoring the lesions failed."),
+                              lambda progress: self.logic.scoreAllLesions(p, progress=progress))
+        if probs is None:
+            return
+        if p.selectedLesion:
+            self._showTpProbability(self.logic.knownTpProbability(p, p.selectedLesion), self.logic.knownTpNote(p, p.selectedLesion))
+        errors = getattr(probs, "errors", {})  # worker_session.TPScores; each reason is in the table's TP note column
+        if errors:
+            firstLesion, firstReason = next(iter(errors.items()))
+            message = _("{n} of {total} lesions could not be scored (see the table's TP note column). Lesion {id}: {why}").format(
+                n=len(errors), total=len(probs), id=firstLesion, why=firstReason)
+            slicer.util.showStatusMessage(message, 10000)
+            slicer.util.warningDisplay(message, windowTitle=_("MS Instance Saliency: TP probability"))
 
     def onRemoveBelow(self) -> None:
         p = self._parameterNode
@@ -516,7 +547,8 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def _selectLesion(self, lesionId) -> None:
         with showErrorAndGoOn(_("Selecting the lesion failed.")):
             self.logic.selectLesion(self._parameterNode, lesionId)
-            self._showTpProbability(self.logic.knownTpProbability(self._parameterNode, lesionId))
+            self._showTpProbability(self.logic.knownTpProbability(self._parameterNode, lesionId),
+                                    self.logic.knownTpNote(self._parameterNode, lesionId))
 
     # -- picking a lesion with a click in a slice view: a markups point in persistent place mode, so that
     # the click is not taken for window/level and lightbox panes are handled by Slicer itself
@@ -580,10 +612,14 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onOpacityChanged(self, value) -> None:
         slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
-    def _showTpProbability(self, probability) -> None:
+    def _showTpProbability(self, probability, note="") -> None:
+        """note: why scoring failed (the table's TP note), shown when there is no probability."""
         if probability is None:
-            self.ui.tpProbabilityLabel.text = (_("TP probability: not computed (press Score selected lesion)") if dependencies.has_radiomics()
-                                               else dependencies.RADIOMICS_HINT)
+            if note:
+                self.ui.tpProbabilityLabel.text = _("TP probability: not computed: ") + note
+            else:
+                self.ui.tpProbabilityLabel.text = (_("TP probability: not computed (press Score selected lesion)") if dependencies.has_radiomics()
+                                                   else dependencies.RADIOMICS_HINT)
             return
         verdict = _("likely true lesion") if probability >= 0.5 else _("possible false positive")
         self.ui.tpProbabilityLabel.text = _("TP probability: {p:.2f} ({v})").format(p=probability, v=verdict)
@@ -792,6 +828,10 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
     def caseWarnings(self):
         return self._workflow.case_warnings()
 
+    def modelChannels(self, p):
+        """The channels 'Show channel' may take: the loaded model's inputs, every channel before a model is loaded."""
+        return self.workflow(p).channels()
+
     def segment(self, p, progress=None):
         rows = self.workflow(p).segment(progress)
         slicer.util.setSliceViewerLayers(background=p.flairVolume, foreground=None, label=None, fit=True)
@@ -841,6 +881,10 @@ class MSInstanceSaliencyLogic(ScriptedLoadableModuleLogic):
 
     def knownTpProbability(self, p, lesionId):
         return self.workflow(p).known_tp_probability(lesionId)
+
+    def knownTpNote(self, p, lesionId):
+        """Why scoring gave a lesion no TP probability (the table's TP note), '' when it did not fail."""
+        return self.workflow(p).known_tp_note(lesionId)
 
     def scoreLesions(self, p, lesionIds, progress=None):
         """{lesion id: P(TP)}, written into the table lesion by lesion (a cancelled run keeps what was done)."""
@@ -964,6 +1008,36 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
         p.selectedLesion = 0  # nothing selected: no row highlighted
         self.assertFalse(view.selectionModel().selectedIndexes())
 
+    def test_widget_says_why_a_lesion_has_no_tp_probability(self):
+        """A failed TP score's reason (the table's TP note) is shown when the lesion is picked."""
+        logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()
+        widget.setParameterNode(p)
+        mrml.set_tp_probability(p.lesionTable, 2, None, "no lesion voxel in the patch")
+        widget._selectLesion(2)
+        self.assertEqual(widget.ui.tpProbabilityLabel.text, "TP probability: not computed: no lesion voxel in the patch")
+        mrml.set_tp_probability(p.lesionTable, 3, 0.75)
+        widget._selectLesion(3)
+        self.assertTrue(widget.ui.tpProbabilityLabel.text.startswith("TP probability: 0.75"))
+
+    def test_widget_register_box_needs_an_mprage_and_channels_follow_the_model(self):
+        logic, p, labels = self._syntheticCase()
+        widget = self._moduleWidget()
+        widget.setParameterNode(p)
+        self.assertTrue(widget.ui.registerFlairCheckBox.enabled)
+        widget.ui.registerFlairCheckBox.checked = True
+        self.assertTrue(p.registerFlair)  # bound through SlicerParameterName
+        p.registerFlair = False
+        mprage, p.mprageVolume = p.mprageVolume, None
+        self.assertFalse(widget.ui.registerFlairCheckBox.enabled)
+        p.mprageVolume = mprage
+        # no model loaded: every channel may be shown, and the box keeps its items (the connector maps index to choice)
+        p.displayChannel = "MPRAGE"
+        widget._followModelChannels()
+        self.assertEqual(p.displayChannel, "MPRAGE")
+        self.assertTrue(widget.ui.channelComboBox.enabled)
+        self.assertEqual(widget.ui.channelComboBox.count, len(CHANNELS))
+
     def test_legend_title_follows_the_map(self):
         """A map made with "Keep earlier maps" off reuses its node under a new name: the legend must follow."""
         import numpy as np
@@ -1035,13 +1109,14 @@ class MSInstanceSaliencyTest(ScriptedLoadableModuleTest):
     # -- heavy: the demo model in the worker
 
     def _heavyReady(self):
-        missing = dependencies.missing_packages()
+        # versions too: an old torch or MONAI left by another extension would fail in the worker, not skip
+        missing = list(dependencies.installed_problems().values())
         import importlib.util
 
         if importlib.util.find_spec("nilearn") is None:
-            missing.append("nilearn (for the phantom)")
+            missing.append("nilearn is not installed (for the phantom)")
         if missing:
-            self.delayDisplay(f"Skipped: needs {', '.join(missing)} (install them from the module, or pip_install('nilearn'))")
+            self.delayDisplay(f"Skipped: {'; '.join(missing)} (install torch and MONAI from the module, or pip_install('nilearn'))")
             return False
         return True
 

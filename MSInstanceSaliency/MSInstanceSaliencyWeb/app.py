@@ -72,6 +72,8 @@ class MSISViewApp(TrameApp):
 
         kwargs = {} if session_factory is None else {"session_factory": session_factory}
         self.workflow = LesionWorkflow(WorkflowState(modelPath=model or ""), **kwargs)
+        self.workflow.on_stage = self._stage  # called on the event loop, which runs the steps
+        self._stage_text = ""
         self._cancel = threading.Event()
         self._clients = 0  # pages connected now
         self._init_state(model)
@@ -222,6 +224,7 @@ class MSISViewApp(TrameApp):
             return None
         self._cancel.clear()
         self.state.busy, self.state.progress, self.state.progress_text = name, 0, f"{name} ..."
+        self._stage_text = ""
         self._say("")
         return asynchronous.create_task(self._run(name, make_steps, done))
 
@@ -247,11 +250,28 @@ class MSISViewApp(TrameApp):
             with self.state:
                 self.state.busy = ""
                 self._show_worker_info()
+                self._follow_model_channels()
+
+    def _stage(self, text):
+        """A stage of the running step begins ("Starting the worker (loading torch)…", "Loading the model…", ...)."""
+        with self.state:
+            self._stage_text = text
+            self.state.progress = None  # no count until the stage reports one
+            self.state.progress_text = f"{self.state.busy}: {text}"
 
     def _progress(self, done, total):
         with self.state:
             self.state.progress = round(100.0 * done / total) if total else None
-            self.state.progress_text = f"{self.state.busy}: {done}/{total}" if total else f"{self.state.busy} ..."
+            what = f"{self.state.busy}: {self._stage_text}" if self._stage_text else self.state.busy
+            self.state.progress_text = f"{what} {done}/{total}" if total else f"{what} ..."
+
+    def _follow_model_channels(self):
+        """'Show channel' offers the loaded model's channels (every channel before a model is loaded)."""
+        channels = self.workflow.channels()
+        if list(self.state.choices.get("displayChannel", [])) != channels:
+            self.state.choices = {**self.state.choices, "displayChannel": channels}
+        if self.state.displayChannel not in channels:
+            self.state.displayChannel = channels[0]
 
     def cancel(self):
         if self.state.busy:
@@ -303,7 +323,9 @@ class MSISViewApp(TrameApp):
             for view in self.slicer_app.view_manager.get_slice_views():
                 view.get_view_node().JumpSliceByCentering(*centre)
         self.state.selected_lesion = lid
-        self._show_tp(self.workflow.known_tp_probability(lid), "TP probability not computed yet: Explain with the classifier's settings, or Score all")
+        failed = self.workflow.known_tp_note(lid)  # a failed score's reason
+        self._show_tp(self.workflow.known_tp_probability(lid), f"TP probability not computed: {failed}" if failed else
+                      "TP probability not computed yet: Explain with the classifier's settings, or Score all")
         self._say(f"Lesion {lid} picked: press Explain.")
 
     def on_pick(self, view_name, ras):
@@ -365,9 +387,14 @@ class MSISViewApp(TrameApp):
     def _scored(self, probs):
         self._refresh_table()
         failed = [lid for lid, p in probs.items() if p is None]
-        self._say(f"{len(probs) - len(failed)} lesion(s) scored" + (f"; not scored: {', '.join(map(str, failed))}" if failed else "") + ".")
-        if self.state.selected_lesion:
-            self._show_tp(self.workflow.known_tp_probability(self.state.selected_lesion), "TP probability not computed")
+        errors = getattr(probs, "errors", {})  # worker_session.TPScores: why each failed
+        first = f" (lesion {failed[0]}: {errors[failed[0]]})" if failed and errors.get(failed[0]) else ""
+        self._say(f"{len(probs) - len(failed)} lesion(s) scored" + (f"; not scored: {', '.join(map(str, failed))}{first}" if failed else "") + ".",
+                  bool(failed))
+        lid = self.state.selected_lesion
+        if lid:
+            note = self.workflow.known_tp_note(lid)
+            self._show_tp(self.workflow.known_tp_probability(lid), f"TP probability not computed: {note}" if note else "TP probability not computed")
 
     def remove_below(self):
         if self.state.busy:

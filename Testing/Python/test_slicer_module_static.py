@@ -249,6 +249,11 @@ REACHABLE = {
     "ctkPathLineEdit": QT_WIDGET | {"currentPath", "setCurrentPath", "filters", "nameFilters", "options"},
     "ctkSliderWidget": QT_WIDGET | {"value", "minimum", "maximum", "singleStep"},
     "qMRMLNodeComboBox": QT_WIDGET | {"currentNode", "setCurrentNode", "currentNodeID", "setMRMLScene"},
+    # Qt 5.15 (wrapped whole by PythonQt; listed so that a new call is looked up): qcombobox.h properties count,
+    # currentIndex, currentText, public addItem(text, userData), findData, itemData and slot clear
+    "QComboBox": QT_WIDGET | {"count", "currentIndex", "currentText", "addItem", "findData", "itemData", "clear"},
+    # qabstractbutton.h property checked (the register-FLAIR box is enabled only with an MPRAGE)
+    "QCheckBox": QT_WIDGET | {"checked"},
 }
 NOT_REACHABLE = {"mrmlTableRowIndex", "mrmlTableColumnIndex", "selectedMRMLTableColumnIndices"}  # plain C++ methods
 

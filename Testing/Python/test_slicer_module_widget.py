@@ -29,6 +29,23 @@ def test_mprage_may_be_empty_and_flair_may_not():
     assert _widget_property("flairSelector", "noneEnabled") == "false"
 
 
+def test_register_flair_box_is_bound_and_says_it_needs_an_mprage():
+    assert _widget_property("registerFlairCheckBox", "SlicerParameterName") == "registerFlair"
+    assert "MPRAGE" in _widget_property("registerFlairCheckBox", "toolTip")
+
+
+def test_channel_box_keeps_the_parameter_node_choices():
+    """connectGui's QComboBoxToStringableConnector reads choices[currentIndex] (slicer/parameterNodeWrapper/
+    guiConnectors.py, v5.10.0): the module must never add or remove the channel box's items, only disable it."""
+    source = MODULE_PY.read_text(encoding="utf-8")
+    assert not re.search(r"channelComboBox\.(addItem|addItems|insertItem|removeItem|clear)\b", source)
+    follow = ast.unparse(_method("MSInstanceSaliencyWidget", "_followModelChannels"))
+    assert "modelChannels" in follow and "combo.enabled" in follow
+    # after every task (segment, explain, layers, restart) and for a new parameter node
+    assert "_followModelChannels" in ast.unparse(_method("MSInstanceSaliencyWidget", "_runTask"))
+    assert "_followModelChannels" in ast.unparse(_method("MSInstanceSaliencyWidget", "setParameterNode"))
+
+
 def test_custom_region_selector_does_not_pick_a_segmentation_by_itself():
     """With a "None" item the node box keeps None when a segmentation is added (qMRMLNodeComboBox selects the first
     node only when it has no None item): a saved custom region is not replaced by the first segmentation loaded."""
