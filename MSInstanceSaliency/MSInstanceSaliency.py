@@ -323,7 +323,7 @@ class MSInstanceSaliencyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def _followModelChannels(self) -> None:
         """'Show channel' offers the loaded model's channels (all of them before a model is loaded). The items stay:
         the parameter node declares displayChannel with Choice(CHANNELS), and connectGui's QComboBoxToStringableConnector
-        maps item index i to choice i (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, v5.10.0), so removing
+        maps item index i to choice i (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, its read()), so removing
         an item would make it read the wrong channel. A value the model lacks becomes its first channel, and with one
         channel the box is disabled with a tooltip saying why."""
         p = self._parameterNode

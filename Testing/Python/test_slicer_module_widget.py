@@ -36,7 +36,7 @@ def test_register_flair_box_is_bound_and_says_it_needs_an_mprage():
 
 def test_channel_box_keeps_the_parameter_node_choices():
     """connectGui's QComboBoxToStringableConnector reads choices[currentIndex] (slicer/parameterNodeWrapper/
-    guiConnectors.py, v5.10.0): the module must never add or remove the channel box's items, only disable it."""
+    guiConnectors.py): the module must never add or remove the channel box's items, only disable it."""
     source = MODULE_PY.read_text(encoding="utf-8")
     assert not re.search(r"channelComboBox\.(addItem|addItems|insertItem|removeItem|clear)\b", source)
     follow = ast.unparse(_method("MSInstanceSaliencyWidget", "_followModelChannels"))
