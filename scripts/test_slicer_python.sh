@@ -26,5 +26,6 @@ MAIN_RUN_ONLY=(
   test_phantom.py::test_head_layers_have_their_tissues_brightness
   test_phantom.py::test_normal_hyperintensities_are_bright_and_marked_as_mimics
   test_phantom.py::test_gm_brighter_than_wm_on_flair_at_1mm
+  test_phantom.py::test_lesion_contrast_ranges_from_subtle_to_bright
 )
 exec "$ROOT/.venv-slicer/bin/python" -m pytest "${SLICER_SIDE_TESTS[@]/#/Testing/Python/}" "${MAIN_RUN_ONLY[@]/#/--deselect=Testing/Python/}" "$@"
