@@ -19,10 +19,13 @@ SLICER_SIDE_TESTS=(
   test_saliency.py test_radiomics.py test_worker.py test_worker_session.py test_dependencies.py
   test_mrml_adapter.py test_workflow.py test_rendering.py test_slicer_module_static.py test_slicer_module_widget.py
 )
-# Left to the main run: tests of the demo model's behaviour and of the phantom's anatomy on 1 mm volumes (a minute
-# each), which check no package that Slicer pins differently and which the module never runs.
+# Left to the main run: tests of the demo model's behaviour and of the phantom's anatomy on 1 mm volumes (making a
+# 1 mm phantom takes half a minute), which check no package that Slicer pins differently and which the module never runs.
 MAIN_RUN_ONLY=(
   test_preprocessing.py::test_zero_padding_keeps_the_lesions_of_the_demo_model
   test_phantom.py::test_head_layers_have_their_tissues_brightness
+  test_phantom.py::test_normal_hyperintensities_are_bright_and_marked_as_mimics
+  test_phantom.py::test_gm_brighter_than_wm_on_flair_at_1mm
+  test_phantom.py::test_lesion_contrast_ranges_from_subtle_to_bright
 )
 exec "$ROOT/.venv-slicer/bin/python" -m pytest "${SLICER_SIDE_TESTS[@]/#/Testing/Python/}" "${MAIN_RUN_ONLY[@]/#/--deselect=Testing/Python/}" "$@"

@@ -157,8 +157,21 @@ def _smooth_field(rng, shape, n_ctrl, amplitude, order=3):
     """A smooth random scalar field: Gaussian values on a coarse grid, cubic (or `order`) upsampling."""
     coarse = rng.normal(0.0, amplitude, size=n_ctrl)
     zoom = [s / c for s, c in zip(shape, n_ctrl)]
-    f = ndimage.zoom(coarse, zoom, order=order, mode="nearest")
+    f = _separable_zoom(coarse, zoom, order)
     return f[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+
+
+def _separable_zoom(coarse, zoom, order):
+    """ndimage.zoom(coarse, zoom, order=order, mode="nearest"), one axis at a time: its edge padding, spline
+    prefilter and tensor-product evaluation are each separable, so the 3-D zoom is three 1-D linear maps, whose
+    matrices are the 1-D zooms of unit impulses. Equal to ndimage.zoom within 1e-14 (test_phantom.py checks),
+    and 10-20x faster (ndimage evaluates 4^3 spline terms per output voxel)."""
+    out = np.asarray(coarse, dtype=np.float64)
+    for axis, (n, z) in enumerate(zip(out.shape, zoom)):
+        impulses = np.eye(n)
+        weights = np.stack([ndimage.zoom(impulses[a], z, order=order, mode="nearest") for a in range(n)], axis=1)
+        out = np.moveaxis(np.tensordot(weights, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
+    return out
 
 
 def _deformation(rng, shape, voxel_size, max_mm=3.0):

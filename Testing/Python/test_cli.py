@@ -340,10 +340,11 @@ def test_synthetic_lesion_command_on_a_phantom(tmp_path):
 
 @pytest.fixture(scope="module")
 def peaks_run(tmp_path_factory):
-    """One `stats peaks` run for the peaks test and the voxel-size test (a 512 mm^3 TN sphere: a known size in voxels)."""
+    """One `stats peaks` run for the peaks test and the voxel-size test (a 128 mm^3 TN sphere: a known size in voxels;
+    small, because each TN sphere costs one backward pass per voxel)."""
     out = tmp_path_factory.mktemp("peaks") / "peaks"
     res = msis("stats", "peaks", "--out", out, "--device", "cpu", "--phantom-patients", SHARED_PATIENT, "--samples", "1", "--max-per-group", "2",
-               "--tn-volume", "512", env=SMALL_PHANTOMS)
+               "--tn-volume", "128", env=SMALL_PHANTOMS)
     return res, out
 
 
@@ -352,7 +353,7 @@ def test_stats_peaks_command_on_a_phantom(peaks_run):
     assert res.returncode == 0, res.stderr
     s = json.loads((out / "peaks_summary.json").read_text())
     rows = list(csv.DictReader(open(out / "peaks.csv")))
-    assert sum(r["group"] == "TN" for r in rows) == 10 and s["tn_volume_mm3"] == 512.0
+    assert sum(r["group"] == "TN" for r in rows) == 10 and s["tn_volume_mm3"] == 128.0
     assert all(1 <= sum(r["group"] == g for r in rows) <= 2 for g in ("TP", "FP", "FN"))  # patient 18 at 2 mm has each kind
     assert s["medians_positive_peak"]["TN"]["n"] == 10
     for name in ("peaks_violin.png", "modality_contribution.png"):
@@ -374,9 +375,9 @@ def test_phantom_voxel_size_is_honoured_and_recorded(peaks_run, monkeypatch, cap
     _assert_phantom_voxel_size_noted_once(res, 2)
     assert json.loads((peaks / "peaks_summary.json").read_text())["phantom_voxel_size_mm"] == 2.0
     assert json.loads((peaks / "msis_run.json").read_text())["phantom_voxel_size_mm"] == 2.0
-    # a 512 mm^3 TN sphere is about 64 voxels of 8 mm^3 (it would be about 512 at 1 mm)
+    # a 128 mm^3 TN sphere is about 16 voxels of 8 mm^3 (it would be about 128 at 1 mm)
     tn = [int(r["voxels"]) for r in csv.DictReader(open(peaks / "peaks.csv")) if r["group"] == "TN"]
-    assert len(tn) == 10 and all(32 <= v <= 128 for v in tn), tn  # 81: a digital sphere of radius 2.5 voxels
+    assert len(tn) == 10 and all(8 <= v <= 40 for v in tn), tn
     monkeypatch.delenv("MSIS_PHANTOM_VOXEL_SIZE", raising=False)
     assert _phantom_voxel_size(note=True) == 1.0 and "MSIS_PHANTOM_VOXEL_SIZE" not in capsys.readouterr().err
     # a bad value is refused before the model loads or any phantom is made

@@ -202,3 +202,16 @@ def test_a_failed_phantom_save_keeps_the_earlier_images(small_phantom, tmp_path)
     assert set(paths) == {"flair", "mprage", "lesions", "mimics", "head"} - ({"head"} if small_phantom.head is None else set())
     assert_failed_rewrite_keeps_the_file(paths["flair"], lambda: small_phantom.save(tmp_path), n_bytes=paths["flair"].stat().st_size // 2)
     assert same_grid(sitk.ReadImage(str(paths["flair"])), small_phantom.flair)
+
+
+@pytest.mark.parametrize("n_ctrl, shape, order", [((5, 6, 5), (80, 98, 82), 3), ((3, 3, 3), (47, 58, 49), 3), ((4, 4, 4), (80, 98, 82), 1)])
+def test_smooth_fields_equal_scipy_zoom(n_ctrl, shape, order):
+    """The phantom's smooth fields are upsampled one axis at a time: the same as ndimage.zoom in one go."""
+    from MSInstanceSaliencyLib.research.phantom import _separable_zoom
+
+    coarse = np.random.default_rng(3).normal(0.0, 1.5, n_ctrl)
+    zoom = [s / c for s, c in zip(shape, n_ctrl)]
+    expected = ndimage.zoom(coarse, zoom, order=order, mode="nearest")
+    got = _separable_zoom(coarse, zoom, order)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
