@@ -36,16 +36,33 @@ def _phantom_voxel_size_of(args):
     return None if args.flair or args.mprage else _phantom_voxel_size(note=True)
 
 
-def _cases(args, model, dev, voxel_size):
-    """Experiment cases: the given files (with --gt, and --wm where used) or phantom cases of voxel_size mm."""
-    from ..research.experiments import file_case, phantom_cases
+def _case_files(args, need_wm: bool = False):
+    """With files: the case read and checked (FLAIR, MPRAGE, --gt and --wm readable and on one grid;
+    --wm where the experiment needs white matter) before the model loads; None for phantom cases."""
+    from ..research.experiments import read_case_files
 
-    if args.flair or args.mprage:
-        if not (args.flair and args.mprage and args.gt):
-            raise InputError("with files, give --flair, --mprage and --gt (the experiments choose TP lesions from the ground truth)")
-        yield file_case(model, args.flair, args.mprage, args.gt, getattr(args, "wm", None), device=dev)
+    if not (args.flair or args.mprage):
+        return None
+    if not (args.flair and args.gt):
+        raise InputError("with files, give --flair, --mprage and --gt (the experiments choose TP lesions from the ground truth; "
+                         "--mprage may be left out for a FLAIR-only model)")
+    return read_case_files(args.flair, args.mprage, args.gt, getattr(args, "wm", None), need_wm=need_wm)
+
+
+def _check_channels(model, files) -> None:
+    """The model's inputs against the files, once the model is loaded and before it runs."""
+    if files is not None and files.mprage is None and "mprage" in model.spec.input_channels:
+        raise InputError(f"this model takes {' + '.join(c.upper() for c in model.spec.input_channels)}: give --mprage as well")
+
+
+def _cases(args, model, dev, voxel_size, files):
+    """Experiment cases: the checked files (_case_files) or phantom cases of voxel_size mm, segmented with progress."""
+    from ..research.experiments import phantom_cases, segment_case_files
+
+    if files is not None:
+        yield segment_case_files(model, files, device=dev, progress=_bars)
         return
-    yield from phantom_cases(model, _parse_patients(args.phantom_patients), device=dev, voxel_size=voxel_size)
+    yield from phantom_cases(model, _parse_patients(args.phantom_patients), device=dev, voxel_size=voxel_size, progress=_bars)
 
 
 def _bars(label):
@@ -54,13 +71,21 @@ def _bars(label):
     return ProgressBar(label=label)
 
 
+def _load_checked(args, files):
+    model, dev = _load(args)
+    _check_channels(model, files)
+    return model, dev
+
+
 def cmd_context(args) -> int:
     from ..research.experiments import context_figure, run_context
 
     voxel_size = _phantom_voxel_size_of(args)
-    model, dev = _load(args)
-    out = OutputFolder(args.out, names=["context_raw.csv", "context_summary.json", "context.png"])
-    rows, summary = run_context(model, _cases(args, model, dev, voxel_size), tuple(args.size_range), n_steps=args.steps, device=dev,
+    files = _case_files(args)
+    model, dev = _load_checked(args, files)
+    out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
+                       names=["context_raw.csv", "context_summary.json", "context.png"])
+    rows, summary = run_context(model, _cases(args, model, dev, voxel_size, files), tuple(args.size_range), n_steps=args.steps, device=dev,
                                 progress=_bars, warn=_warn)
     summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
@@ -86,10 +111,11 @@ def _sanity_check(args, name: str, run_check) -> tuple[list, dict]:
     """The frame both sanity checks share: one case, then NAME.csv, NAME_summary.json and NAME.png written together.
     run_check(model, case, dev) returns (rows, summary, draw), draw(path) making the figure."""
     voxel_size = _phantom_voxel_size_of(args)
-    model, dev = _load(args)
+    files = _case_files(args, need_wm=True)  # both checks place a region in healthy white matter
+    model, dev = _load_checked(args, files)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
                        names=[f"{name}.csv", f"{name}_summary.json", f"{name}.png"])
-    case = next(_cases(args, model, dev, voxel_size))
+    case = next(_cases(args, model, dev, voxel_size, files))
     rows, summary, draw = run_check(model, case, dev)
     summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
@@ -134,10 +160,11 @@ def cmd_stats(args) -> int:
     from ..research.experiments import peaks_figures, run_peaks
 
     voxel_size = _phantom_voxel_size_of(args)
-    model, dev = _load(args)
+    files = _case_files(args)
+    model, dev = _load_checked(args, files)
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
                        names=["peaks.csv", "peaks_summary.json", "peaks_violin.png", "modality_contribution.png"])
-    rows, summary = run_peaks(model, list(_cases(args, model, dev, voxel_size)), n_samples=args.samples, seed=args.noise_seed,
+    rows, summary = run_peaks(model, list(_cases(args, model, dev, voxel_size, files)), n_samples=args.samples, seed=args.noise_seed,
                               max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn)
     summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():

@@ -19,51 +19,61 @@ from ..segmentation.instances import dilation_steps
 
 # ----------------------------------------------------------------------------- contextual information
 
-def _network_window(model, omega):
-    """The model's roi centred on Ω (the only sliding windows whose output covers Ω's neighbourhood)."""
+def _network_window(model, omega_on_network):
+    """The model's roi centred on Ω on the network's grid (the only sliding windows whose output covers Ω's
+    neighbourhood), aligned to the network's size divisor as SmoothGrad's patch is."""
     from ..saliency.context import context_box
-    from ..models.base import size_divisor
+    from ..saliency.common import _divisor
 
-    return context_box(omega, "patch", tuple(model.spec.roi_size), size_divisor(model.spec))
+    return context_box(omega_on_network, "patch", tuple(model.spec.roi_size), _divisor(model, model.spec))
 
 
 def context_experiment(model, image: np.ndarray, omega: np.ndarray, *, n_steps: int = 34, threshold: float | None = None,
-                       spacing=(1.0, 1.0, 1.0), device="auto", batch: int = 8) -> list[dict]:
+                       spacing=(1.0, 1.0, 1.0), device="auto", batch: int = 8, grid=None, progress=None) -> list[dict]:
     """Zero every network-input voxel except Ω, then restore the original intensities in rings grown by
     18-connected dilation; per step, the mean lesion probability over Ω and whether any voxel of Ω
     exceeds the threshold. The steps run through the network in batches on the model's roi around Ω.
 
-    Zero is the value of the z-scored network input (the image mean). Distance of step k: k voxels
-    times the mean voxel spacing in mm (exact for isotropic grids).
+    image: the network input (C, ...) on the network's grid; omega: Ω on the reference grid, where the
+    rings are grown; grid (models.grids; default: the reference grid itself) takes Ω and each ring to the
+    network's grid. Zero is the value of the z-scored network input (the image mean). Distance of step
+    k: k voxels times the mean reference voxel spacing in mm (exact for isotropic grids).
+    progress(done, total) counts the steps run through the network.
     """
     import torch
 
     from ..models.device import resolve_device
+    from ..models.grids import SameGrid
+    from ..progress import report
     from ..saliency.context import _crop_pad
 
+    grid = grid or SameGrid()
     omega = np.asarray(omega, bool)
     if not omega.any():
         raise InputError("the lesion (Ω) is empty")
     thr = model.spec.threshold if threshold is None else float(threshold)
     dev = resolve_device(device)
-    box = _network_window(model, omega)
+    om_net = np.asarray(grid.to_network(omega), bool)
+    box = _network_window(model, om_net)
     masks = dilation_steps(omega, n_steps)
     x_full = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    om = _crop_pad(torch.from_numpy(omega), box)
+    om = _crop_pad(torch.from_numpy(om_net), box)
     net = model.network.to(dev).eval()
     step_mm = float(np.mean(spacing))
     rows = []
     with torch.no_grad():
         for start in range(0, len(masks), batch):
             chunk = masks[start:start + batch]
-            xs = torch.stack([_crop_pad(x_full * torch.from_numpy(m)[None], box) for m in chunk]).to(dev)
-            prob = torch.softmax(net(xs), dim=1)[:, model.spec.lesion_class].cpu()
+            report(progress, start, len(masks))
+            xs = torch.stack([_crop_pad(x_full * torch.from_numpy(np.asarray(grid.to_network(m), bool))[None], box) for m in chunk]).to(dev)
+            prob = model.probability(net(xs)).float().cpu()
             for i, p in enumerate(prob):
                 k = start + i
                 vals = p[om]
                 rows.append({"step": k, "distance_mm": round(k * step_mm, 3), "restored_voxels": int(chunk[i].sum()),
                              "mean_probability": float(vals.mean()), "max_probability": float(vals.max()),
                              "detected": bool((vals > thr).any())})
+    report(progress, len(masks), len(masks))
     return rows
 
 
@@ -355,37 +365,144 @@ def peaks_figures(rows: list[dict], violin_path, box_path, groups=("TN", "FN", "
     save_figure(fig, box_path, dpi=110)
 
 
+# ----------------------------------------------------------------------------- the reference grid and the network's
+
+# Every region of the experiments (lesions, copies, rings, spheres) and every map they report lies on the
+# reference grid, where the labels, the ground truth and the white-matter map are. The network may run
+# on another grid (a target spacing or orientation, nnU-Net's transposed and resampled array, LST-AI's
+# crop): regions go there with prepared.to_network and arrays come back with prepared.to_reference, as
+# `explain` does (saliency.explain.explain_case). On the reference grid itself both are the identity.
+
+def reference_input(prepared) -> np.ndarray:
+    """The network input (C, X, Y, Z) on the reference grid (itself when the network runs there)."""
+    return np.stack([prepared.to_reference(c) for c in prepared.image])
+
+
+def network_coverage(prepared) -> np.ndarray:
+    """(X, Y, Z) bool on the reference grid: where the network's input lies (everywhere unless the
+    network's grid is a crop, as LST-AI's and nnU-Net's are): regions are placed only where it sees them."""
+    return prepared.to_reference(np.ones(prepared.image.shape[1:], np.float32)) > 0.5
+
+
+def smoothgrad_on_reference(model, prepared, omega: np.ndarray, image: np.ndarray | None = None, **kwargs) -> np.ndarray:
+    """SmoothGrad (C, X, Y, Z) on the reference grid of Ω (reference grid), computed on the network's grid
+    of `image` (default: the case's network input) by explain_case."""
+    from dataclasses import replace
+
+    from ..saliency.explain import explain_case
+
+    case = prepared if image is None else replace(prepared, image=image)
+    exp = explain_case(model, case, omega, "smoothgrad", **kwargs)
+    return np.stack([exp.maps[c] for c in prepared.channels])
+
+
+def probability_on_reference(model, prepared, image: np.ndarray, device="auto") -> np.ndarray:
+    """The lesion probability on the reference grid of a (modified) network input, as the model's format
+    brings its prediction back (model.predict_case)."""
+    from dataclasses import replace
+
+    return model.predict_case(replace(prepared, image=image), device=device)
+
+
+def network_shift(prepared, shift) -> np.ndarray:
+    """The integer voxel shift on the network's grid with the physical displacement of `shift` reference
+    voxels (rounded to whole network voxels)."""
+    shift = np.asarray(shift, float)
+    grid = prepared.grid
+    if getattr(grid, "same", False) or hasattr(grid, "lo"):  # the reference grid itself, or a crop of it (LST-AI)
+        return np.round(shift).astype(int)
+    if hasattr(grid, "network"):  # ResampledGrid: a sitk geometry
+        ref, net = grid.reference, grid.network
+        physical = np.reshape(ref.GetDirection(), (3, 3)) @ (shift * np.array(ref.GetSpacing()))
+        to_index = np.linalg.inv(np.reshape(net.GetDirection(), (3, 3)) @ np.diag(net.GetSpacing()))
+        return np.round(to_index @ physical).astype(int)
+    if hasattr(grid, "transpose_forward"):  # nnU-Net: (x, y, z) -> (z, y, x), transposed, resampled by new/old voxels per axis
+        zyx = shift[::-1][list(grid.transpose_forward)]
+        n = np.array(grid.shape_after_cropping, float)
+        new = np.array([round(a / b * m) for a, b, m in zip(grid.spacing, grid.target_spacing, n)], float)
+        return np.round(zyx * new / n).astype(int)
+    raise InputError(f"the experiments cannot move a region on {grid.describe()}")
+
+
 # ----------------------------------------------------------------------------- experiment runners (Python API)
 
 @dataclass
 class Case:
-    """A segmented case with its ground truth (and, when known, a white-matter map), all on one grid."""
+    """A segmented case with its ground truth (and, when known, a white-matter map and a head mask), all
+    on the reference grid."""
 
     name: str
     result: object  # pipeline.SegmentationResult
     gt: np.ndarray
     white_matter: np.ndarray | None = None
+    head: np.ndarray | None = None  # None: the foreground of the network input (head_region)
 
 
-def file_case(model, flair, mprage, gt, wm=None, device="auto") -> Case:
+@dataclass
+class CaseFiles:
+    """One case's files, read and checked before anything is segmented."""
+
+    name: str
+    flair: object  # sitk.Image
+    mprage: object | None
+    gt: np.ndarray
+    reference: object  # the grid the ground truth (and a white-matter map) must be on: the MPRAGE's, else the FLAIR's
+    white_matter: np.ndarray | None = None
+
+
+def read_case_files(flair, mprage, gt, wm=None, *, need_wm=False) -> CaseFiles:
+    """The images, the ground truth and the white-matter map, read and checked (readable, on the
+    reference grid): seconds, before the model runs. need_wm: the experiment places a region in white
+    matter (white_matter_for decides what happens without --wm)."""
     from pathlib import Path
 
+    from ..io.volumes import mask_from_image, read_image, same_grid
+
+    if not gt:
+        raise InputError("with files, give --gt (the experiments choose TP lesions from the ground truth)")
+    flair_img = read_image(flair, "FLAIR")
+    mprage_img = read_image(mprage, "MPRAGE") if mprage else None
+    reference = mprage_img if mprage_img is not None else flair_img
+    grid_name = "MPRAGE" if mprage_img is not None else "FLAIR"
+    img = read_image(gt, "ground truth")
+    if not same_grid(img, reference):
+        raise InputError(f"the ground truth {gt} is not on the {grid_name} grid ({'x'.join(map(str, img.GetSize()))} voxels of "
+                         f"{', '.join(f'{v:g}' for v in img.GetSpacing())} mm vs {'x'.join(map(str, reference.GetSize()))} of "
+                         f"{', '.join(f'{v:g}' for v in reference.GetSpacing())} mm, or another origin or direction)")
+    gt_mask = mask_from_image(img)  # every non-zero voxel is lesion (a cast would lose labels of 256 or 0.5)
+    files = CaseFiles(Path(flair).name.split(".")[0], flair_img, mprage_img, gt_mask, reference)
+    if wm or need_wm:
+        files.white_matter = white_matter_for(files, wm)
+    return files
+
+
+def white_matter_for(case_files: CaseFiles, wm_path) -> np.ndarray:
+    """The white-matter map of a case given by files: the user's --wm (checked to be on the reference
+    grid). The one place that decides what happens without one: today a refusal, before any work."""
+    from ..io.volumes import array_from_image, read_image, same_grid
+
+    if not wm_path:
+        raise InputError("this experiment places a region in healthy white matter: pass --wm, a white-matter mask or probability "
+                         "map on the MPRAGE grid")
+    img = read_image(wm_path, "white-matter map")
+    if not same_grid(img, case_files.reference):
+        raise InputError(f"the white-matter map {wm_path} is not on the {'MPRAGE' if case_files.mprage is not None else 'FLAIR'} grid")
+    return array_from_image(img)
+
+
+def segment_case_files(model, files: CaseFiles, *, device="auto", progress=None) -> Case:
+    """Segment a checked case (progress: a factory, label -> progress callback)."""
     from ..segmentation.pipeline import segment
-    from ..io.volumes import array_from_image, mask_from_image, read_image, same_grid
 
-    res = segment(read_image(flair, "FLAIR"), read_image(mprage, "MPRAGE"), model, device=device)
-    arrays = {}
-    for key, path in (("gt", gt), ("wm", wm)):
-        if path:
-            img = read_image(path, key)
-            if not same_grid(img, res.reference):
-                raise InputError(f"{path} is not on the MPRAGE grid")
-            # the ground truth: every non-zero voxel is lesion (a cast would lose labels of 256 or 0.5)
-            arrays[key] = mask_from_image(img) if key == "gt" else array_from_image(img)
-    return Case(Path(flair).name.split(".")[0], res, arrays["gt"], arrays.get("wm"))
+    res = segment(files.flair, files.mprage, model, device=device, progress=progress(f"{files.name}: segmenting windows") if progress else None)
+    return Case(files.name, res, files.gt, files.white_matter)
 
 
-def phantom_cases(model, patients, device="auto", voxel_size: float = 1.0):
+def file_case(model, flair, mprage, gt, wm=None, device="auto", progress=None) -> Case:
+    return segment_case_files(model, read_case_files(flair, mprage, gt, wm), device=device, progress=progress)
+
+
+def phantom_cases(model, patients, device="auto", voxel_size: float = 1.0, progress=None):
     """Validation phantoms (seed 10000 + 100 * patient) with isotropic voxel_size mm voxels, segmented,
     one at a time. The experiments' sizes in mm (spheres, rings, distances) use the grid's spacing."""
     from .phantom import make_phantom
@@ -395,12 +512,18 @@ def phantom_cases(model, patients, device="auto", voxel_size: float = 1.0):
 
     for pt in patients:
         ph = make_phantom(validation_seed(pt), patient=pt, voxel_size=voxel_size)
-        res = segment(ph.flair, ph.mprage, model, device=device)
-        yield Case(f"phantom_p{int(pt):02d}", res, mask_from_image(ph.lesions), array_from_image(ph.white_matter))
+        name = f"phantom_p{int(pt):02d}"
+        res = segment(ph.flair, ph.mprage, model, device=device, progress=progress(f"{name}: segmenting windows") if progress else None)
+        yield Case(name, res, mask_from_image(ph.lesions), array_from_image(ph.white_matter))
 
 
 def _noop(*_a, **_k):
     return None
+
+
+def _head(case: Case) -> np.ndarray:
+    """The case's head on the reference grid: its own mask when it has one, else the network input's foreground."""
+    return case.head if case.head is not None else head_region(reference_input(case.result.prepared))
 
 
 def run_context(model, cases, size_range=(90, 120), *, n_steps=34, device="auto", progress=None, warn=None) -> tuple[list, dict]:
@@ -414,17 +537,19 @@ def run_context(model, cases, size_range=(90, 120), *, n_steps=34, device="auto"
         res = case.result
         sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
         chosen = [i for i in classify_lesions(res.labels, case.gt)["tp"] if lo <= sizes[i] <= hi]
-        bar = progress(f"{case.name}: {len(chosen)} TP lesions of {lo}-{hi} voxels") if progress else None
+        bar = progress(f"{case.name}: {len(chosen)} TP lesions of {lo}-{hi} voxels, {n_steps + 1} rings each") if progress else None
         for n, lid in enumerate(chosen):
+            def rings(done, total, n=n):  # one bar over all the case's lesions and rings
+                if bar:
+                    bar(n * total + done, len(chosen) * total)
             try:
-                steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=n_steps, spacing=res.prepared.spacing, device=device)
+                steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=n_steps, spacing=res.prepared.spacing,
+                                           device=device, grid=res.prepared.grid, progress=rings)
             except Exception as exc:  # one lesion failing is reported, not fatal
                 warn(f"{case.name} lesion {lid}: {exc}")
                 continue
             per_lesion[f"{case.name}/{lid}"] = steps
             rows += [{"case": case.name, "lesion_id": lid, "voxels": sizes[lid], **s} for s in steps]
-            if bar:
-                bar(n + 1, len(chosen))
     if not per_lesion:
         raise InputError(f"no TP lesion of {lo}-{hi} voxels in these cases; widen the size range or add cases")
     return rows, summarize_context(per_lesion)
@@ -436,6 +561,9 @@ def _tp_lesion(case: Case, lesion_id, max_voxels, min_max_probability=0.0):
     tps = classify_lesions(case.result.labels, case.gt)["tp"]
     rows = {r["lesion_id"]: r for r in case.result.table}
     if lesion_id:
+        n = len(rows)
+        if lesion_id not in rows:
+            raise InputError(f"lesion {lesion_id} does not exist: {case.name} has {n} lesions (ids 1..{n}); TPs: {sorted(tps)[:20]}")
         if lesion_id not in tps:
             raise InputError(f"lesion {lesion_id} is not a true positive of {case.name} (TPs: {sorted(tps)[:20]})")
         return lesion_id
@@ -446,31 +574,35 @@ def _tp_lesion(case: Case, lesion_id, max_voxels, min_max_probability=0.0):
     return max(ok, key=lambda i: rows[i]["voxels"])
 
 
+def _need_white_matter(case: Case, what: str) -> None:
+    if case.white_matter is None:
+        raise InputError(f"a white-matter map is needed to {what}: pass --wm")
+
+
 def control_regions(case: Case, *, lesion_id=None, max_voxels=300, seed=0) -> tuple[int, dict]:
     """(TP lesion id, {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre": masks}): a TP lesion,
-    a 93 mm^3 healthy white-matter sphere and the single voxel at the lesion's centre of mass."""
-    if case.white_matter is None:
-        raise InputError("a white-matter map is needed to place the healthy control sphere")
+    a 93 mm^3 healthy white-matter sphere (where the network sees it) and the single voxel at the
+    lesion's centre of mass, on the reference grid."""
+    _need_white_matter(case, "place the healthy control sphere")
     res = case.result
     lid = _tp_lesion(case, lesion_id, max_voxels)
     lesion = res.labels == lid
     one = np.zeros_like(lesion)
     one[tuple(np.round(np.argwhere(lesion).mean(0)).astype(int))] = True
-    sphere = healthy_white_matter_sphere(case.white_matter, (res.labels > 0) | (case.gt > 0), 93.0, res.prepared.spacing, seed=seed)
+    wm = np.where(network_coverage(res.prepared), case.white_matter, 0)
+    sphere = healthy_white_matter_sphere(wm, (res.labels > 0) | (case.gt > 0), 93.0, res.prepared.spacing, seed=seed)
     return lid, {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
 
 
 def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
-    """SmoothGrad of the control regions (control_regions). Returns (rows, summary, regions, maps)."""
-    from ..saliency.smoothgrad import smoothgrad
-
+    """SmoothGrad of the control regions (control_regions). Returns (rows, summary, regions, maps), maps on the reference grid."""
     res = case.result
     lid, regions = control_regions(case, lesion_id=lesion_id, max_voxels=max_voxels, seed=seed)
     lesion, one = regions["tp_lesion"], regions["single_voxel_at_tp_centre"]
     maps, rows = {}, []
     for region, om in regions.items():
-        maps[region] = smoothgrad(model, res.prepared.image, om, n_samples=n_samples, seed=seed, device=device,
-                                  progress=progress(f"SmoothGrad {region}") if progress else None)
+        maps[region] = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device,
+                                               progress=progress(f"SmoothGrad {region}") if progress else None)
         rows += [{"case": case.name, "region": region, "voxels": int(om.sum()), "channel": c, **v}
                  for c, v in map_stats(maps[region], om, res.prepared.channels).items()]
     peak = {r["region"]: r["max_abs"] for r in rows if r["channel"] == "flair"}
@@ -487,36 +619,47 @@ def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_
 def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
     """Copy a clearly visible TP lesion (both channels of the network input) into (a) healthy white matter
     10 mm from other lesions, (b) the background outside the head, (c) the background together with its
-    3 mm surroundings; segment each and compute the copy's SmoothGrad map. Returns (rows, summary, panels)."""
-    from ..models.sliding_window import predict_probability
-    from ..segmentation.instances import label_instances
-    from ..saliency.smoothgrad import smoothgrad
+    3 mm surroundings; segment each and compute the copy's SmoothGrad map. Returns (rows, summary, panels).
 
-    if case.white_matter is None:
-        raise InputError("a white-matter map is needed to place the copy in healthy white matter")
+    The copies are placed on the reference grid (a shift in its voxels) where the network sees them; the
+    network input is changed on the network's grid by the same physical displacement (network_shift),
+    and its probability and map are brought back to the reference grid."""
+    from ..segmentation.instances import label_instances
+
+    _need_white_matter(case, "place the copy in healthy white matter")
     res = case.result
+    prepared = res.prepared
     lid = _tp_lesion(case, lesion_id, max_voxels, min_max_probability=0.9)
-    sp, img = res.prepared.spacing, res.prepared.image
+    sp, img = prepared.spacing, prepared.image
     lesion = res.labels == lid
     occupied = (res.labels > 0) | (case.gt > 0)
-    outside = ~ndimage.binary_dilation(head_region(img), iterations=2)
+    seen = network_coverage(prepared)
+    outside = ~ndimage.binary_dilation(_head(case), iterations=2) & seen
     ring3 = ndimage.distance_transform_edt(~lesion, sampling=sp) <= 3.0
-    shift_wm = place_copy(lesion, case.white_matter > 0.5, occupied, sp, margin_mm=0.0, away_mm=10.0, seed=seed)
+    shift_wm = place_copy(lesion, (case.white_matter > 0.5) & seen, occupied, sp, margin_mm=0.0, away_mm=10.0, seed=seed)
     # the lesion and its 3 mm ring go where they are 2 mm clear of the head
     shift_bg = place_copy(ring3, outside, None, sp, margin_mm=2.0, away_mm=0.0, seed=seed)
+
+    def copied(region, shift):
+        """The network input with `region` (reference grid) copied by `shift` reference voxels, on the network's grid."""
+        return copy_region(img, prepared.to_network(region), network_shift(prepared, shift))[0]
+
+    def moved(region, shift):
+        return copy_region(np.zeros((1,) + region.shape, np.float32), region, shift)[1]
+
     variants = {
         "original": (img, lesion),
-        "a_white_matter": copy_region(img, lesion, shift_wm),
-        "b_background": copy_region(img, lesion, shift_bg),
-        "c_background_with_3mm": (copy_region(img, ring3, shift_bg)[0], copy_region(img, lesion, shift_bg)[1]),
+        "a_white_matter": (copied(lesion, shift_wm), moved(lesion, shift_wm)),
+        "b_background": (copied(lesion, shift_bg), moved(lesion, shift_bg)),
+        "c_background_with_3mm": (copied(ring3, shift_bg), moved(lesion, shift_bg)),
     }
-    flair = res.prepared.channels.index("flair")
+    flair = prepared.channels.index("flair")
     thr = model.spec.threshold
     panels, rows = {}, []
     for name, (image, omega) in variants.items():
-        prob = predict_probability(model, image, device=device)
-        maps = smoothgrad(model, image, omega, n_samples=n_samples, seed=seed, device=device,
-                          progress=progress(f"SmoothGrad {name}") if progress else None)
+        prob = probability_on_reference(model, prepared, image, device=device)
+        maps = smoothgrad_on_reference(model, prepared, omega, image=image, n_samples=n_samples, seed=seed, device=device,
+                                       progress=progress(f"SmoothGrad {name}") if progress else None)
         # segmented = a lesion instance of the usual post-processing (threshold, 18-connectivity, minimum volume) touches the copy
         inst = label_instances(prob > thr, spacing=sp, min_volume_mm3=model.spec.min_lesion_mm3)
         fl = maps[flair]
@@ -525,7 +668,7 @@ def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n
              "max_probability": float(prob[omega].max()), "map_max": float(fl.max()), "map_min": float(fl.min()),
              "map_max_abs": float(np.abs(fl).max())}
         rows.append({"case": case.name, "lesion_id": int(lid), "variant": name, "voxels": int(omega.sum()), **c})
-        panels[name] = {**c, "omega": omega, "probability": prob, "map": fl, "flair": image[flair]}
+        panels[name] = {**c, "omega": omega, "probability": prob, "map": fl, "flair": prepared.to_reference(image[flair])}
     by = {r["variant"]: r for r in rows}
     checks = {
         "a_segmented": by["a_white_matter"]["detected"],
@@ -543,9 +686,9 @@ PAPER_MEDIAN_POSITIVE_PEAK = {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997
 
 def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volume_mm3=None, device="auto", progress=None, warn=None):
     """SmoothGrad peaks of TP, FP, FN lesions and ten TN spheres per case, their medians with CIs, pairwise
-    Mann-Whitney U, and the FLAIR vs MPRAGE contribution. Returns (rows, summary)."""
+    Mann-Whitney U, and the FLAIR vs MPRAGE contribution (FLAIR only for a FLAIR-only model). Regions and
+    maps on the reference grid. Returns (rows, summary)."""
     from ..segmentation.evaluation import classify_lesions
-    from ..saliency.smoothgrad import smoothgrad
 
     warn = warn or _noop
     cases = list(cases)
@@ -563,21 +706,21 @@ def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volu
         regions = [("TP", i, res.labels == i) for i in pick(cat["tp"])] + [("FP", i, res.labels == i) for i in pick(cat["fp"])]
         regions += [("FN", i, cat["gt_labels"] == i) for i in pick(cat["fn"])]
         try:
-            spheres = tn_spheres(head_region(res.prepared.image), (res.labels > 0) | (case.gt > 0), tn_volume, 10, res.prepared.spacing, seed=seed)
+            head = _head(case) & network_coverage(res.prepared)
+            spheres = tn_spheres(head, (res.labels > 0) | (case.gt > 0), tn_volume, 10, res.prepared.spacing, seed=seed)
             regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
         except InputError as exc:
             warn(f"{case.name}: {exc}")
-        bar = progress(f"{case.name} regions") if progress else None
+        bar = progress(f"{case.name}: SmoothGrad of {len(regions)} regions") if progress else None
         ch = res.prepared.channels
         for n, (group, rid, om) in enumerate(regions):
             try:
-                maps = smoothgrad(model, res.prepared.image, om, n_samples=n_samples, seed=seed, device=device)
+                maps = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device)
             except Exception as exc:  # one region failing is reported, not fatal
                 warn(f"{case.name} {group} {rid}: {exc}")
                 continue
-            fl, mp = maps[ch.index("flair")], maps[ch.index("mprage")]
-            rows.append({"case": case.name, "group": group, "region_id": int(rid), "voxels": int(om.sum()),
-                         "flair_max": float(fl.max()), "flair_min": float(fl.min()), "mprage_max": float(mp.max()), "mprage_min": float(mp.min()),
+            peaks = {f"{c}_{k}": float(getattr(maps[ch.index(c)], k)()) for c in ("flair", "mprage") if c in ch for k in ("max", "min")}
+            rows.append({"case": case.name, "group": group, "region_id": int(rid), "voxels": int(om.sum()), **peaks,
                          **modality_contribution(maps, om, ch)})
             if bar:
                 bar(n + 1, len(regions))
