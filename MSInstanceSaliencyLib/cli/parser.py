@@ -147,8 +147,15 @@ def _add_one_lesion_check_args(q, default_lesion: str):
     q.add_argument("--max-voxels", type=_COUNT, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
     q.add_argument("--samples", type=_SAMPLES, default=50)
     q.add_argument("--noise-seed", type=_SEED, default=0)
+    _add_max_omega_voxels(q)
     q.add_argument("--out", type=_path, required=True)
     _add_model_args(q)
+
+
+def _add_max_omega_voxels(p):
+    p.add_argument("--max-omega-voxels", type=_COUNT, default=None,
+                   help="SmoothGrad max: the max over a seeded random sample of this many voxels of each region (bounded cost for "
+                        "large lesions, but a different map when the region is much larger; default: all voxels)")
 
 
 def _add_case_args(p):
@@ -271,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--noise-seed", type=_SEED, default=0)
     q.add_argument("--max-per-group", type=_COUNT, default=None, help="at most this many lesions per group and case (seeded choice; default: all)")
     q.add_argument("--tn-volume", type=_real(0, lo_open=True), default=None, help="TN sphere volume in mm^3 (default: the mean GT lesion volume of the cases)")
+    q.add_argument("--tn-spheres", type=_COUNT, default=10, help="TN spheres per case (default 10, the paper's)")
+    _add_max_omega_voxels(q)
     q.add_argument("--out", type=_path, required=True)
     _add_model_args(q)
 

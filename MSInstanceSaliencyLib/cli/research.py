@@ -131,7 +131,8 @@ def _sanity_control_regions(args) -> int:
 
     def run_check(model, case, dev):
         rows, summary, regions, maps = run_control_regions(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels,
-                                                           n_samples=args.samples, seed=args.noise_seed, device=dev, progress=_bars)
+                                                           n_samples=args.samples, seed=args.noise_seed, device=dev, progress=_bars,
+                                                           max_omega_voxels=args.max_omega_voxels)
         return rows, summary, lambda path: control_regions_figure(case.result.prepared.flair_on_reference, case.result.reference,
                                                                   regions, maps, path)
 
@@ -145,7 +146,8 @@ def _sanity_synthetic_lesion(args) -> int:
 
     def run_check(model, case, dev):
         rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=args.lesion, max_voxels=args.max_voxels,
-                                                     n_samples=args.samples, seed=args.noise_seed, device=dev, progress=_bars)
+                                                     n_samples=args.samples, seed=args.noise_seed, device=dev, progress=_bars,
+                                                     max_omega_voxels=args.max_omega_voxels)
         return rows, summary, lambda path: synthetic_lesion_figure(panels, path)
 
     rows, summary = _sanity_check(args, "synthetic_lesion", run_check)
@@ -165,7 +167,8 @@ def cmd_stats(args) -> int:
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt) if p],
                        names=["peaks.csv", "peaks_summary.json", "peaks_violin.png", "modality_contribution.png"])
     rows, summary = run_peaks(model, list(_cases(args, model, dev, voxel_size, files)), n_samples=args.samples, seed=args.noise_seed,
-                              max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn)
+                              max_per_group=args.max_per_group, tn_volume_mm3=args.tn_volume, device=dev, progress=_bars, warn=_warn,
+                              max_omega_voxels=args.max_omega_voxels, tn_per_case=args.tn_spheres)
     summary["phantom_voxel_size_mm"] = voxel_size
     with out.writing():
         _write_rows(out.file("peaks.csv"), rows)

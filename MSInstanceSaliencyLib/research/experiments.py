@@ -594,14 +594,16 @@ def control_regions(case: Case, *, lesion_id=None, max_voxels=300, seed=0) -> tu
     return lid, {"tp_lesion": lesion, "wm_sphere_93mm3": sphere, "single_voxel_at_tp_centre": one}
 
 
-def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
-    """SmoothGrad of the control regions (control_regions). Returns (rows, summary, regions, maps), maps on the reference grid."""
+def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None,
+                        max_omega_voxels=None):
+    """SmoothGrad of the control regions (control_regions). Returns (rows, summary, regions, maps), maps on the reference grid.
+    max_omega_voxels: the max over at most this many voxels of each region (explain's option; default all)."""
     res = case.result
     lid, regions = control_regions(case, lesion_id=lesion_id, max_voxels=max_voxels, seed=seed)
     lesion, one = regions["tp_lesion"], regions["single_voxel_at_tp_centre"]
     maps, rows = {}, []
     for region, om in regions.items():
-        maps[region] = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device,
+        maps[region] = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device, max_omega_voxels=max_omega_voxels,
                                                progress=progress(f"SmoothGrad {region}") if progress else None)
         rows += [{"case": case.name, "region": region, "voxels": int(om.sum()), "channel": c, **v}
                  for c, v in map_stats(maps[region], om, res.prepared.channels).items()]
@@ -616,7 +618,8 @@ def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_
     return rows, summary, regions, maps
 
 
-def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None):
+def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n_samples=50, seed=0, device="auto", progress=None,
+                         max_omega_voxels=None):
     """Copy a clearly visible TP lesion (both channels of the network input) into (a) healthy white matter
     10 mm from other lesions, (b) the background outside the head, (c) the background together with its
     3 mm surroundings; segment each and compute the copy's SmoothGrad map. Returns (rows, summary, panels).
@@ -659,6 +662,7 @@ def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n
     for name, (image, omega) in variants.items():
         prob = probability_on_reference(model, prepared, image, device=device)
         maps = smoothgrad_on_reference(model, prepared, omega, image=image, n_samples=n_samples, seed=seed, device=device,
+                                       max_omega_voxels=max_omega_voxels,
                                        progress=progress(f"SmoothGrad {name}") if progress else None)
         # segmented = a lesion instance of the usual post-processing (threshold, 18-connectivity, minimum volume) touches the copy
         inst = label_instances(prob > thr, spacing=sp, min_volume_mm3=model.spec.min_lesion_mm3)
@@ -684,8 +688,9 @@ def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n
 PAPER_MEDIAN_POSITIVE_PEAK = {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997}
 
 
-def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volume_mm3=None, device="auto", progress=None, warn=None):
-    """SmoothGrad peaks of TP, FP, FN lesions and ten TN spheres per case, their medians with CIs, pairwise
+def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volume_mm3=None, device="auto", progress=None, warn=None,
+              max_omega_voxels=None, tn_per_case=10):
+    """SmoothGrad peaks of TP, FP, FN lesions and tn_per_case TN spheres per case (the paper's ten), their medians with CIs, pairwise
     Mann-Whitney U, and the FLAIR vs MPRAGE contribution (FLAIR only for a FLAIR-only model). Regions and
     maps on the reference grid. Returns (rows, summary)."""
     from ..segmentation.evaluation import classify_lesions
@@ -707,7 +712,7 @@ def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volu
         regions += [("FN", i, cat["gt_labels"] == i) for i in pick(cat["fn"])]
         try:
             head = _head(case) & network_coverage(res.prepared)
-            spheres = tn_spheres(head, (res.labels > 0) | (case.gt > 0), tn_volume, 10, res.prepared.spacing, seed=seed)
+            spheres = tn_spheres(head, (res.labels > 0) | (case.gt > 0), tn_volume, tn_per_case, res.prepared.spacing, seed=seed)
             regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
         except InputError as exc:
             warn(f"{case.name}: {exc}")
@@ -715,7 +720,8 @@ def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volu
         ch = res.prepared.channels
         for n, (group, rid, om) in enumerate(regions):
             try:
-                maps = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device)
+                maps = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device,
+                                               max_omega_voxels=max_omega_voxels)
             except Exception as exc:  # one region failing is reported, not fatal
                 warn(f"{case.name} {group} {rid}: {exc}")
                 continue

@@ -183,3 +183,84 @@ def test_modality_contribution_by_hand():
     assert c["flair_inside_positive"] == pytest.approx(2.0)
     assert c["flair_ring_negative"] == pytest.approx(-1.0)
     assert c["flair_inside_negative"] == 0.0 and c["mprage_inside_negative"] == pytest.approx(-0.5)
+
+
+# ----------------------------------------------------------------------------- the experiments on the model's own grid
+
+def case_with_lesions_of(res, gt_mask, white_matter=None, name="case"):
+    """A Case whose lesions are the ground truth's (every lesion a TP): the experiments' regions exist
+    whatever a small random model segments, and the model's grid is what is tested."""
+    from dataclasses import replace
+
+    from MSInstanceSaliencyLib.research.experiments import Case
+    from MSInstanceSaliencyLib.segmentation.instances import label_instances, lesion_table
+
+    labels = label_instances(gt_mask, spacing=res.prepared.spacing, min_volume_mm3=0)
+    return Case(name, replace(res, labels=labels, table=lesion_table(labels, res.reference, res.probability)), gt_mask, white_matter)
+
+
+def check_experiments_on_the_reference_grid(model, case, *, max_omega_voxels=None):
+    """Every experiment on one case with N = 1, on its smallest lesion and small TN spheres (SmoothGrad
+    costs a backward pass per voxel of the max_omega_voxels it takes): maps and rows on the reference grid, finite."""
+    from MSInstanceSaliencyLib.research.experiments import run_context, run_control_regions, run_peaks, run_synthetic_lesion
+
+    shape = case.result.prepared.shape
+    assert case.result.prepared.image.shape[1:] != shape  # the network runs on another grid
+    smallest = min(case.result.table, key=lambda r: r["voxels"])
+    if case.white_matter is not None:
+        rows, summary, regions, maps = run_control_regions(model, case, lesion_id=smallest["lesion_id"], n_samples=1, device="cpu",
+                                                           max_omega_voxels=max_omega_voxels)
+        assert all(m.shape == (len(case.result.prepared.channels),) + shape and np.isfinite(m).all() for m in maps.values())
+        assert all(np.abs(m[:, regions[r]]).max() > 0 for r, m in maps.items())  # each region's map is there, on its region
+        assert summary["flair_peak"]["tp_lesion"] > 0 and np.isfinite(summary["tp_over_wm_peak_ratio"])
+        rows, summary, panels = run_synthetic_lesion(model, case, lesion_id=summary["lesion_id"], n_samples=1, device="cpu",
+                                                     max_omega_voxels=max_omega_voxels)
+        assert len({r["voxels"] for r in rows}) == 1  # every copy has exactly the lesion's voxels on the reference grid
+        for p in panels.values():
+            assert p["probability"].shape == shape and p["map"].shape == shape and p["flair"].shape == shape
+            assert np.isfinite(p["map"]).all() and np.abs(p["map"][p["omega"]]).max() > 0
+    rows, summary = run_context(model, [case], (smallest["voxels"],) * 2, n_steps=2, device="cpu")
+    assert len(rows) == 3 * summary["n_lesions"] and all(0 <= r["mean_probability"] <= 1 for r in rows)
+    one = case_with_lesions_of(case.result, case.result.labels == smallest["lesion_id"])  # peaks over the smallest lesion alone
+    rows, summary = run_peaks(model, [one], n_samples=1, tn_volume_mm3=4 * float(np.prod(case.result.prepared.spacing)), device="cpu",
+                             max_omega_voxels=max_omega_voxels, tn_per_case=2)
+    assert sorted(r["group"] for r in rows) == ["TN", "TN", "TP"] and all(np.isfinite(r["flair_max"]) for r in rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def resampled(small_phantom, tmp_path_factory):
+    """A model.json model on its own grid: 3 mm voxels, axes permuted and flipped (ASL), on the 2 mm phantom."""
+    from MSInstanceSaliencyLib.io.volumes import array_from_image, mask_from_image
+    from MSInstanceSaliencyLib.models.loading import load_model
+    from MSInstanceSaliencyLib.models.monai import save_model
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
+
+    torch.manual_seed(0)
+    spec = tiny_spec(target_spacing=[3.0, 3.0, 3.0], orientation="ASL")
+    d = tmp_path_factory.mktemp("resampled_model")
+    save_model(build_network(spec), spec, d)
+    model = load_model(d)
+    res = segment(small_phantom.flair, small_phantom.mprage, model, device="cpu")
+    return model, case_with_lesions_of(res, mask_from_image(small_phantom.lesions), array_from_image(small_phantom.white_matter))
+
+
+def test_a_shift_on_the_reference_grid_is_the_same_displacement_on_the_network_grid(resampled):
+    from MSInstanceSaliencyLib.research.experiments import copy_region, network_shift
+
+    _, case = resampled
+    prepared = case.result.prepared
+    lesion = case.result.labels == 6
+    shift = np.array([3, -6, 3])  # 6, -12, 6 mm: whole voxels of the 3 mm network grid, whose first two axes are swapped and flipped
+    net_shift = network_shift(prepared, shift)
+    assert sorted(np.abs(net_shift).tolist()) == [2, 2, 4] and abs(net_shift[0]) == 4
+    moved = copy_region(np.zeros((1,) + lesion.shape, np.float32), lesion, shift)[1]
+    on_network = prepared.to_network(lesion)
+    assert on_network.any()
+    np.testing.assert_array_equal(copy_region(np.zeros((1,) + on_network.shape, np.float32), on_network, net_shift)[1],
+                                  prepared.to_network(moved))
+
+
+def test_experiments_with_a_model_json_on_its_own_grid(resampled):
+    model, case = resampled
+    check_experiments_on_the_reference_grid(model, case, max_omega_voxels=4)

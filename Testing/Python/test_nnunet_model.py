@@ -117,3 +117,65 @@ def test_unsafe_checkpoints_architectures_and_channels_refused(nnunet, tmp_path)
     assert load_model(d.parent, folds=[0]).format == "nnunet"
     with pytest.raises(InputError, match="one nnU-Net fold's checkpoint"):
         load_model(d / "fold_0" / "checkpoint_final.pth")
+
+
+def _with_background(img, seed):
+    """The image with low noise where it is 0, as an unstripped scan's background: nnU-Net's crop to the
+    non-zero box then keeps the whole image, and the synthetic lesion has a background to be copied into."""
+    a = sitk.GetArrayFromImage(img)
+    out = sitk.GetImageFromArray(np.where(a > 0, a, np.random.default_rng(seed).uniform(1, 5, a.shape)).astype(np.float32))
+    out.CopyInformation(img)
+    return out
+
+
+def _plans_transposed(nnunet, tmp_path, transpose):
+    """The nnU-Net folder (fold 0), its plans given transpose_forward `transpose` by hand when not None: nnU-Net's
+    planner keeps the axis order of these images (transpose_forward [0, 1, 2]; still (z, y, x), the reverse of the
+    reference grid's axes)."""
+    folder = Path(nnunet["model_folder"])
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["transpose_forward"] == [0, 1, 2]
+    if transpose:
+        folder = tmp_path / "model"
+        shutil.copytree(nnunet["model_folder"], folder, ignore=shutil.ignore_patterns("checkpoint_best.pth", "*.png", "*.txt", "fold_1"))
+        plans["transpose_forward"], plans["transpose_backward"] = transpose, [int(i) for i in np.argsort(transpose)]
+        (folder / "plans.json").write_text(json.dumps(plans))
+    return load_model(folder, folds=[0], mirroring=False)
+
+
+@pytest.mark.parametrize("transpose", [None, [2, 0, 1]])
+def test_a_shift_on_the_reference_grid_is_the_same_displacement_on_nnunet_grids(nnunet, tmp_path, transpose):
+    from MSInstanceSaliencyLib.io.volumes import mask_from_image
+    from MSInstanceSaliencyLib.research.experiments import copy_region, network_shift
+
+    model = _plans_transposed(nnunet, tmp_path, transpose)
+    test = nnunet["tests"]["test_resampled"]  # 1.1 x 0.9 x 1.5 mm, resampled to the plan's 1 x 1 x 1.2 mm
+    prepared = model.prepare(*(sitk.ReadImage(p) for p in test["channels"]))
+    assert prepared.grid.transpose_forward == (transpose or [0, 1, 2])
+    lesion = mask_from_image(sitk.ReadImage(test["label"]))
+    shift = np.array([6, -5, 3])  # 6.6, -4.5, 4.5 mm
+    moved = copy_region(np.zeros((1,) + lesion.shape, np.float32), lesion, shift)[1]
+    net_shift = network_shift(prepared, shift)
+    assert sorted(np.abs(net_shift).tolist()) == [4, 4, 7]  # 4.5 / 1.2 (z) and 4.5 mm, 6.6 mm in 1 mm voxels: rounded
+    on_network = copy_region(np.zeros((1,) + prepared.image.shape[1:], np.float32), prepared.to_network(lesion), net_shift)[1]
+    target = prepared.to_network(moved)
+    assert 2 * (on_network & target).sum() / (on_network.sum() + target.sum()) > 0.8  # the same place up to rounding
+
+
+def test_experiments_on_an_nnunet_grid(nnunet, tmp_path):
+    """The four experiments on nnU-Net's grid, transposed ([2, 0, 1] by hand, after nnU-Net's (z, y, x)) and resampled
+    (test_resampled: 1.1 x 0.9 x 1.5 mm to the plan's 1 x 1 x 1.2 mm). One variant only: nnU-Net's network is slow on a CPU."""
+    transpose = [2, 0, 1]
+    from scipy import ndimage
+
+    from MSInstanceSaliencyLib.io.volumes import array_from_image, mask_from_image
+    from test_experiments import case_with_lesions_of, check_experiments_on_the_reference_grid
+
+    model = _plans_transposed(nnunet, tmp_path, transpose)
+    test = nnunet["tests"]["test_resampled"]
+    flair, t1 = (_with_background(sitk.ReadImage(p), seed) for seed, p in enumerate(test["channels"]))
+    res = segment(flair, t1, model, device="cpu")
+    assert res.prepared.grid.transpose_forward == [2, 0, 1]
+    gt = mask_from_image(sitk.ReadImage(test["label"]))
+    white_matter = (ndimage.binary_erosion(array_from_image(flair) > 5, iterations=2) & ~gt).astype(np.float32)
+    check_experiments_on_the_reference_grid(model, case_with_lesions_of(res, gt, white_matter), max_omega_voxels=1)
