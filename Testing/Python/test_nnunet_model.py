@@ -156,7 +156,9 @@ def test_a_shift_on_the_reference_grid_is_the_same_displacement_on_nnunet_grids(
     shift = np.array([6, -5, 3])  # 6.6, -4.5, 4.5 mm
     moved = copy_region(np.zeros((1,) + lesion.shape, np.float32), lesion, shift)[1]
     net_shift = network_shift(prepared, shift)
-    assert sorted(np.abs(net_shift).tolist()) == [4, 4, 7]  # 4.5 / 1.2 (z) and 4.5 mm, 6.6 mm in 1 mm voxels: rounded
+    # the displacement in mm, (z, y, x) and transposed as the plan's axes, in the plan's voxels (rounded)
+    mm = (shift * np.array(test["spacing"]))[::-1][prepared.grid.transpose_forward]
+    assert np.abs(net_shift - mm / np.array(prepared.grid.target_spacing)).max() <= 1.0 and np.abs(net_shift).min() >= 3
     on_network = copy_region(np.zeros((1,) + prepared.image.shape[1:], np.float32), prepared.to_network(lesion), net_shift)[1]
     target = prepared.to_network(moved)
     assert 2 * (on_network & target).sum() / (on_network.sum() + target.sum()) > 0.8  # the same place up to rounding
