@@ -9,7 +9,10 @@ import SimpleITK as sitk
 import torch
 from conftest import require_reference
 
+from scipy import ndimage
+
 from MSInstanceSaliencyLib.errors import InputError
+from MSInstanceSaliencyLib.io.volumes import array_from_image, image_from_array, mask_from_image
 from MSInstanceSaliencyLib.saliency.explain import explain_case, omega_from_lesion
 from MSInstanceSaliencyLib.models.formats import LSTAI_STEMS
 from MSInstanceSaliencyLib.models.loading import load_model
@@ -92,3 +95,29 @@ def test_lstai_inputs_checked(lstai, small_phantom):
         segment(small_phantom.flair, small_phantom.mprage, model)  # 80 x 98 x 82 is smaller than 192^3
     with pytest.raises(InputError, match="--register"):
         model.prepare(small_phantom.flair, small_phantom.mprage, register=True)
+
+
+def _skull_stripped(img, radius_mm=36.0):
+    """The image with zeros outside a ball about its centre, as LST-AI's skull-stripped inputs have outside the brain."""
+    a = array_from_image(img)
+    idx = np.indices(a.shape).reshape(3, -1).T * np.array(img.GetSpacing())
+    ball = (np.linalg.norm(idx - idx.mean(0), axis=1) <= radius_mm).reshape(a.shape)
+    return image_from_array(np.where(ball, a, 0).astype(np.float32), reference=img), ball
+
+
+def test_experiments_on_the_lstai_crop(lstai, small_phantom):
+    """The four experiments with LST-AI's ensemble (sigmoid, 3 members) on its centred crop of the reference grid, on a
+    skull-stripped phantom as LST-AI takes: regions where the crop lies, maps and probabilities back on the reference grid."""
+    from MSInstanceSaliencyLib.research.experiments import network_coverage
+    from test_experiments import case_with_lesions_of, check_experiments_on_the_reference_grid
+
+    model = load_model(lstai["models"])
+    model.input_shape = (48, 64, 48)  # of the 2 mm phantom's 92 x 110 x 88: the stripped brain and background around it
+    flair, brain = _skull_stripped(small_phantom.flair)
+    res = segment(flair, _skull_stripped(small_phantom.mprage)[0], model, device="cpu")
+    seen = network_coverage(res.prepared)
+    assert seen.any() and not seen.all() and not brain[seen].all()
+    inside = ndimage.binary_erosion(brain & seen, iterations=3)
+    gt = mask_from_image(small_phantom.lesions) & inside  # the lesions the network sees
+    check_experiments_on_the_reference_grid(model, case_with_lesions_of(res, gt, array_from_image(small_phantom.white_matter) * inside),
+                                            max_omega_voxels=2)
