@@ -396,12 +396,12 @@ def smoothgrad_on_reference(model, prepared, omega: np.ndarray, image: np.ndarra
     return np.stack([exp.maps[c] for c in prepared.channels])
 
 
-def probability_on_reference(model, prepared, image: np.ndarray, device="auto") -> np.ndarray:
+def probability_on_reference(model, prepared, image: np.ndarray, device="auto", progress=None) -> np.ndarray:
     """The lesion probability on the reference grid of a (modified) network input, as the model's format
     brings its prediction back (model.predict_case)."""
     from dataclasses import replace
 
-    return model.predict_case(replace(prepared, image=image), device=device)
+    return model.predict_case(replace(prepared, image=image), device=device, progress=progress)
 
 
 def network_shift(prepared, shift) -> np.ndarray:
@@ -660,7 +660,7 @@ def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n
     thr = model.spec.threshold
     panels, rows = {}, []
     for name, (image, omega) in variants.items():
-        prob = probability_on_reference(model, prepared, image, device=device)
+        prob = probability_on_reference(model, prepared, image, device=device, progress=progress(f"segmenting {name}") if progress else None)
         maps = smoothgrad_on_reference(model, prepared, omega, image=image, n_samples=n_samples, seed=seed, device=device,
                                        max_omega_voxels=max_omega_voxels,
                                        progress=progress(f"SmoothGrad {name}") if progress else None)

@@ -619,3 +619,73 @@ def test_context_defaults_name_cases_that_have_lesions_of_the_default_sizes():
     assert _parse_patients(args.phantom_patients) == [17, 18, 19, 20, 21, 22] and args.size_range == [90, 120]
     # the other experiments keep their one-case default
     assert build_parser().parse_args(["stats", "peaks", "--out", "p"]).phantom_patients == "17"
+
+
+# ----------------------------------------------------------------------------- the experiments' inputs, checked before segmenting
+
+@pytest.fixture(scope="module")
+def experiment_inputs(files, small_phantom, tmp_path_factory):
+    """A white-matter map on the MPRAGE grid, and a ground truth and white-matter map on another grid (the 2 mm grid at 3 mm)."""
+    d = tmp_path_factory.mktemp("experiment_inputs")
+    wm = d / "wm.nii.gz"
+    sitk.WriteImage(small_phantom.white_matter, str(wm))
+    out = {"wm": wm}
+    for name, img in (("gt_3mm", small_phantom.lesions), ("wm_3mm", small_phantom.white_matter)):
+        ref = sitk.Image([int(n * 2 / 3) for n in img.GetSize()], sitk.sitkFloat32)
+        ref.SetSpacing((3.0, 3.0, 3.0))
+        ref.SetOrigin(img.GetOrigin())
+        ref.SetDirection(img.GetDirection())
+        out[name] = d / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0), str(out[name]))
+    return out
+
+
+@pytest.mark.parametrize("check", ["synthetic-lesion", "control-regions"])
+@pytest.mark.parametrize("case, fragments", [
+    ("no wm", ["pass --wm"]),
+    ("wm elsewhere", ["white-matter map", "is not on the MPRAGE grid"]),
+    ("gt elsewhere", ["ground truth", "is not on the MPRAGE grid"]),
+    ("gt cut", ["ground truth", "is truncated or corrupt"]),
+    ("no gt", ["--gt"]),
+])
+def test_sanity_checks_refuse_their_inputs_before_segmenting(files, experiment_inputs, tiny_model_dir, tmp_path, capsys, check, case,
+                                                              fragments):
+    """Files the sanity checks cannot use fail in seconds, before the model loads (a user waited 3 minutes to learn --wm was needed)."""
+    wm, gt = experiment_inputs["wm"], files["lesions"]
+    if case == "no wm":
+        wm = None
+    elif case == "wm elsewhere":
+        wm = experiment_inputs["wm_3mm"]
+    elif case == "gt elsewhere":
+        gt = experiment_inputs["gt_3mm"]
+    elif case == "gt cut":
+        gt = cut(Path(files["lesions"]), tmp_path / "gt.nii.gz", 0.7)
+    argv = ["sanity", check, "--flair", files["flair"], "--mprage", files["mprage"], "--out", tmp_path / "o", "--model", tiny_model_dir,
+            "--device", "cpu", "--samples", 1]
+    argv += ["--gt", gt] if case != "no gt" else []
+    argv += ["--wm", wm] if wm else []
+    t0 = time.time()
+    rc, out, err = res = run(capsys, *argv)
+    one_error(res, *fragments)
+    assert time.time() - t0 < 5 and "segmenting" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [["context"], ["stats", "peaks"]])
+def test_experiments_refuse_a_ground_truth_on_another_grid_and_a_missing_mprage(files, experiment_inputs, tiny_model_dir, tmp_path, capsys,
+                                                                                command):
+    common = ["--out", tmp_path / "o", "--model", tiny_model_dir, "--device", "cpu"]
+    t0 = time.time()
+    one_error(run(capsys, *command, "--flair", files["flair"], "--mprage", files["mprage"], "--gt", experiment_inputs["gt_3mm"], *common),
+              "is not on the MPRAGE grid")
+    # a FLAIR + MPRAGE model without --mprage: refused once the model is known, before it runs
+    one_error(run(capsys, *command, "--flair", files["flair"], "--gt", files["lesions"], *common), "FLAIR + MPRAGE", "--mprage")
+    assert time.time() - t0 < 10 and not (tmp_path / "o").exists()
+
+
+def test_a_lesion_that_does_not_exist_fails_right_after_segmenting(files, experiment_inputs, tiny_model_dir, tmp_path, capsys):
+    rc, out, err = res = run(capsys, "sanity", "control-regions", "--flair", files["flair"], "--mprage", files["mprage"], "--gt",
+                             files["lesions"], "--wm", experiment_inputs["wm"], "--lesion", 999, "--out", tmp_path / "o", "--model",
+                             tiny_model_dir, "--device", "cpu", "--samples", 1)
+    one_error(res, "lesion 999 does not exist")
+    assert "segmenting windows" in err and "SmoothGrad" not in err and not (tmp_path / "o").exists()
+    one_error(run(capsys, "sanity", "synthetic-lesion", "--lesion", 0, "--out", tmp_path / "o"), "--lesion")

@@ -264,3 +264,24 @@ def test_a_shift_on_the_reference_grid_is_the_same_displacement_on_the_network_g
 def test_experiments_with_a_model_json_on_its_own_grid(resampled):
     model, case = resampled
     check_experiments_on_the_reference_grid(model, case, max_omega_voxels=4)
+
+
+def test_a_flair_only_model_runs_the_experiments_without_mprage_columns(small_phantom):
+    """Without an MPRAGE channel there is no MPRAGE map: the peaks and contributions are the FLAIR's; the regions are the same."""
+    from MSInstanceSaliencyLib.io.volumes import array_from_image, mask_from_image
+    from MSInstanceSaliencyLib.research.experiments import run_control_regions, run_peaks
+    from MSInstanceSaliencyLib.segmentation.pipeline import segment
+
+    torch.manual_seed(0)
+    spec = tiny_spec(input_channels=["flair"], network_args=dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8, 16],
+                                                                 strides=[2, 2], norm="batch", num_res_units=0))
+    net = build_network(spec)
+    freeze(net)
+    model = LoadedModel(net, spec, None)
+    res = segment(small_phantom.flair, None, model, device="cpu")  # the FLAIR's grid is the reference
+    case = case_with_lesions_of(res, mask_from_image(small_phantom.lesions), array_from_image(small_phantom.white_matter))
+    rows, summary = run_peaks(model, [case], n_samples=1, max_per_group=1, tn_per_case=1, max_omega_voxels=1, device="cpu")
+    assert {r["group"] for r in rows} == {"TP", "TN"} and not any(k.startswith("mprage") for r in rows for k in r)
+    assert summary["medians_positive_peak"]["TP"]["n"] == 1
+    rows, summary, _, maps = run_control_regions(model, case, lesion_id=1, n_samples=1, max_omega_voxels=1, device="cpu")
+    assert {r["channel"] for r in rows} == {"flair"} and all(m.shape == (1,) + res.prepared.shape for m in maps.values())
