@@ -26,10 +26,12 @@ FILES = {"white_matter": "derived_white_matter.nii.gz", "brain_mask": "derived_b
 REGISTRATION_MM = 2.0  # registration grid: the maps need the brain's shape, not 1 mm detail
 MIN_EXTENT_MM = 100.0  # a brain is 120-170 mm along each axis; less than this is not a whole-head scan
 BSPLINE_MESH_MM = 50.0  # B-spline control point spacing: gyral-scale shape differences stay with the template
-# Below these the fit is reported as poor. Measured (docs/... and test_anatomy.py): phantoms registered from
-# 20 mm / 10 degrees off give correlation 0.93-0.95 and brain_in_head 1.00; the same template left 8 mm off
-# gives 0.55-0.65, noise 0.0-0.1.
-QUALITY_THRESHOLDS = {"correlation": 0.75, "brain_in_head": 0.95}
+# Below these the fit is reported as poor. Measured on 2 mm head and skull-stripped phantoms (seeds 1-5, 7, 11;
+# moved up to 30 mm and 30 degrees, scaled by 0.9-1.1): registered, correlation 0.77-0.93 and brain_in_head
+# 0.956-1.0 (skull-stripped scans lose their surface CSF from the Otsu head); the template left 3 mm off the
+# registered fit gives 0.64, 5 mm 0.48, 8 mm 0.30; noise 0.0. Phantoms are this template deformed, so real scans
+# fit less well: the margin below the phantoms' 0.77 is for them (no real scan was measured here).
+QUALITY_THRESHOLDS = {"correlation": 0.6, "brain_in_head": 0.9}
 STAGES = ("template", "affine", "deformable", "maps")
 PITCH_STARTS_DEG = (-30, -15, 0, 15, 30)  # head tilts (about left-right) the rigid search starts from
 
@@ -52,7 +54,9 @@ class Anatomy:
 
 def derive_anatomy(mprage: sitk.Image, progress=None) -> Anatomy:
     """Register the MNI template to `mprage` (affine, then B-spline) and give its white matter, brain mask
-    and the MPRAGE's head mask on the MPRAGE grid. progress(done, total) after each stage (see STAGES)."""
+    and the MPRAGE's head mask on the MPRAGE grid. progress(done, total): done counts the STAGES finished,
+    with fractions within the registrations; a False answer stops the work (Cancelled). InputError for an image
+    that cannot be a whole-head MPRAGE; a poor fit is not an error but `quality["warning"]`."""
     from .mni import TEMPLATE_NAME, lps_geometry, mni152
 
     fixed_full = _checked(mprage)
@@ -96,8 +100,8 @@ def derive_anatomy(mprage: sitk.Image, progress=None) -> Anatomy:
     parameters = {"template": TEMPLATE_NAME, "registration_grid_mm": REGISTRATION_MM,
                   "affine": "moments initializer; rigid (Euler) from pitches "
                             f"{'/'.join(map(str, PITCH_STARTS_DEG))} degrees at 8 mm, the best kept; then AffineTransform at "
-                            "4 and 2 mm; Mattes MI (32 bins, 20% random samples), regular-step gradient descent",
-                  "deformable": f"SimpleITK B-spline, {BSPLINE_MESH_MM:g} mm control points, Mattes MI, L-BFGS-B, 2 levels",
+                            "4 and 2 mm; Mattes MI (32 bins, 10% random samples), regular-step gradient descent",
+                  "deformable": f"SimpleITK B-spline, {BSPLINE_MESH_MM:g} mm control points, Mattes MI, L-BFGS, 4 and 2 mm (control points halved at 2 mm)",
                   "metric_mask": "template brain mask dilated 3 mm",
                   "white_matter": "template WM probability, linear interpolation",
                   "brain_mask": "template brain mask, linear interpolation > 0.5",
@@ -130,9 +134,19 @@ def write_anatomy(anatomy: Anatomy, folder) -> dict[str, Path]:
     folder = Path(folder)
     for key, img in anatomy.images.items():
         out[key] = write_output_file(folder / FILES[key], "--out", lambda tmp, img=img: sitk.WriteImage(img, str(tmp), useCompression=True),
-                                     ours=lambda p: (p.parent / FILES["json"]).is_file())
+                                     ours=_written_here)
     out["json"] = write_json_output(folder / FILES["json"], record, "--out")
     return out
+
+
+def _written_here(path: Path) -> bool:
+    """A derived map msis wrote: the derived_anatomy.json beside it, written by msis, lists it."""
+    from ..io.outputs import written_by_msis
+
+    record = path.parent / FILES["json"]
+    if not written_by_msis(record):
+        return False
+    return path.name in json.loads(record.read_text(encoding="utf-8")).get("files", {}).values()
 
 
 def _checked(mprage) -> sitk.Image:
@@ -204,7 +218,7 @@ def _mattes(moving_mask, shrink, sigmas) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.2, 1)  # a fixed seed: the same scan gives the same map
+    reg.SetMetricSamplingPercentage(0.1, 1)  # a fixed seed: the same scan gives the same map
     reg.SetMetricMovingMask(moving_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel(shrink)
