@@ -9,6 +9,7 @@ fits is measured without ground truth (see QUALITY_THRESHOLDS) and a poor fit gi
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,19 +58,13 @@ def derive_anatomy(mprage: sitk.Image, progress=None) -> Anatomy:
     and the MPRAGE's head mask on the MPRAGE grid. progress(done, total): done counts the STAGES finished,
     with fractions within the registrations; a False answer stops the work (Cancelled). InputError for an image
     that cannot be a whole-head MPRAGE; a poor fit is not an error but `quality["warning"]`."""
-    from .mni import TEMPLATE_NAME, lps_geometry, mni152
+    from .mni import TEMPLATE_NAME
 
     fixed_full = _checked(mprage)
     total = len(STAGES)
     report(progress, 0, total)
-    template, affine = mni152()
-    origin, direction = lps_geometry(affine)
-    t1, wm, brain = (image_from_array(template[k], spacing=(1.0, 1.0, 1.0), origin=origin, direction=direction.ravel())
-                     for k in ("t1", "wm", "brain"))
+    moving, moving_mask, wm, brain = _template()
     fixed = _registration_copy(fixed_full)
-    moving = _registration_copy(t1)
-    # the metric looks at the brain and a few mm around it: the template has no head, the MPRAGE has
-    moving_mask = _registration_copy(sitk.BinaryDilate(sitk.Cast(brain > 0.5, sitk.sitkUInt8), [3] * 3), mask=True)
     head = _head_mask(fixed_full)
     report(progress, 1, total)
 
@@ -84,8 +79,8 @@ def derive_anatomy(mprage: sitk.Image, progress=None) -> Anatomy:
     chosen = "deformable" if fits["deformable"]["correlation"] >= fits["affine"]["correlation"] - 0.01 else "affine"
     transform = bspline_tf if chosen == "deformable" else affine_tf
 
-    # onto the MPRAGE grid through a 2 mm displacement field: as exact as the B-spline at this smoothness, and
-    # a linear lookup per voxel instead of 64 control points
+    # onto the MPRAGE grid through a 2 mm displacement field: a linear lookup per voxel instead of 64 control
+    # points (1 mm phantom: 1.1 s instead of 4.7 s, the WM probability within 1e-4 of the B-spline's)
     field_tf = sitk.DisplacementFieldTransform(sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection()))
     white_matter = np.clip(array_from_image(sitk.Resample(wm, fixed_full, field_tf, sitk.sitkLinear, 0.0, sitk.sitkFloat32)), 0, 1)
@@ -160,6 +155,21 @@ def _checked(mprage) -> sitk.Image:
         raise InputError(f"the MPRAGE covers only {' x '.join(f'{e:.0f}' for e in extent)} mm; a white-matter map can be "
                          f"derived only from a whole-head scan (at least {MIN_EXTENT_MM:.0f} mm along each axis): give --wm")
     return sitk.Cast(mprage, sitk.sitkFloat32)
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> tuple[sitk.Image, sitk.Image, sitk.Image, sitk.Image]:
+    """The template T1 and the metric's mask on the registration grid; WM probability and brain mask at 1 mm.
+    Kept (45 MB): a cohort derives one map per case, and this is a second of each."""
+    from .mni import lps_geometry, mni152
+
+    template, affine = mni152()
+    origin, direction = lps_geometry(affine)
+    t1, wm = (image_from_array(template[k], spacing=(1.0, 1.0, 1.0), origin=origin, direction=direction.ravel()) for k in ("t1", "wm"))
+    brain = image_from_array((template["brain"] > 0.5).astype(np.uint8), reference=t1)  # linear interpolation still gives fractions
+    # the metric looks at the brain and a few mm around it: the template has no head, the MPRAGE has
+    moving_mask = _registration_copy(sitk.BinaryDilate(brain, [3] * 3), mask=True)
+    return _registration_copy(t1), moving_mask, wm, brain
 
 
 def _registration_copy(img: sitk.Image, mask: bool = False) -> sitk.Image:
