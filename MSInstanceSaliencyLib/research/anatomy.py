@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import Cancelled, InputError
+from ..errors import InputError
 from ..io.volumes import array_from_image, check_intensities, image_from_array
 from ..progress import report
 
@@ -207,21 +207,32 @@ def _head_mask(mprage: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(fg)
 
 
-def _iteration_reporter(reg, progress, done, total, iterations, share=1.0):
-    """Progress within a stage (done .. done + share) at every optimizer iteration; a False answer stops it."""
-    state = {"n": 0, "stop": False}
+def _execute(reg, fixed, moving, progress, done, total, iterations, share=1.0):
+    """reg.Execute with progress within a stage (done .. done + share) at every optimizer iteration. What the
+    callback raises (Cancelled for a False answer, a Ctrl-C) stops the registration and is raised after it:
+    SimpleITK would turn it into a RuntimeError."""
+    state = {"n": 0, "error": None}
 
     def step():
         state["n"] += 1
+        if state["error"] is not None:
+            return
         try:
             report(progress, done + share * min(state["n"] / iterations, 0.99), total)
-        except Cancelled:
-            state["stop"] = True
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, outside ITK
+            state["error"] = exc
             reg.StopRegistration()
 
     if progress is not None:
         reg.AddCommand(sitk.sitkIterationEvent, step)
-    return state
+    try:
+        result = reg.Execute(fixed, moving)
+    except RuntimeError:
+        if state["error"] is None:
+            raise
+    if state["error"] is not None:
+        raise state["error"]
+    return result
 
 
 def _mattes(moving_mask, shrink, sigmas) -> sitk.ImageRegistrationMethod:
@@ -260,10 +271,7 @@ def _register_affine(fixed, moving, moving_mask, progress, done, total):
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(affine, inPlace=True)
-    state = _iteration_reporter(reg, progress, done + 0.4, total, 2 * 60, share=0.6)
-    reg.Execute(fixed, moving)
-    if state["stop"]:
-        raise Cancelled("cancelled by the progress callback")
+    _execute(reg, fixed, moving, progress, done + 0.4, total, 2 * 60, share=0.6)
     return affine, float(reg.GetMetricValue())
 
 
@@ -275,10 +283,7 @@ def _register_bspline(fixed, moving, moving_mask, affine_tf, progress, done, tot
     reg.SetOptimizerAsLBFGS2(solutionAccuracy=1e-2, numberOfIterations=40, deltaConvergenceTolerance=0.01)
     reg.SetMovingInitialTransform(affine_tf)
     reg.SetInitialTransformAsBSpline(bspline, inPlace=True, scaleFactors=[1, 2])
-    state = _iteration_reporter(reg, progress, done, total, 2 * 40)
-    tf = reg.Execute(fixed, moving)
-    if state["stop"]:
-        raise Cancelled("cancelled by the progress callback")
+    tf = _execute(reg, fixed, moving, progress, done, total, 2 * 40)
     composite = sitk.CompositeTransform(affine_tf)  # fixed point -> B-spline -> affine -> template
     composite.AddTransform(tf)
     return composite, float(reg.GetMetricValue())

@@ -78,11 +78,14 @@ def test_a_scan_the_template_cannot_fit_gives_a_warning_and_the_work_can_be_stop
     noise = sitk.GetImageFromArray(np.random.default_rng(0).random((27, 27, 27)).astype(np.float32))
     noise.SetSpacing((4.0, 4.0, 4.0))  # 108 mm: passes the size check, nothing a brain could be fitted to
 
-    def stop_in_the_affine(done, total):
-        return done < 1.5
+    def ctrl_c_in_the_affine(done, total):
+        if done > 1.5:  # within SimpleITK's optimizer, which would make a RuntimeError of it
+            raise KeyboardInterrupt
 
+    with pytest.raises(KeyboardInterrupt):
+        derive_anatomy(noise, progress=ctrl_c_in_the_affine)
     with pytest.raises(Cancelled):
-        derive_anatomy(noise, progress=stop_in_the_affine)
+        derive_anatomy(noise, progress=lambda done, total: done < 1.5)
     anatomy = derive_anatomy(noise)
     assert anatomy.quality["correlation"] < 0.2
     assert "registered poorly" in anatomy.warning and "--wm" in anatomy.warning
