@@ -107,30 +107,17 @@ def _atlas(voxel_size: float, margin: int = _CROP_MARGIN):
     """Template T1, GM, WM and brain mask as float32 arrays (x, y, z) on the brain's bounding box plus
     `margin` mm within the template's grid (which ends just below the cerebellum, as a scan's field of
     view does), plus that grid."""
-    import warnings
+    from .mni import lps_geometry, mni152
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from nilearn import datasets
-
-        imgs = [
-            datasets.load_mni152_template(resolution=1),
-            datasets.load_mni152_gm_template(resolution=1),
-            datasets.load_mni152_wm_template(resolution=1),
-            datasets.load_mni152_brain_mask(resolution=1),
-        ]
-    arrays = [np.asarray(im.get_fdata(), dtype=np.float32) for im in imgs]
-    affine = imgs[0].affine
+    template, affine = mni152()
+    arrays = [template[key] for key in ("t1", "gm", "wm", "brain")]
     brain = arrays[3] > 0
     idx = np.argwhere(brain)
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + 1 + margin, brain.shape)
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     arrays = [a[sl] for a in arrays]
-    # nilearn's affine is RAS with a diagonal direction; ITK works in LPS.
-    origin_ras = affine[:3, :3] @ lo + affine[:3, 3]
-    origin_lps = origin_ras * np.array([-1.0, -1.0, 1.0])
-    direction_lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3] / np.abs(np.diag(affine[:3, :3]))
+    origin_lps, direction_lps = lps_geometry(affine, lo)  # nilearn's affine is RAS; ITK works in LPS
     ref = image_from_array(arrays[0], spacing=(1.0, 1.0, 1.0), origin=origin_lps, direction=direction_lps.ravel())
     if voxel_size != 1.0:
         arrays, ref = _resample_atlas(arrays, ref, voxel_size)
