@@ -142,7 +142,7 @@ def _add_saliency_args(p):
 def _add_one_lesion_check_args(q, default_lesion: str):
     """Arguments of the sanity checks that work on one TP lesion of one case."""
     _add_case_args(q)
-    q.add_argument("--wm", type=_path, default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own)")
+    q.add_argument("--wm", type=_path, default=None, help="white-matter mask or probability map on the MPRAGE grid (phantoms bring their own); without it, derived from the MPRAGE by registering the MNI template (written to the results folder)")
     q.add_argument("--lesion", type=_COUNT, default=None, help=f"TP lesion id (default: {default_lesion} of at most --max-voxels)")
     q.add_argument("--max-voxels", type=_COUNT, default=300, help="size cap for the default lesion choice (SmoothGrad cost grows with it)")
     q.add_argument("--samples", type=_SAMPLES, default=50)

@@ -113,8 +113,18 @@ def _sanity_check(args, name: str, run_check) -> tuple[list, dict]:
     voxel_size = _phantom_voxel_size_of(args)
     files = _case_files(args, need_wm=True)  # both checks place a region in healthy white matter
     model, dev = _load_checked(args, files)
+    from ..research.anatomy import FILES as ANATOMY_FILES
+
+    derive = files is not None and files.derive_white_matter
     out = OutputFolder(args.out, protected=[p for p in (args.flair, args.mprage, args.gt, args.wm) if p],
-                       names=[f"{name}.csv", f"{name}_summary.json", f"{name}.png"])
+                       names=[f"{name}.csv", f"{name}_summary.json", f"{name}.png", *(ANATOMY_FILES.values() if derive else ())])
+    if derive:
+        from ..research.experiments import derive_case_anatomy
+
+        bar = _bars(f"{files.name}: white matter from the MNI template (no --wm)")
+        anatomy = derive_case_anatomy(files, lambda done, total: bar(round(100 * done / total), 100))
+        if anatomy.warning:
+            _warn(anatomy.warning)
     case = next(_cases(args, model, dev, voxel_size, files))
     rows, summary, draw = run_check(model, case, dev)
     summary["phantom_voxel_size_mm"] = voxel_size
@@ -122,7 +132,13 @@ def _sanity_check(args, name: str, run_check) -> tuple[list, dict]:
         _write_rows(out.file(f"{name}.csv"), rows)
         out.file(f"{name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         draw(out.file(f"{name}.png"))
-    out.close(command=f"sanity {args.sanity_command}", phantom_voxel_size_mm=voxel_size)
+    white_matter = "phantom" if files is None else "--wm" if not derive else "derived"
+    if derive:
+        from ..research.anatomy import write_anatomy
+
+        write_anatomy(files.anatomy, out)
+    out.close(command=f"sanity {args.sanity_command}", phantom_voxel_size_mm=voxel_size, white_matter=white_matter,
+              **({"derived_anatomy_quality": files.anatomy.quality} if derive else {}))
     return rows, summary
 
 

@@ -60,7 +60,7 @@ def derive_anatomy(mprage: sitk.Image, progress=None) -> Anatomy:
     that cannot be a whole-head MPRAGE; a poor fit is not an error but `quality["warning"]`."""
     from .mni import TEMPLATE_NAME
 
-    fixed_full = _checked(mprage)
+    fixed_full = checked_mprage(mprage)
     total = len(STAGES)
     report(progress, 0, total)
     moving, moving_mask, wm, brain = _template()
@@ -144,7 +144,8 @@ def _written_here(path: Path) -> bool:
     return path.name in json.loads(record.read_text(encoding="utf-8")).get("files", {}).values()
 
 
-def _checked(mprage) -> sitk.Image:
+def checked_mprage(mprage) -> sitk.Image:
+    """The MPRAGE as float32, once it is known to be one a map can be derived from (InputError otherwise): no time."""
     if not isinstance(mprage, sitk.Image) or mprage.GetDimension() != 3:
         raise InputError("the MPRAGE must be a 3D image to derive a white-matter map from it")
     if mprage.GetNumberOfComponentsPerPixel() != 1:

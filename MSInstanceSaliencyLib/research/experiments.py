@@ -448,6 +448,8 @@ class CaseFiles:
     gt: np.ndarray
     reference: object  # the grid the ground truth (and a white-matter map) must be on: the MPRAGE's, else the FLAIR's
     white_matter: np.ndarray | None = None
+    derive_white_matter: bool = False  # needed and not given: derive_case_anatomy makes it from the MPRAGE
+    anatomy: object | None = None  # research.anatomy.Anatomy, once derived
 
 
 def read_case_files(flair, mprage, gt, wm=None, *, need_wm=False) -> CaseFiles:
@@ -473,29 +475,51 @@ def read_case_files(flair, mprage, gt, wm=None, *, need_wm=False) -> CaseFiles:
     files = CaseFiles(Path(flair).name.split(".")[0], flair_img, mprage_img, gt_mask, reference)
     if wm or need_wm:
         files.white_matter = white_matter_for(files, wm)
+        files.derive_white_matter = files.white_matter is None
     return files
 
 
-def white_matter_for(case_files: CaseFiles, wm_path) -> np.ndarray:
+def white_matter_for(case_files: CaseFiles, wm_path) -> np.ndarray | None:
     """The white-matter map of a case given by files: the user's --wm (checked to be on the reference
-    grid). The one place that decides what happens without one: today a refusal, before any work."""
+    grid). The one place that decides what happens without one: None when it can be derived from the
+    MPRAGE (derive_case_anatomy, the registration's seconds, once the model has loaded), else a refusal,
+    before any work."""
     from ..io.volumes import array_from_image, read_image, same_grid
+    from .anatomy import checked_mprage
 
     if not wm_path:
-        raise InputError("this experiment places a region in healthy white matter: pass --wm, a white-matter mask or probability "
-                         "map on the MPRAGE grid")
+        if case_files.mprage is None:
+            raise InputError("this experiment places a region in healthy white matter, which msis derives from an MPRAGE: give "
+                             "--mprage, or --wm, a white-matter mask or probability map on the FLAIR grid")
+        checked_mprage(case_files.mprage)
+        return None
     img = read_image(wm_path, "white-matter map")
     if not same_grid(img, case_files.reference):
         raise InputError(f"the white-matter map {wm_path} is not on the {'MPRAGE' if case_files.mprage is not None else 'FLAIR'} grid")
     return array_from_image(img)
 
 
+def derive_case_anatomy(files: CaseFiles, progress=None):
+    """The white matter (and head mask) of a case that needs one and has no --wm, derived from its MPRAGE by
+    registering the MNI template (research.anatomy; progress(done, total)). Returns the Anatomy: its
+    quality warning is the caller's to show, its maps are the caller's to write (write_anatomy)."""
+    from .anatomy import derive_anatomy
+
+    files.anatomy = derive_anatomy(files.mprage, progress)
+    files.white_matter = files.anatomy.white_matter
+    return files.anatomy
+
+
 def segment_case_files(model, files: CaseFiles, *, device="auto", progress=None) -> Case:
-    """Segment a checked case (progress: a factory, label -> progress callback)."""
+    """Segment a checked case (progress: a factory, label -> progress callback). A derived anatomy gives
+    the case its head mask too."""
     from ..segmentation.pipeline import segment
 
+    if files.derive_white_matter and files.anatomy is None:
+        derive_case_anatomy(files, progress(f"{files.name}: white matter from the MNI template") if progress else None)
     res = segment(files.flair, files.mprage, model, device=device, progress=progress(f"{files.name}: segmenting windows") if progress else None)
-    return Case(files.name, res, files.gt, files.white_matter)
+    head = files.anatomy.head_mask if files.anatomy is not None else None
+    return Case(files.name, res, files.gt, files.white_matter, head)
 
 
 def file_case(model, flair, mprage, gt, wm=None, device="auto", progress=None) -> Case:

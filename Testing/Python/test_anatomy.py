@@ -111,3 +111,23 @@ def test_an_image_that_cannot_be_a_head_mprage_fails_in_one_line(case, message):
         img.SetSpacing((2.0, 2.0, 2.0))
     with pytest.raises(InputError, match=message):
         derive_anatomy(img)
+
+
+def test_a_sanity_check_on_files_without_wm_derives_and_writes_the_anatomy(phantom_files, tmp_path, capsys):
+    """`msis sanity control-regions` on a user's files with no --wm: the map is derived from the MPRAGE (with
+    progress), the check runs on it, and the derived maps are beside the results, listed in msis_run.json."""
+    from MSInstanceSaliencyLib.cli import main
+
+    out = tmp_path / "cr"
+    rc = main(["sanity", "control-regions", "--flair", str(phantom_files["flair"]), "--mprage", str(phantom_files["mprage"]),
+               "--gt", str(phantom_files["lesions"]), "--out", str(out), "--device", "cpu", "--samples", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "white matter from the MNI template (no --wm)" in err and "Traceback" not in err
+    run = json.loads((out / "msis_run.json").read_text())
+    assert run["white_matter"] == "derived" and run["derived_anatomy_quality"]["warning"] is None
+    assert set(FILES.values()) | {"control_regions.csv", "control_regions_summary.json"} <= set(run["files"])
+    derived = read_image(out / FILES["white_matter"])
+    assert same_grid(derived, read_image(phantom_files["mprage"]))
+    rows = json.loads((out / "control_regions_summary.json").read_text())
+    assert set(rows["flair_peak"]) == {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre"}

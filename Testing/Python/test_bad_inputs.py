@@ -625,11 +625,15 @@ def test_context_defaults_name_cases_that_have_lesions_of_the_default_sizes():
 
 @pytest.fixture(scope="module")
 def experiment_inputs(files, small_phantom, tmp_path_factory):
-    """A white-matter map on the MPRAGE grid, and a ground truth and white-matter map on another grid (the 2 mm grid at 3 mm)."""
+    """A white-matter map on the MPRAGE grid, and a ground truth and white-matter map on another grid (the 2 mm grid at 3 mm);
+    FLAIR, MPRAGE and ground truth of a 40 mm slab (no whole head a white-matter map could be derived from)."""
     d = tmp_path_factory.mktemp("experiment_inputs")
     wm = d / "wm.nii.gz"
     sitk.WriteImage(small_phantom.white_matter, str(wm))
     out = {"wm": wm}
+    for name in ("flair", "mprage", "lesions"):  # 40 mm of the head: a slab, not a whole head
+        out[f"slab_{name}"] = d / f"slab_{name}.nii.gz"
+        sitk.WriteImage(getattr(small_phantom, name)[:, :, 30:50], str(out[f"slab_{name}"]))
     for name, img in (("gt_3mm", small_phantom.lesions), ("wm_3mm", small_phantom.white_matter)):
         ref = sitk.Image([int(n * 2 / 3) for n in img.GetSize()], sitk.sitkFloat32)
         ref.SetSpacing((3.0, 3.0, 3.0))
@@ -642,7 +646,8 @@ def experiment_inputs(files, small_phantom, tmp_path_factory):
 
 @pytest.mark.parametrize("check", ["synthetic-lesion", "control-regions"])
 @pytest.mark.parametrize("case, fragments", [
-    ("no wm", ["pass --wm"]),
+    ("no wm, no mprage", ["derives from an MPRAGE", "--wm"]),
+    ("no wm, a slab mprage", ["covers only", "give --wm"]),
     ("wm elsewhere", ["white-matter map", "is not on the MPRAGE grid"]),
     ("gt elsewhere", ["ground truth", "is not on the MPRAGE grid"]),
     ("gt cut", ["ground truth", "is truncated or corrupt"]),
@@ -652,16 +657,19 @@ def test_sanity_checks_refuse_their_inputs_before_segmenting(files, experiment_i
                                                               fragments):
     """Files the sanity checks cannot use fail in seconds, before the model loads (a user waited 3 minutes to learn --wm was needed)."""
     wm, gt = experiment_inputs["wm"], files["lesions"]
-    if case == "no wm":
-        wm = None
+    flair, mprage = files["flair"], files["mprage"]
+    if case == "no wm, no mprage":
+        wm = mprage = None
+    elif case == "no wm, a slab mprage":
+        wm, flair, mprage, gt = None, *(experiment_inputs[f"slab_{n}"] for n in ("flair", "mprage", "lesions"))
     elif case == "wm elsewhere":
         wm = experiment_inputs["wm_3mm"]
     elif case == "gt elsewhere":
         gt = experiment_inputs["gt_3mm"]
     elif case == "gt cut":
         gt = cut(Path(files["lesions"]), tmp_path / "gt.nii.gz", 0.7)
-    argv = ["sanity", check, "--flair", files["flair"], "--mprage", files["mprage"], "--out", tmp_path / "o", "--model", tiny_model_dir,
-            "--device", "cpu", "--samples", 1]
+    argv = ["sanity", check, "--flair", flair, "--out", tmp_path / "o", "--model", tiny_model_dir, "--device", "cpu", "--samples", 1]
+    argv += ["--mprage", mprage] if mprage else []
     argv += ["--gt", gt] if case != "no gt" else []
     argv += ["--wm", wm] if wm else []
     t0 = time.time()
