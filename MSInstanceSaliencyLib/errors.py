@@ -21,6 +21,21 @@ class WorkerError(RuntimeError):
     """The worker process failed: it crashed, stopped answering, or a request failed inside it."""
 
 
+_SIGINT_SEEN = threading.Event()  # set by the handler that swallowed_interrupts_redelivered installs
+
+
+def _sigint_handler(signum, frame):
+    """Python's own Ctrl-C handler (KeyboardInterrupt), remembering that it ran: a library that swallows the
+    KeyboardInterrupt (a bare except in an import) or turns it into another error cannot make it disappear."""
+    _SIGINT_SEEN.set()
+    signal.default_int_handler(signum, frame)
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C reached the command that swallowed_interrupts_redelivered runs."""
+    return _SIGINT_SEEN.is_set()
+
+
 def _interrupt_main_later(active) -> None:
     time.sleep(0.05)
     if active.is_set():  # not after the work has ended: the interrupt would hit the interpreter's exit
@@ -31,7 +46,7 @@ def _redeliver_swallowed_interrupt(previous_hook, active, unraisable) -> None:
     """A Ctrl-C that lands in a weakref callback or __del__ (an import's module-lock callback, say) is
     "ignored" by CPython with a traceback and the run goes on; deliver it again so that it stops the run.
     From another thread and a moment later: raised here, inside the hook, it would be ignored once more."""
-    if issubclass(unraisable.exc_type, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _sigint_handler):
         _thread.start_new_thread(_interrupt_main_later, (active,))
     else:
         previous_hook(unraisable)
@@ -39,12 +54,20 @@ def _redeliver_swallowed_interrupt(previous_hook, active, unraisable) -> None:
 
 @contextlib.contextmanager
 def swallowed_interrupts_redelivered():
-    """Within: a Ctrl-C that CPython would swallow stops the work like any other (sys.unraisablehook)."""
+    """Within: a Ctrl-C that CPython would swallow stops the work like any other (sys.unraisablehook), and
+    one that a library swallowed or turned into another error is still known (interrupted())."""
     previous_hook, active = sys.unraisablehook, threading.Event()
     active.set()
     sys.unraisablehook = functools.partial(_redeliver_swallowed_interrupt, previous_hook, active)
+    # the outermost use, in the main thread, with Python's handler in place (not SIGINT ignored) installs the recording one
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own:
+        _SIGINT_SEEN.clear()
+        signal.signal(signal.SIGINT, _sigint_handler)
     try:
         yield
     finally:
+        if own:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.unraisablehook = previous_hook
         active.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .errors import Cancelled
+from .errors import Cancelled, interrupted
 
 
 def report(progress, done, total) -> None:
@@ -30,6 +30,8 @@ class ProgressBar:
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __call__(self, done: int, total: int | None = None) -> None:
+        if interrupted():  # a Ctrl-C a library swallowed: the command stops at its next step
+            raise KeyboardInterrupt
         total = total or self.total or 1
         frac = min(max(done / total, 0.0), 1.0)
         elapsed = time.time() - self.t0

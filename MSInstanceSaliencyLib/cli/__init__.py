@@ -15,7 +15,7 @@ import functools
 import os
 import sys
 
-from ..errors import Cancelled, InputError, swallowed_interrupts_redelivered
+from ..errors import Cancelled, InputError, interrupted, swallowed_interrupts_redelivered
 from .checks import _check_args
 from .classifier import cmd_evaluate_classifier, cmd_features, cmd_train_classifier
 from .cohort import cmd_cohort
@@ -49,6 +49,9 @@ def _main(argv) -> int:
         print("msis: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not bad input: one line unless debugging
+        if interrupted():  # a Ctrl-C that a library turned into its own error (an ImportError mid-import)
+            print("msis: interrupted", file=sys.stderr)
+            return 130
         if os.environ.get("MSIS_DEBUG"):
             raise
         print(f"msis: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "

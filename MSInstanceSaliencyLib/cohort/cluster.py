@@ -120,10 +120,37 @@ def _start_client(scheduler, n_workers=None, *, gpu=False, dashboard=False):
         with dask.config.set(config), _sigint_blocked_in_new_threads():
             cluster = LocalCluster(**kw)
             client = Client(cluster)
+            client.register_plugin(_quiet_heartbeat_plugin(), name=_QUIET_HEARTBEAT)
     except BaseException:  # a Ctrl-C held back while they started arrives as the block ends: stop them again
         _close(client, cluster)
         raise
     return client, cluster
+
+
+_QUIET_HEARTBEAT = "msis-quiet-heartbeat"
+_HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat"
+
+
+def _not_a_heartbeat_failure(record) -> bool:
+    return not record.getMessage().startswith(_HEARTBEAT_FAILURE)
+
+
+def _quiet_heartbeat_plugin():
+    """A worker plugin that drops the worker's "Failed to communicate with scheduler during heartbeat"
+    log (a traceback, on the terminal): a local cluster's scheduler lives in msis's own process, so the
+    worker only misses it when msis is stopping, a Ctrl-C to msis alone for one, and the traceback would
+    come before msis's one line. Everything the run needs to know reaches the client as task results."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietHeartbeat(WorkerPlugin):
+        name = _QUIET_HEARTBEAT
+
+        def setup(self, worker):
+            import logging
+
+            logging.getLogger("distributed.worker").addFilter(_not_a_heartbeat_failure)
+
+    return QuietHeartbeat()
 
 
 @contextlib.contextmanager

@@ -484,6 +484,30 @@ def test_help_still_works(capsys):
     assert rc == 0 and "--threshold" in out and err == ""
 
 
+def test_a_ctrl_c_that_a_library_swallows_is_not_lost(capsys):
+    """A Ctrl-C can land in a library's bare `except:` (an import's) or become its own error: the command still
+    knows (an error then reads `msis: interrupted`, exit 130) and its next progress step stops it."""
+    from MSInstanceSaliencyLib.errors import interrupted, swallowed_interrupts_redelivered
+    from MSInstanceSaliencyLib.progress import ProgressBar
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist workers may differ)
+    try:
+        with swallowed_interrupts_redelivered():
+            assert not interrupted()
+            try:  # what such a library does
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(2)
+            except BaseException:  # noqa: BLE001
+                pass
+            assert interrupted()
+            with pytest.raises(KeyboardInterrupt):
+                ProgressBar(label="segmenting")(1, 10)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "segmenting" not in capsys.readouterr().err
+
+
 def test_sigint_during_start_up_is_one_line(files, tiny_model_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("MSIS_DEBUG", None)

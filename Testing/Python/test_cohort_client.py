@@ -184,6 +184,16 @@ def test_a_running_scheduler_is_accepted(manifest):
         other, none = cohort._start_client(lc.scheduler_address)
         assert none is None and len(other.scheduler_info()["workers"]) == 1
         other.close()
+
+        def logged(message):  # on the worker: would its logger pass this error on to its handlers?
+            import logging
+
+            log = logging.getLogger("distributed.worker")
+            return log.filter(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None)) is not False
+
+        # the local cluster's worker drops only the heartbeat failure a stopping msis causes (Ctrl-C to msis alone)
+        assert list(client.run(logged, "Failed to communicate with scheduler during heartbeat.").values()) == [False]
+        assert list(client.run(logged, "Compute Failed").values()) == [True]
     finally:
         cohort._close(client, lc)
 
