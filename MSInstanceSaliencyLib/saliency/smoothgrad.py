@@ -295,11 +295,14 @@ class _SmoothGradJob:
     def _batch_sizes(self, n_omega: int) -> tuple[int, int]:
         """(noisy copies per forward pass, Ω voxels per batched backward pass) fitting free memory."""
         gpu_chunk = self.chunk_size is None and self.aggregation == "max" and self.dev.type == "cuda"
-        if self.copies_per_pass is None or gpu_chunk:
+        # the memory estimate costs a forward pass: not made when there is nothing to fit (one noisy copy on a CPU)
+        if (self.copies_per_pass is None and self.n_samples > 1) or gpu_chunk:
             per_copy = max(_activation_bytes(self.net, self.x0[None]), 1)
             avail = _available_bytes(self.dev)
         if self.copies_per_pass is not None:
             copies = int(self.copies_per_pass)
+        elif self.n_samples == 1:
+            copies = 1
         else:
             # a forward pass keeps its activations (x1) and a backward pass needs about as much again
             cap = MAX_COPIES_PER_PASS[self.dev.type == "cuda"]

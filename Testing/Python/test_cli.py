@@ -198,7 +198,7 @@ def test_explain_unknown_lesion_and_empty_mask(phantom_files, tiny_model_dir, tm
     assert_clean_error(res, "mask is empty")
 
 
-def _feature_table(path, n_samples=1, cases=("c0", "c1", "c2")):
+def _feature_table(path, n_samples=1, cases=("c0", "c1", "c2"), max_omega_voxels=16):
     """A feature table from real pyradiomics features of synthetic saliency maps, with missed lesions."""
     from test_radiomics import lesion_map
 
@@ -214,14 +214,14 @@ def _feature_table(path, n_samples=1, cases=("c0", "c1", "c2")):
     rows += [{"case": "c0", "lesion_id": "gt1", "kind": "FN"}, {"case": "c1", "lesion_id": "gt4", "kind": "FN"}]
     rows = [r for r in rows if r["case"] in cases]
     write_feature_rows(rows, path, default_feature_names())
-    write_table_manifest(path, saliency_settings(n_samples=n_samples))
+    write_table_manifest(path, saliency_settings(n_samples=n_samples, max_omega_voxels=max_omega_voxels))
     return path
 
 
 @pytest.fixture(scope="module")
 def trained_classifier(tmp_path_factory):
-    """A feature table (N = 1) and what `train-classifier` makes of it: shared by the classifier commands' test
-    and the segment --tp-probability test."""
+    """A feature table (N = 1, the max over 16 voxels of each lesion) and what `train-classifier` makes of it: shared
+    by the classifier commands' test and the segment --tp-probability test (which scores every lesion so)."""
     d = tmp_path_factory.mktemp("classifier")
     feats = _feature_table(d / "features.csv", n_samples=1)
     res = msis("train-classifier", feats, "--out", d / "clf.json")
@@ -233,7 +233,7 @@ def test_train_and_evaluate_classifier_commands(trained_classifier, tmp_path):
     res, feats, clf_path = trained_classifier
     assert res.returncode == 0, res.stderr
     clf = json.loads(clf_path.read_text())
-    assert clf["saliency"]["n_samples"] == 1 and len(clf["feature_names"]) == 93
+    assert clf["saliency"]["n_samples"] == 1 and clf["saliency"]["max_omega_voxels"] == 16 and len(clf["feature_names"]) == 93
     res = msis("evaluate-classifier", clf_path, feats, "--out", tmp_path / "ev", "--n-boot", 200)
     assert res.returncode == 0, res.stderr
     rep = json.loads((tmp_path / "ev" / "classifier_evaluation.json").read_text())
