@@ -42,7 +42,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "needs_radiomics: needs pyradiomics; skipped where it is not installed (Python 3.12, Slicer 5.10 pins)")
 
 
+# pytest-xdist (--dist loadfile) hands out test files in collection order: the longest first, so that no long file
+# starts last while the other process idles (seconds per file with 2 processes, the run of 2026-12-04; a hint only).
+LONGEST_FILES_FIRST = ["test_cli.py", "test_nnunet_model.py", "test_web.py", "test_worker.py", "test_feature_tables.py",
+                       "test_gpu_check.py", "test_cohort.py", "test_outputs.py", "test_cohort_client.py", "test_bad_inputs.py",
+                       "test_preprocessing.py", "test_phantom.py", "test_lstai_model.py", "test_anatomy.py", "test_cohort_storage.py"]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
     marked = [item for item in items if item.get_closest_marker("needs_radiomics")]
     if not marked or importlib.util.find_spec("radiomics") is not None:
         return
