@@ -5,6 +5,7 @@ Limitation: the phantoms are this same template, smoothly deformed (research/pha
 is higher than on a real scan; what these tests show is that the registration finds the anatomy wherever the
 scan puts it and that a scan it cannot fit gives a warning or one line, not a map taken as good."""
 
+import csv
 import json
 
 import numpy as np
@@ -115,7 +116,8 @@ def test_an_image_that_cannot_be_a_head_mprage_fails_in_one_line(case, message):
 
 def test_a_sanity_check_on_files_without_wm_derives_and_writes_the_anatomy(phantom_files, tmp_path, capsys):
     """`msis sanity control-regions` on a user's files with no --wm: the map is derived from the MPRAGE (with
-    progress), the check runs on it, and the derived maps are beside the results, listed in msis_run.json."""
+    progress), the check runs on it (its outputs as on phantoms), and the derived maps are beside the results,
+    listed in msis_run.json. (The command's test on phantom cases: this one, test_cli's synthetic-lesion on phantoms.)"""
     from MSInstanceSaliencyLib.cli import main
 
     out = tmp_path / "cr"
@@ -129,5 +131,9 @@ def test_a_sanity_check_on_files_without_wm_derives_and_writes_the_anatomy(phant
     assert set(FILES.values()) | {"control_regions.csv", "control_regions_summary.json"} <= set(run["files"])
     derived = read_image(out / FILES["white_matter"])
     assert same_grid(derived, read_image(phantom_files["mprage"]))
-    rows = json.loads((out / "control_regions_summary.json").read_text())
-    assert set(rows["flair_peak"]) == {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre"}
+    summary = json.loads((out / "control_regions_summary.json").read_text())
+    assert set(summary["flair_peak"]) == {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre"}
+    rows = list(csv.DictReader(open(out / "control_regions.csv")))
+    assert len(rows) == 6 and {r["channel"] for r in rows} == {"flair", "mprage"}
+    assert [int(r["voxels"]) for r in rows if r["region"] == "single_voxel_at_tp_centre"] == [1, 1]
+    assert (out / "control_regions.png").is_file()
