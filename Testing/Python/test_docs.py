@@ -78,7 +78,7 @@ def _check_shell_line(text: str) -> str | None:
     tokens = shlex.split(text, comments=True)
     cut = next((i for i, t in enumerate(tokens) if t in SHELL_OPERATORS), len(tokens))
     tokens = tokens[:cut]
-    if not tokens:
+    if all(re.fullmatch(r"[A-Za-z_]\w*=\S*", t) for t in tokens):  # only shell variables set (or nothing)
         return None
     scripts = [t for t in tokens[:2] if t.startswith("scripts/")]
     missing = [s for s in scripts if not (ROOT / s).is_file()]
