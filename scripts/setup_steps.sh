@@ -6,8 +6,9 @@ step() {
   local what="$1"; shift
   printf 'setup: %s ... ' "$what" >&2
   printf '\n=== %s\n$ %s\n' "$what" "$*" >> "$LOG"
+  local t0=$SECONDS
   if "$@" >> "$LOG" 2>&1; then
-    echo ok >&2
+    echo "ok ($((SECONDS - t0)) s)" >&2
     return 0
   fi
   echo failed >&2
