@@ -117,3 +117,38 @@ def require_reference(module: str):
     if os.environ.get("MSIS_REQUIRE_REFERENCES") == "1":
         pytest.fail(f"{module} is not installed, and the main run needs it as a reference (`bash scripts/setup_env.sh --test` installs it)")
     pytest.skip(f"{module} (a reference implementation for tests) is not installed")
+
+
+def msis_in_process(*args, env=None, cwd=None):
+    """`msis ARGS` run by msis's own main() in this process, as a CompletedProcess (return code, stdout,
+    stderr). A command in its own interpreter first imports torch and MONAI (some 4 s of CPU each time); here
+    that is paid once. For commands that are not interrupted or killed (those tests start a real process).
+    env: extra environment variables for this call; cwd: the working directory for it; torch's thread count
+    is put back afterwards."""
+    import contextlib
+    import io
+    import subprocess
+
+    import torch
+
+    from MSInstanceSaliencyLib.cli import main
+
+    argv = [str(a) for a in args]
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        os.environ.pop("MSIS_DEBUG", None)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as exc:  # argparse's refusals and --help
+                rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
+    return subprocess.CompletedProcess(["msis", *argv], rc, out.getvalue(), err.getvalue())

@@ -1,10 +1,8 @@
-"""The command line end to end, as a user runs it (subprocesses, real files)."""
+"""The command line end to end, as a user runs it (msis's main() with its arguments, real files)."""
 
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ import SimpleITK as sitk
 
 from MSInstanceSaliencyLib.errors import InputError
 from MSInstanceSaliencyLib.io.volumes import array_from_image, same_grid
+
+from conftest import msis_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,11 +25,9 @@ SHARED_PATIENT = "18"
 
 
 def msis(*args, cwd=None, env=None):
-    """Run msis as a user does; env: extra environment variables (e.g. SMALL_PHANTOMS)."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    full_env.pop("MSIS_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd,
-                          timeout=600)
+    """Run msis's command line (in this process: no interpreter start-up per command; test_outputs, test_bad_inputs
+    and the Ctrl-C tests run `python -m MSInstanceSaliencyLib` itself); env: extra environment variables (e.g. SMALL_PHANTOMS)."""
+    return msis_in_process(*args, cwd=cwd, env=env)
 
 
 def assert_clean_error(res, fragment):

@@ -32,6 +32,8 @@ import pytest
 
 from MSInstanceSaliencyLib.errors import InputError
 
+from conftest import msis_in_process
+
 ROOT = Path(__file__).resolve().parents[2]
 PATIENTS = "9,4"  # the second case has the more rows (83, about 13 kB: more than a write buffer)
 CASES = ("phantom_p09_s20900", "phantom_p04_s20400")
@@ -73,9 +75,9 @@ def _features_args(out, patients=PATIENTS, *extra):
     return ["features", "--phantom-patients", patients, "--out", str(out), *OPTIONS, *extra]
 
 
-def _msis(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "MSInstanceSaliencyLib", *map(str, args)], capture_output=True, text=True,
-                          env=env or _env(), timeout=timeout)
+def _msis(*args):
+    """`msis ARGS` with the tests' 2 mm phantoms, in this process (the kill tests start real processes)."""
+    return msis_in_process(*args, env={"MSIS_PHANTOM_VOXEL_SIZE": "2"})
 
 
 def _one_error_line(res, *fragments):

@@ -22,6 +22,8 @@ import SimpleITK as sitk
 
 from MSInstanceSaliencyLib.io.volumes import array_from_image
 
+from conftest import msis_in_process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Patches run in the child before the command (same code path, only smaller or interrupted).
@@ -69,15 +71,7 @@ def msis(*args, prelude="", preexec_fn=None, env=None):
 
 def msis_here(*args):
     """The same command in this process (no interpreter start-up: faster, for runs that are not interrupted)."""
-    import contextlib
-    import io
-
-    from MSInstanceSaliencyLib.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+    return msis_in_process(*args)
 
 
 def start(*args, prelude=""):
@@ -164,7 +158,7 @@ def test_6_train_refuses_a_model_folder_it_did_not_write(tmp_path):
     (out / "model.json").write_text('{"mine": true}\n')
     (out / "weights.pt").write_bytes(b"my weights")
     t0 = time.time()
-    res = msis("train", "--out", out, "--iterations", 1, "--batch", 1, "--patch", 16, "--phantoms-per-patient", 1,
+    res = msis_here("train", "--out", out, "--iterations", 1, "--batch", 1, "--patch", 16, "--phantoms-per-patient", 1,
                "--cache", tmp_path / "cache", "--device", "cpu")
     assert_one_line_error(res, "not written by msis")
     assert (out / "model.json").read_text() == '{"mine": true}\n' and (out / "weights.pt").read_bytes() == b"my weights"
@@ -195,7 +189,7 @@ def test_6_phantom_refuses_a_user_msis_run_json(tmp_path):
         out = tmp_path / f"ph{len(text)}"
         out.mkdir()
         (out / "msis_run.json").write_text(text)
-        res = msis("phantom", "--out", out, "--voxel-size", 4)
+        res = msis_here("phantom", "--out", out, "--voxel-size", 4)
         assert_one_line_error(res, "msis_run.json", "not written by msis")
         assert (out / "msis_run.json").read_text() == text and visible(out) == ["msis_run.json"]
 
@@ -203,7 +197,7 @@ def test_6_phantom_refuses_a_user_msis_run_json(tmp_path):
 def test_6_features_refuses_a_user_file_beside_its_table(phantom_files, tiny_model_dir, tmp_path):
     side = tmp_path / "F.csv.json"
     side.write_text('{"my": "settings"}\n')
-    res = msis("features", phantom_files["flair"], phantom_files["mprage"], "--out", tmp_path / "F.csv", "--model", tiny_model_dir,
+    res = msis_here("features", phantom_files["flair"], phantom_files["mprage"], "--out", tmp_path / "F.csv", "--model", tiny_model_dir,
                "--device", "cpu", "--samples", 1)
     assert_one_line_error(res, "F.csv.json")
     assert side.read_text() == '{"my": "settings"}\n' and not (tmp_path / "F.csv").exists()
@@ -217,8 +211,8 @@ def test_6_single_file_outputs_never_replace_a_user_file(phantom_files, tiny_mod
     assert mine.read_text() == "my notes\n"
     # a file msis wrote itself may be replaced, atomically
     ours = tmp_path / "metrics.json"
-    assert msis("evaluate", gt, gt, "--json", ours).returncode == 0
-    res = msis("evaluate", gt, gt, "--json", ours)
+    assert msis_here("evaluate", gt, gt, "--json", ours).returncode == 0
+    res = msis_here("evaluate", gt, gt, "--json", ours)
     assert res.returncode == 0, res.stderr
     assert json.loads(ours.read_text())["f1"] == 1.0 and not list(tmp_path.glob(".*metrics*"))
     # validate-model refuses before it segments anything
@@ -248,7 +242,7 @@ def test_7_a_second_run_into_the_same_out_is_refused(phantom_files, tiny_model_d
                 break
         first.send_signal(signal.SIGSTOP)
         try:
-            second = msis(*explain(2))
+            second = msis_here(*explain(2))
         finally:
             first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=600)
@@ -285,7 +279,7 @@ def test_9_a_user_file_in_out_is_refused_before_any_work(phantom_files, tiny_mod
     out = tmp_path / "mine"
     out.mkdir()
     (out / "lesions.csv").write_text("my own notes\n")
-    res = msis(*segment_args(phantom_files, tiny_model_dir, out))
+    res = msis_here(*segment_args(phantom_files, tiny_model_dir, out))
     assert_one_line_error(res, "lesions.csv", "not written by msis")
     assert "segmenting" not in res.stderr  # refused before the model ran
     assert sorted(p.name for p in out.iterdir()) == ["lesions.csv"] and (out / "lesions.csv").read_text() == "my own notes\n"
@@ -363,7 +357,7 @@ def test_a_full_disk_is_one_line_and_publishes_nothing(phantom_files, tiny_model
 def test_an_unwritable_out_is_refused_before_any_work(phantom_files, tiny_model_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    res = msis(*segment_args(phantom_files, tiny_model_dir, blocker / "out"))
+    res = msis_here(*segment_args(phantom_files, tiny_model_dir, blocker / "out"))
     assert_one_line_error(res, "cannot write into --out")
     assert "segmenting" not in res.stderr
     ro = tmp_path / "readonly"
@@ -375,7 +369,7 @@ def test_an_unwritable_out_is_refused_before_any_work(phantom_files, tiny_model_
             immutable = subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
             if not immutable:
                 pytest.skip("cannot make a folder read-only here (root without chattr)")
-        res = msis(*segment_args(phantom_files, tiny_model_dir, ro))
+        res = msis_here(*segment_args(phantom_files, tiny_model_dir, ro))
         assert_one_line_error(res, "cannot write into --out", str(ro))
         assert "segmenting" not in res.stderr and list(ro.iterdir()) == []
     finally:
