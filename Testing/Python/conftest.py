@@ -43,10 +43,11 @@ def pytest_configure(config):
 
 
 # pytest-xdist (--dist loadfile) hands out test files in collection order: the longest first, so that no long file
-# starts last while the other process idles (seconds per file with 2 processes, the run of 2026-12-04; a hint only).
-LONGEST_FILES_FIRST = ["test_cli.py", "test_nnunet_model.py", "test_web.py", "test_worker.py", "test_feature_tables.py",
-                       "test_gpu_check.py", "test_cohort.py", "test_outputs.py", "test_cohort_client.py", "test_bad_inputs.py",
-                       "test_preprocessing.py", "test_phantom.py", "test_lstai_model.py", "test_anatomy.py", "test_cohort_storage.py"]
+# starts last while the other process idles (by seconds per file with 2 processes, --durations=0 of 2026-12-04;
+# a hint only).
+LONGEST_FILES_FIRST = ["test_nnunet_model.py", "test_web.py", "test_cohort.py", "test_cli.py", "test_gpu_check.py", "test_worker.py",
+                       "test_lstai_model.py", "test_feature_tables.py", "test_bad_inputs.py", "test_cohort_client.py", "test_phantom.py",
+                       "test_preprocessing.py", "test_cohort_storage.py", "test_outputs.py", "test_anatomy.py"]
 
 
 def pytest_collection_modifyitems(config, items):
