@@ -12,7 +12,15 @@ def _check_args(args) -> None:
     """What argparse cannot check alone, before any work starts (InputError, one line)."""
     if args.command in ("explain", "demo"):
         _check_explain_args(args)
-    if args.command == "cohort" and args.scheduler and args.workers:
+    if args.command in ("context", "sanity", "stats") and args.manifest is None and (args.workers or args.scheduler):
+        raise InputError(f"{'--workers' if args.workers else '--scheduler'} goes with --manifest (a set of cases on dask)")
+    if args.command in ("context", "sanity", "stats") and args.manifest is not None:
+        given = [f for f, v in (("--flair", args.flair), ("--mprage", args.mprage), ("--gt", args.gt), ("--wm", getattr(args, "wm", None)),
+                                ("--lesion", getattr(args, "lesion", None))) if v]
+        if given:
+            raise InputError(f"--manifest takes every case's files from the CSV (a wm column for white matter; the lesion is chosen per "
+                             f"case): leave out {', '.join(given)}")
+    if args.command in ("cohort", "context", "sanity", "stats") and args.scheduler and args.workers:
         raise InputError("--workers sizes the local cluster; with --scheduler the cluster you started decides (drop --workers)")
     if args.command == "context" and args.size_range[0] > args.size_range[1]:
         raise InputError(f"--size-range MIN MAX: MIN ({args.size_range[0]}) is larger than MAX ({args.size_range[1]})")

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..errors import InputError
+from ..io.outputs import write_csv_rows as _write_rows  # noqa: F401 - the commands' CSV tables
 from .parser import PHANTOM_VOXEL_SIZES
 
 
@@ -52,15 +53,6 @@ def _phantom_voxel_size(note: bool = False) -> float:
     if note and v != 1.0:
         print(f"phantoms with {v:g} mm voxels (MSIS_PHANTOM_VOXEL_SIZE); the model's training phantoms have 1 mm", file=sys.stderr)
     return v
-
-
-def _write_rows(path, rows):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _warn(message):

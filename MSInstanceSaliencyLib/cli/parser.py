@@ -159,6 +159,12 @@ def _add_max_omega_voxels(p):
 
 
 def _add_case_args(p):
+    p.add_argument("--manifest", type=_path, default=None, metavar="CSV",
+                   help="run over every case of a CSV manifest (columns case_id, flair, mprage, gt and optionally wm, as `msis cohort` "
+                        "takes; docs/CLI.md) on dask.distributed, resumable, with the whole set's statistics; --out is then the run's folder")
+    p.add_argument("--workers", type=_COUNT, default=None, help="with --manifest: local dask workers (default: one per CPU core, or per GPU)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="with --manifest: a running dask scheduler, tcp://HOST:PORT, "
+                   "instead of a local cluster (as msis cohort)")
     p.add_argument("--flair", type=_path, default=None, help="FLAIR file (default: phantom cases)")
     p.add_argument("--mprage", type=_path, default=None)
     p.add_argument("--gt", type=_path, default=None, help="ground-truth lesion mask on the MPRAGE grid (needed with files: TP lesions are chosen from it)")

@@ -80,6 +80,8 @@ def _load_checked(args, files):
 def cmd_context(args) -> int:
     from ..research.experiments import context_figure, run_context
 
+    if args.manifest:
+        return _over_manifest(args, "context", {"size_range": list(args.size_range), "steps": args.steps}, _print_context)
     voxel_size = _phantom_voxel_size_of(args)
     files = _case_files(args)
     model, dev = _load_checked(args, files)
@@ -93,13 +95,20 @@ def cmd_context(args) -> int:
         out.file("context_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         context_figure(summary, out.file("context.png"))
     out.close(command="context", size_range=list(args.size_range), steps=args.steps, phantom_voxel_size_mm=voxel_size)
-    print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
-          f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
+    _print_context(summary)
     print(f"outputs in {out.path}: context_raw.csv, context_summary.json, context.png")
     return 0
 
 
+def _print_context(summary) -> None:
+    print(f"{summary['n_lesions']} lesions; all detected from {summary['all_detected_from_mm']} mm; plateau at {summary['plateau_mm']} mm "
+          f"(paper, U-Net on real scans: all detected from 7 mm, plateau 12-15 mm)")
+
+
 def cmd_sanity(args) -> int:
+    if args.manifest:
+        params = {"max_voxels": args.max_voxels, "samples": args.samples, "noise_seed": args.noise_seed, "max_omega_voxels": args.max_omega_voxels}
+        return _over_manifest(args, args.sanity_command, params, _print_sanity_set)
     if args.sanity_command == "control-regions":
         return _sanity_control_regions(args)
     if args.sanity_command == "synthetic-lesion":
@@ -174,9 +183,23 @@ def _sanity_synthetic_lesion(args) -> int:
     return 0
 
 
+def _print_sanity_set(summary) -> None:
+    n = summary["n_cases"]
+    if "expectation_met_in_cases" in summary:
+        print("paper's expectations, cases where they hold: " + ", ".join(f"{k}: {v}/{n}" for k, v in summary["expectation_met_in_cases"].items()))
+        return
+    for k, m in summary["medians"].items():
+        if m["n"]:
+            print(f"{k}: median {m['median']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] over {m['n']} of {n} cases")
+
+
 def cmd_stats(args) -> int:
     from ..research.experiments import peaks_figures, run_peaks
 
+    if args.manifest:
+        params = {"samples": args.samples, "noise_seed": args.noise_seed, "max_per_group": args.max_per_group, "tn_volume_mm3": args.tn_volume,
+                  "tn_spheres": args.tn_spheres, "max_omega_voxels": args.max_omega_voxels}
+        return _over_manifest(args, "peaks", params, _print_peaks)
     voxel_size = _phantom_voxel_size_of(args)
     files = _case_files(args)
     model, dev = _load_checked(args, files)
@@ -191,12 +214,60 @@ def cmd_stats(args) -> int:
         out.file("peaks_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         peaks_figures(rows, out.file("peaks_violin.png"), out.file("modality_contribution.png"))
     out.close(command="stats peaks", phantom_voxel_size_mm=voxel_size)
+    _print_peaks(summary)
+    return 0
+
+
+def _print_peaks(summary) -> None:
     for g in ("TN", "FN", "FP", "TP"):
         m = summary["medians_positive_peak"][g]
         if m["n"]:
             print(f"{g}: n={m['n']:<4} median positive peak {m['median']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  (paper {summary['paper_medians_positive_peak'][g]})")
     for pair, r in summary["mannwhitney_positive_peak"].items():
         print(f"  {pair}: U={r['U']:.1f} p={r['p']:.3g}")
+
+
+def _over_manifest(args, experiment: str, params: dict, show) -> int:
+    """An experiment over every case of --manifest on dask (cohort.experiments): the manifest and every case's files checked,
+    then the model loaded once here (its channels and identity), then the cases on the workers; the whole set's outputs in --out."""
+    from pathlib import Path
+
+    from ..classifier.scoring import model_identity
+    from ..cohort import check_mprage, check_scheduler, need_cohort_packages, read_manifest
+    from ..cohort.experiments import ExperimentConfig, check_cases, experiment_settings, outputs, run_experiment_cohort
+    from ..models.loading import load_model
+    from ..progress import ProgressBar
+    from ..research.experiments import mean_lesion_volume
+
+    need_cohort_packages()
+    if args.scheduler:
+        args.scheduler = check_scheduler(args.scheduler)
+    cases = read_manifest(args.manifest, optional=("gt", "wm"))
+    volumes = check_cases(cases, experiment, args.manifest)  # every case's files, before the model loads
+    model = load_model(args.model, device="cpu", channels=args.model_channels, folds=args.folds, mirroring=not args.no_mirroring)
+    check_mprage(cases, model.spec.input_channels, args.manifest)
+    if experiment == "peaks" and params["tn_volume_mm3"] is None:
+        params["tn_volume_mm3"] = mean_lesion_volume(volumes)  # the whole set's mean, as one run over all the cases takes it
+    cfg = ExperimentConfig(experiment, str(Path(args.out).resolve()), {
+        "path": str(Path(args.model).resolve()) if args.model else None, "device": args.device, "channels": args.model_channels,
+        "folds": args.folds, "mirroring": not args.no_mirroring}, params)
+    cfg.settings = experiment_settings(cfg, model_identity(model), model.spec.input_channels)
+    del model  # the workers load their own
+    bars = {}
+
+    def progress(label, done, total):
+        bars.setdefault(label, ProgressBar(label=label))(done, total)
+
+    stats = run_experiment_cohort(cfg, cases, workers=args.workers, scheduler=args.scheduler, progress=progress)
+    show(stats["summary"])
+    failed = stats["failed"]
+    print(f"{stats['cases']} cases ({stats['skipped_cases']} finished earlier), {len(failed)} without a result"
+          + (f" ({'; '.join(f'{k}: {v}' for k, v in list(failed.items())[:3])})" if failed else ""))
+    print(f"outputs in {cfg.out}: {', '.join(outputs(experiment))}")
+    if stats["lost"]:
+        print(f"msis: {len(stats['lost'])} cases failed for reasons of the machine (a worker died, memory, disk) and were not "
+              "recorded; run the same command again to do them", file=sys.stderr)
+        return 1
     return 0
 
 

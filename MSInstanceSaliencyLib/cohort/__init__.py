@@ -23,7 +23,8 @@ dask is imported inside functions, so `msis` starts light and the Slicer side ne
 
 Modules, each importing only those before it: manifest (the cases, settings and keys), store (DIR's
 files: the tables, maps, summary.csv, cohort.json, the lock), tasks (the workers' side), progress,
-cluster (the --scheduler check, the client and local cluster), run (run_cohort). This package exports
+cluster (the --scheduler check, the client and local cluster), run (run_cohort), experiments (the paper's
+experiments over a manifest, on the same store and cluster). This package exports
 the names other code uses; tasks' functions keep their module, by which dask pickles them.
 """
 

@@ -32,11 +32,12 @@ class CohortCase:
     gt: Path | None
     line: int
     names: dict = field(default_factory=dict)  # the file names as the manifest writes them
+    wm: Path | None = None  # a white-matter map (the experiments' manifests only)
 
     def identity(self) -> dict:
         """What identifies the inputs in the resume keys: each file's name as written, size and mtime."""
         out = {}
-        for what in ("flair", "mprage", "gt"):
+        for what in ("flair", "mprage", "gt", "wm"):
             p = getattr(self, what)
             if p is not None:
                 st = p.stat()
@@ -87,9 +88,9 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def read_manifest(path, *, check_images: bool = True) -> list[CohortCase]:
+def read_manifest(path, *, check_images: bool = True, optional=OPTIONAL_COLUMNS) -> list[CohortCase]:
     """The cases of a manifest CSV: columns case_id, flair, mprage (an empty cell: FLAIR-only models) and
-    optionally gt; file names relative to the manifest's folder (or absolute). Every problem is collected
+    the `optional` ones (gt; the experiments also take wm, a white-matter map); file names relative to the manifest's folder (or absolute). Every problem is collected
     (missing or unknown columns, rows with another number of fields, empty or duplicate case ids, files
     missing or unreadable), then one InputError lists them with their CSV line numbers."""
     p = Path(path)
@@ -109,13 +110,14 @@ def read_manifest(path, *, check_images: bool = True) -> list[CohortCase]:
     header = [h.strip() for h in header]
     problems = []
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    unknown = [h for h in header if h not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    optional = tuple(optional)
+    unknown = [h for h in header if h not in REQUIRED_COLUMNS + optional]
     twice = sorted({h for h in header if header.count(h) > 1})
     if missing:
         problems.append(f"line 1: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if unknown:
         problems.append(f"line 1: unknown column{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} "
-                        f"(the columns are {', '.join(REQUIRED_COLUMNS)} and optionally gt)")
+                        f"(the columns are {', '.join(REQUIRED_COLUMNS)} and optionally {' and '.join(optional)})")
     if twice:
         problems.append(f"line 1: column{'s' if len(twice) > 1 else ''} {', '.join(twice)} given twice")
     if problems:
@@ -153,7 +155,7 @@ def read_manifest(path, *, check_images: bool = True) -> list[CohortCase]:
             if why:
                 problems.append(f"line {start}: case_id {cid!r} {why}")
         files, names = {}, {}
-        for what in ("flair", "mprage", "gt"):
+        for what in ("flair", "mprage") + optional:
             name = cells.get(what, "")
             if not name:
                 if what == "flair":
@@ -167,7 +169,7 @@ def read_manifest(path, *, check_images: bool = True) -> list[CohortCase]:
             why = _image_problem(f) if check_images else (None if f.is_file() else f"file not found: {f}")
             if why:
                 problems.append(f"line {start}: {what} {why}")
-        cases.append(CohortCase(cid, files["flair"], files["mprage"], files["gt"], start, names))
+        cases.append(CohortCase(cid, files["flair"], files["mprage"], files.get("gt"), start, names, files.get("wm")))
     if not problems and not cases:
         problems.append("no cases (only a header)")
     if problems:

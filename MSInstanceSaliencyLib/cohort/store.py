@@ -317,14 +317,14 @@ def _drop_changed_inputs(out, lesions, cases_t, keys) -> None:
     """Cases whose rows in DIR were made from other files (changed since: name, size or mtime). A finished
     case (its case row has no error) is refused: its rows pin its inputs. Any other (its case row is an
     error, or it has none yet) is done again with the new files, its earlier rows dropped first, so that
-    no case has rows of two inputs."""
+    no case has rows of two inputs. lesions: None for a run with case rows only (the experiments')."""
     known, finished = {}, set()
     if cases_t.keys:
         df = cases_t.read(columns=["case_id", "key", "error"])
         finished = set(df["key"][df["error"].isna()])
         for cid, k in zip(df["case_id"], df["key"]):
             known.setdefault(cid, set()).add(k)
-    if lesions.keys:
+    if lesions is not None and lesions.keys:
         df = lesions.read(columns=["case_id", "case_key"])
         for cid, k in zip(df["case_id"], df["case_key"]):
             known.setdefault(cid, set()).add(k)
@@ -335,7 +335,8 @@ def _drop_changed_inputs(out, lesions, cases_t, keys) -> None:
                          f"modification time) since {out} got rows for them; give a new --out, or restore the files")
     stale = set().union(*earlier.values()) if earlier else set()
     if stale:
-        lesions.drop("case_key", stale)
+        if lesions is not None:
+            lesions.drop("case_key", stale)
         cases_t.drop("key", stale)
 
 

@@ -335,6 +335,16 @@ def write_json_output(path, data: dict, option: str) -> Path:
     return write_output_file(path, option, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def write_csv_rows(path, rows: list[dict]) -> None:
+    """A CSV table of dict rows, the union of their keys as columns in first-seen order (into a staged or temporary path)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def atomic_write(path, data) -> Path:
     """Write a file whole or not at all, replacing whatever is at `path` (see _write_whole): `data` is the
     bytes, or a function write(tmp) that writes the file at the temporary path it is given. A kill at any

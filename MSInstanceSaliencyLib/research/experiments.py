@@ -552,31 +552,45 @@ def _head(case: Case) -> np.ndarray:
 
 def run_context(model, cases, size_range=(90, 120), *, n_steps=34, device="auto", progress=None, warn=None) -> tuple[list, dict]:
     """The contextual-information experiment over the TP lesions of size_range voxels of the cases."""
+    rows = []
+    for case in cases:
+        rows += context_rows(model, case, size_range, n_steps=n_steps, device=device, progress=progress, warn=warn)
+    return rows, context_summary(rows, size_range)
+
+
+def context_rows(model, case: Case, size_range=(90, 120), *, n_steps=34, device="auto", progress=None, warn=None) -> list[dict]:
+    """One case's rows of the contextual-information experiment: a row per TP lesion of size_range voxels and step."""
     from ..segmentation.evaluation import classify_lesions
 
     warn = warn or _noop
     lo, hi = size_range
-    per_lesion, rows = {}, []
-    for case in cases:
-        res = case.result
-        sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
-        chosen = [i for i in classify_lesions(res.labels, case.gt)["tp"] if lo <= sizes[i] <= hi]
-        bar = progress(f"{case.name}: {len(chosen)} TP lesions of {lo}-{hi} voxels, {n_steps + 1} rings each") if progress else None
-        for n, lid in enumerate(chosen):
-            def rings(done, total, n=n):  # one bar over all the case's lesions and rings
-                if bar:
-                    bar(n * total + done, len(chosen) * total)
-            try:
-                steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=n_steps, spacing=res.prepared.spacing,
-                                           device=device, grid=res.prepared.grid, progress=rings)
-            except Exception as exc:  # one lesion failing is reported, not fatal
-                warn(f"{case.name} lesion {lid}: {exc}")
-                continue
-            per_lesion[f"{case.name}/{lid}"] = steps
-            rows += [{"case": case.name, "lesion_id": lid, "voxels": sizes[lid], **s} for s in steps]
+    res = case.result
+    sizes = {r["lesion_id"]: r["voxels"] for r in res.table}
+    chosen = [i for i in classify_lesions(res.labels, case.gt)["tp"] if lo <= sizes[i] <= hi]
+    bar = progress(f"{case.name}: {len(chosen)} TP lesions of {lo}-{hi} voxels, {n_steps + 1} rings each") if progress else None
+    rows = []
+    for n, lid in enumerate(chosen):
+        def rings(done, total, n=n):  # one bar over all the case's lesions and rings
+            if bar:
+                bar(n * total + done, len(chosen) * total)
+        try:
+            steps = context_experiment(model, res.prepared.image, res.labels == lid, n_steps=n_steps, spacing=res.prepared.spacing,
+                                       device=device, grid=res.prepared.grid, progress=rings)
+        except Exception as exc:  # one lesion failing is reported, not fatal
+            warn(f"{case.name} lesion {lid}: {exc}")
+            continue
+        rows += [{"case": case.name, "lesion_id": int(lid), "voxels": int(sizes[lid]), **s} for s in steps]
+    return rows
+
+
+def context_summary(rows: list[dict], size_range=(90, 120)) -> dict:
+    """summarize_context over the rows of any number of cases (context_rows)."""
+    per_lesion = {}
+    for r in rows:
+        per_lesion.setdefault(f"{r['case']}/{r['lesion_id']}", []).append({k: v for k, v in r.items() if k not in ("case", "lesion_id", "voxels")})
     if not per_lesion:
-        raise InputError(f"no TP lesion of {lo}-{hi} voxels in these cases; widen the size range or add cases")
-    return rows, summarize_context(per_lesion)
+        raise InputError(f"no TP lesion of {size_range[0]}-{size_range[1]} voxels in these cases; widen the size range or add cases")
+    return summarize_context(per_lesion)
 
 
 def _tp_lesion(case: Case, lesion_id, max_voxels, min_max_probability=0.0):
@@ -709,6 +723,53 @@ def run_synthetic_lesion(model, case: Case, *, lesion_id=None, max_voxels=300, n
     return rows, summary, panels
 
 
+CONTROL_REGION_MEASURES = ("tp_over_wm_peak_ratio", "single_voxel_map_share_inside_lesion", "single_voxel_map_share_within_3_voxels")
+
+
+def control_regions_set_summary(per_case: list[dict]) -> dict:
+    """The control regions over a set of cases (one run_control_regions summary each): the median of each measure with its CI."""
+    return {"n_cases": len(per_case),
+            "medians": {k: median_ci([s[k] for s in per_case if s.get(k) is not None]) for k in CONTROL_REGION_MEASURES},
+            "paper": "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion",
+            "cases": per_case}
+
+
+def synthetic_lesion_set_summary(per_case: list[dict]) -> dict:
+    """The synthetic-lesion check over a set of cases (one run_synthetic_lesion summary each): in how many cases each of the
+    paper's expectations holds."""
+    checks = list(per_case[0]["paper_expectation_met"]) if per_case else []
+    met = {k: sum(bool(s["paper_expectation_met"][k]) for s in per_case) for k in checks}
+    return {"n_cases": len(per_case), "expectation_met_in_cases": met,
+            "share_of_cases": {k: met[k] / len(per_case) for k in checks}, "cases": per_case}
+
+
+def sanity_set_figure(name: str, summary: dict, path):
+    """The whole set at a glance: the control regions' FLAIR peaks per case, or the share of cases meeting each expectation."""
+    from ..saliency.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    if name == "control_regions":
+        regions = ("tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre")
+        for s in summary["cases"]:
+            ax.plot(range(len(regions)), [s["flair_peak"][r] for r in regions], "o-", alpha=0.6, label=s["case"])
+        ax.set_xticks(range(len(regions)))
+        ax.set_xticklabels(["TP lesion", "healthy WM sphere", "one voxel at the TP's centre"])
+        ax.set_ylabel("FLAIR |SmoothGrad| peak")
+        ax.set_title(f"Control regions, {summary['n_cases']} cases")
+        if summary["n_cases"] <= 12:
+            ax.legend(fontsize=7)
+    else:
+        share = summary["share_of_cases"]
+        ax.bar(range(len(share)), [100 * v for v in share.values()])
+        ax.set_xticks(range(len(share)))
+        ax.set_xticklabels([k.replace("_", " ") for k in share], fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("% of cases")
+        ax.set_title(f"Synthetic lesion: the paper's expectations, {summary['n_cases']} cases")
+    save_figure(fig, path, dpi=110)
+
+
 PAPER_MEDIAN_POSITIVE_PEAK = {"TN": 0.465, "FN": 1.202, "FP": 1.630, "TP": 1.997}
 
 
@@ -717,50 +778,75 @@ def run_peaks(model, cases, *, n_samples=50, seed=0, max_per_group=None, tn_volu
     """SmoothGrad peaks of TP, FP, FN lesions and tn_per_case TN spheres per case (the paper's ten), their medians with CIs, pairwise
     Mann-Whitney U, and the FLAIR vs MPRAGE contribution (FLAIR only for a FLAIR-only model). Regions and
     maps on the reference grid. Returns (rows, summary)."""
+    cases = list(cases)
+    tn_volume = tn_volume_mm3 or mean_lesion_volume([v for c in cases for v in gt_lesion_volumes(c.gt, c.result.prepared.spacing)])
+    rows = []
+    for case in cases:
+        rows += peaks_rows(model, case, tn_volume, n_samples=n_samples, seed=seed, max_per_group=max_per_group, device=device,
+                           progress=progress, warn=warn, max_omega_voxels=max_omega_voxels, tn_per_case=tn_per_case)
+    return rows, peaks_summary(rows, n_samples, tn_volume, [c.name for c in cases])
+
+
+def gt_lesion_volumes(gt: np.ndarray, spacing) -> list[float]:
+    """The volumes in mm^3 of the ground truth's lesions (18-connected, as classify_lesions counts them)."""
+    from ..segmentation.instances import label_instances
+
+    labels = label_instances(np.asarray(gt) != 0, min_volume_mm3=0.0, connectivity=18)
+    return [float(v) * float(np.prod(spacing)) for v in np.bincount(labels.ravel())[1:]]
+
+
+def mean_lesion_volume(volumes) -> float:
+    """The TN spheres' default volume: the mean ground-truth lesion volume of the whole set (93 mm^3 without lesions)."""
+    return float(np.mean(volumes)) if len(volumes) else 93.0
+
+
+def peaks_rows(model, case: Case, tn_volume_mm3: float, *, n_samples=50, seed=0, max_per_group=None, device="auto", progress=None,
+               warn=None, max_omega_voxels=None, tn_per_case=10) -> list[dict]:
+    """One case's rows of run_peaks: its TP, FP, FN lesions (at most max_per_group of each, seeded) and TN spheres of tn_volume_mm3."""
     from ..segmentation.evaluation import classify_lesions
 
     warn = warn or _noop
-    cases = list(cases)
-    cats = [classify_lesions(c.result.labels, c.gt) for c in cases]
-    volumes = [v * float(np.prod(c.result.prepared.spacing)) for c, k in zip(cases, cats) for v in np.bincount(k["gt_labels"].ravel())[1:]]
-    tn_volume = tn_volume_mm3 or (float(np.mean(volumes)) if volumes else 93.0)
+    res = case.result
+    cat = classify_lesions(res.labels, case.gt)
+    rng = np.random.default_rng(seed)
+
+    def pick(ids):
+        return sorted(rng.choice(ids, size=max_per_group, replace=False).tolist()) if max_per_group and len(ids) > max_per_group else list(ids)
+
+    regions = [("TP", i, res.labels == i) for i in pick(cat["tp"])] + [("FP", i, res.labels == i) for i in pick(cat["fp"])]
+    regions += [("FN", i, cat["gt_labels"] == i) for i in pick(cat["fn"])]
+    try:
+        head = _head(case) & network_coverage(res.prepared)
+        spheres = tn_spheres(head, (res.labels > 0) | (case.gt > 0), tn_volume_mm3, tn_per_case, res.prepared.spacing, seed=seed)
+        regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
+    except InputError as exc:
+        warn(f"{case.name}: {exc}")
+    bar = progress(f"{case.name}: SmoothGrad of {len(regions)} regions") if progress else None
+    ch = res.prepared.channels
     rows = []
-    for case, cat in zip(cases, cats):
-        res = case.result
-        rng = np.random.default_rng(seed)
-
-        def pick(ids):
-            return sorted(rng.choice(ids, size=max_per_group, replace=False).tolist()) if max_per_group and len(ids) > max_per_group else list(ids)
-
-        regions = [("TP", i, res.labels == i) for i in pick(cat["tp"])] + [("FP", i, res.labels == i) for i in pick(cat["fp"])]
-        regions += [("FN", i, cat["gt_labels"] == i) for i in pick(cat["fn"])]
+    for n, (group, rid, om) in enumerate(regions):
         try:
-            head = _head(case) & network_coverage(res.prepared)
-            spheres = tn_spheres(head, (res.labels > 0) | (case.gt > 0), tn_volume, tn_per_case, res.prepared.spacing, seed=seed)
-            regions += [("TN", k + 1, s) for k, s in enumerate(spheres)]
-        except InputError as exc:
-            warn(f"{case.name}: {exc}")
-        bar = progress(f"{case.name}: SmoothGrad of {len(regions)} regions") if progress else None
-        ch = res.prepared.channels
-        for n, (group, rid, om) in enumerate(regions):
-            try:
-                maps = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device,
-                                               max_omega_voxels=max_omega_voxels)
-            except Exception as exc:  # one region failing is reported, not fatal
-                warn(f"{case.name} {group} {rid}: {exc}")
-                continue
-            peaks = {f"{c}_{k}": float(getattr(maps[ch.index(c)], k)()) for c in ("flair", "mprage") if c in ch for k in ("max", "min")}
-            rows.append({"case": case.name, "group": group, "region_id": int(rid), "voxels": int(om.sum()), **peaks,
-                         **modality_contribution(maps, om, ch)})
-            if bar:
-                bar(n + 1, len(regions))
+            maps = smoothgrad_on_reference(model, res.prepared, om, n_samples=n_samples, seed=seed, device=device,
+                                           max_omega_voxels=max_omega_voxels)
+        except Exception as exc:  # one region failing is reported, not fatal
+            warn(f"{case.name} {group} {rid}: {exc}")
+            continue
+        peaks = {f"{c}_{k}": float(getattr(maps[ch.index(c)], k)()) for c in ("flair", "mprage") if c in ch for k in ("max", "min")}
+        rows.append({"case": case.name, "group": group, "region_id": int(rid), "voxels": int(om.sum()), **peaks,
+                     **modality_contribution(maps, om, ch)})
+        if bar:
+            bar(n + 1, len(regions))
+    return rows
+
+
+def peaks_summary(rows: list[dict], n_samples: int, tn_volume_mm3: float, case_names: list) -> dict:
+    """The whole set's statistics of run_peaks' rows: medians with CIs per group, pairwise Mann-Whitney U."""
     if not rows:
         raise InputError("no region could be analysed")
     groups = ("TN", "FN", "FP", "TP")
-    summary = {"samples": n_samples, "tn_volume_mm3": tn_volume, "cases": [c.name for c in cases],
-               "medians_positive_peak": {g: median_ci([r["flair_max"] for r in rows if r["group"] == g]) for g in groups},
-               "medians_negative_peak": {g: median_ci([r["flair_min"] for r in rows if r["group"] == g]) for g in groups},
-               "mannwhitney_positive_peak": pairwise_mannwhitney({g: [r["flair_max"] for r in rows if r["group"] == g] for g in groups}),
-               "mannwhitney_negative_peak": pairwise_mannwhitney({g: [r["flair_min"] for r in rows if r["group"] == g] for g in groups}),
-               "paper_medians_positive_peak": PAPER_MEDIAN_POSITIVE_PEAK}
-    return rows, summary
+    return {"samples": n_samples, "tn_volume_mm3": tn_volume_mm3, "cases": list(case_names),
+            "medians_positive_peak": {g: median_ci([r["flair_max"] for r in rows if r["group"] == g]) for g in groups},
+            "medians_negative_peak": {g: median_ci([r["flair_min"] for r in rows if r["group"] == g]) for g in groups},
+            "mannwhitney_positive_peak": pairwise_mannwhitney({g: [r["flair_max"] for r in rows if r["group"] == g] for g in groups}),
+            "mannwhitney_negative_peak": pairwise_mannwhitney({g: [r["flair_min"] for r in rows if r["group"] == g] for g in groups}),
+            "paper_medians_positive_peak": PAPER_MEDIAN_POSITIVE_PEAK}

@@ -25,7 +25,7 @@ LAYERS = [
     ("apps", {"cli", "worker", "worker_client", "__main__"}),
 ]
 # The cohort package's modules, lowest first: each imports only modules before it (its __init__ last)
-COHORT_ORDER = ["manifest", "store", "tasks", "progress", "cluster", "run", "__init__"]
+COHORT_ORDER = ["manifest", "store", "tasks", "progress", "cluster", "run", "experiments", "__init__"]
 
 
 def _modules(lib: Path) -> dict:
