@@ -166,3 +166,32 @@ def test_bad_manifests_are_refused_before_any_work(cases, tmp_path):
     assert r.returncode == 2 and "--workers goes with --manifest" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_peaks_over_a_manifest_with_a_model_on_its_own_grid(cases, cluster, tmp_path):
+    """A model.json model whose network runs on a 3 mm ASL grid (random, segmenting nothing), loaded by the workers: every
+    case's regions and peaks on the reference grid (the ground truth's lesions keep their voxel counts there)."""
+    import torch
+    from conftest import tiny_spec
+
+    from MSInstanceSaliencyLib.models.monai import build_network, save_model
+    from MSInstanceSaliencyLib.research.experiments import gt_lesion_volumes
+
+    torch.manual_seed(0)
+    spec = tiny_spec(target_spacing=[3.0, 3.0, 3.0], orientation="ASL")
+    net = build_network(spec)
+    last = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1]
+    with torch.no_grad():  # background everywhere: every ground-truth lesion is an FN, and the TN spheres have room
+        last.bias.copy_(torch.tensor([8.0, -8.0]))
+    save_model(net, spec, tmp_path / "model")
+    out = tmp_path / "peaks"
+    r = msis("stats", "peaks", "--manifest", cases / "manifest.csv", "--model", tmp_path / "model", "--out", out,
+             "--scheduler", cluster.scheduler_address, *PEAKS_ARGS)
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(out / "peaks.csv")
+    assert set(rows["case"]) == {"p17", "p18", "p19"} and np.isfinite(rows.filter(like="flair_").to_numpy()).all()
+    for case, mine in rows.groupby("case"):
+        gt_voxels = {round(v / 8.0) for v in gt_lesion_volumes(sitk.GetArrayFromImage(sitk.ReadImage(str(cases / case / "lesions.nii.gz"))),
+                                                                (2.0, 2.0, 2.0))}
+        assert sorted(mine["group"]) == ["FN", "TN", "TN"], r.stderr
+        assert set(mine.loc[mine["group"] == "FN", "voxels"]) <= gt_voxels

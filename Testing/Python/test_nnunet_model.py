@@ -181,3 +181,29 @@ def test_experiments_on_an_nnunet_grid(nnunet, tmp_path):
     gt = mask_from_image(sitk.ReadImage(test["label"]))
     white_matter = (ndimage.binary_erosion(array_from_image(flair) > 5, iterations=2) & ~gt).astype(np.float32)
     check_experiments_on_the_reference_grid(model, case_with_lesions_of(res, gt, white_matter), max_omega_voxels=1)
+
+
+def test_peaks_over_a_manifest_on_an_nnunet_grid(nnunet, tmp_path):
+    """`stats peaks --manifest` over the three test cases with the transposed nnU-Net folder (fold 0, no mirroring) on a
+    local cluster of one worker, which loads the folder itself: every case has its rows, the ground truth's lesions
+    with their voxel counts on the reference grid (the test cases' own grids: resampled, native, anisotropic)."""
+    pytest.importorskip("distributed")
+    import pandas as pd
+    from conftest import msis_in_process
+
+    from MSInstanceSaliencyLib.segmentation.instances import label_instances
+
+    _plans_transposed(nnunet, tmp_path, [2, 0, 1])  # the folder tmp_path/model
+    lines = ["case_id,flair,mprage,gt"] + [f"{name},{t['channels'][0]},{t['channels'][1]},{t['label']}" for name, t in nnunet["tests"].items()]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    r = msis_in_process("stats", "peaks", "--manifest", tmp_path / "m.csv", "--model", tmp_path / "model", "--folds", "0", "--no-mirroring",
+                        "--workers", "1", "--device", "cpu", "--samples", "1", "--max-per-group", "1", "--tn-spheres", "1",
+                        "--max-omega-voxels", "1", "--out", tmp_path / "peaks")
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(tmp_path / "peaks" / "peaks.csv")
+    assert set(rows["case"]) == set(nnunet["tests"]) and np.isfinite(rows.filter(like="_m").to_numpy()).all()
+    for name, t in nnunet["tests"].items():
+        gt = label_instances(sitk.GetArrayFromImage(sitk.ReadImage(t["label"])) > 0, min_volume_mm3=0.0, connectivity=18)
+        lesion_voxels = set(np.bincount(gt.ravel())[1:].tolist())
+        mine = rows[rows["case"] == name]
+        assert set(mine.loc[mine["group"].isin(["FN"]), "voxels"]) <= lesion_voxels
