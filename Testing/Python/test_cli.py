@@ -329,7 +329,7 @@ def peaks_run(tmp_path_factory):
     small, because each TN sphere costs one backward pass per voxel)."""
     out = tmp_path_factory.mktemp("peaks") / "peaks"
     res = msis("stats", "peaks", "--out", out, "--device", "cpu", "--phantom-patients", SHARED_PATIENT, "--samples", "1", "--max-per-group", "2",
-               "--tn-volume", "128", env=SMALL_PHANTOMS)
+               "--tn-volume", "128", "--max-omega-voxels", "4", env=SMALL_PHANTOMS)
     return res, out
 
 
