@@ -25,7 +25,12 @@ def nnunet(tmp_path_factory):
     require_reference("nnunetv2")
     from nnunet_reference import make_nnunet_model
 
-    return make_nnunet_model(tmp_path_factory.mktemp("nnunet"))
+    # training images of 1.2 x 1 x 1 mm (x, y, z): nnunetv2's planner puts the largest spacing's axis first, so its plans
+    # transpose nnU-Net's (z, y, x) arrays with transpose_forward [2, 0, 1] (PLANNED_TRANSPOSE)
+    return make_nnunet_model(tmp_path_factory.mktemp("nnunet"), spacing=(1.2, 1.0, 1.0))
+
+
+PLANNED_TRANSPOSE = [2, 0, 1]
 
 
 def _case(ref, case):
@@ -129,12 +134,11 @@ def _with_background(img, seed):
 
 
 def _plans_transposed(nnunet, tmp_path, transpose):
-    """The nnU-Net folder (fold 0), its plans given transpose_forward `transpose` by hand when not None: nnU-Net's
-    planner keeps the axis order of these images (transpose_forward [0, 1, 2]; still (z, y, x), the reverse of the
-    reference grid's axes)."""
+    """The nnU-Net folder (fold 0) as nnunetv2 planned it (transpose_forward [2, 0, 1], after nnU-Net's (z, y, x)), or
+    with another transpose_forward `transpose` written into a copy of its plans."""
     folder = Path(nnunet["model_folder"])
     plans = json.loads((folder / "plans.json").read_text())
-    assert plans["transpose_forward"] == [0, 1, 2]
+    assert plans["transpose_forward"] == PLANNED_TRANSPOSE  # nnunetv2's own planning
     if transpose:
         folder = tmp_path / "model"
         shutil.copytree(nnunet["model_folder"], folder, ignore=shutil.ignore_patterns("checkpoint_best.pth", "*.png", "*.txt", "fold_1"))
@@ -143,15 +147,15 @@ def _plans_transposed(nnunet, tmp_path, transpose):
     return load_model(folder, folds=[0], mirroring=False)
 
 
-@pytest.mark.parametrize("transpose", [None, [2, 0, 1]])
+@pytest.mark.parametrize("transpose", [None, [0, 1, 2]])
 def test_a_shift_on_the_reference_grid_is_the_same_displacement_on_nnunet_grids(nnunet, tmp_path, transpose):
     from MSInstanceSaliencyLib.io.volumes import mask_from_image
     from MSInstanceSaliencyLib.research.experiments import copy_region, network_shift
 
     model = _plans_transposed(nnunet, tmp_path, transpose)
-    test = nnunet["tests"]["test_resampled"]  # 1.1 x 0.9 x 1.5 mm, resampled to the plan's 1 x 1 x 1.2 mm
+    test = nnunet["tests"]["test_resampled"]  # 1.1 x 0.9 x 1.5 mm, resampled to the plan's 1.2 x 1 x 1 mm
     prepared = model.prepare(*(sitk.ReadImage(p) for p in test["channels"]))
-    assert prepared.grid.transpose_forward == (transpose or [0, 1, 2])
+    assert prepared.grid.transpose_forward == (transpose or PLANNED_TRANSPOSE)
     lesion = mask_from_image(sitk.ReadImage(test["label"]))
     shift = np.array([6, -5, 3])  # 6.6, -4.5, 4.5 mm
     moved = copy_region(np.zeros((1,) + lesion.shape, np.float32), lesion, shift)[1]
@@ -165,26 +169,26 @@ def test_a_shift_on_the_reference_grid_is_the_same_displacement_on_nnunet_grids(
 
 
 def test_experiments_on_an_nnunet_grid(nnunet, tmp_path):
-    """The four experiments on nnU-Net's grid, transposed ([2, 0, 1] by hand, after nnU-Net's (z, y, x)) and resampled
-    (test_resampled: 1.1 x 0.9 x 1.5 mm to the plan's 1 x 1 x 1.2 mm). One variant only: nnU-Net's network is slow on a CPU."""
-    transpose = [2, 0, 1]
+    """The four experiments on nnU-Net's grid as nnunetv2 planned it, transposed ([2, 0, 1], after nnU-Net's (z, y, x)) and
+    resampled (test_resampled: 1.1 x 0.9 x 1.5 mm to the plan's 1.2 x 1 x 1 mm). One variant only: nnU-Net's network is
+    slow on a CPU."""
     from scipy import ndimage
 
     from MSInstanceSaliencyLib.io.volumes import array_from_image, mask_from_image
     from test_experiments import case_with_lesions_of, check_experiments_on_the_reference_grid
 
-    model = _plans_transposed(nnunet, tmp_path, transpose)
+    model = _plans_transposed(nnunet, tmp_path, None)
     test = nnunet["tests"]["test_resampled"]
     flair, t1 = (_with_background(sitk.ReadImage(p), seed) for seed, p in enumerate(test["channels"]))
     res = segment(flair, t1, model, device="cpu")
-    assert res.prepared.grid.transpose_forward == [2, 0, 1]
+    assert res.prepared.grid.transpose_forward == PLANNED_TRANSPOSE
     gt = mask_from_image(sitk.ReadImage(test["label"]))
     white_matter = (ndimage.binary_erosion(array_from_image(flair) > 5, iterations=2) & ~gt).astype(np.float32)
     check_experiments_on_the_reference_grid(model, case_with_lesions_of(res, gt, white_matter), max_omega_voxels=1)
 
 
 def test_peaks_over_a_manifest_on_an_nnunet_grid(nnunet, tmp_path):
-    """`stats peaks --manifest` over the three test cases with the transposed nnU-Net folder (fold 0, no mirroring) on a
+    """`stats peaks --manifest` over the three test cases with the nnU-Net folder as nnunetv2 planned it (transposed; fold 0, no mirroring) on a
     local cluster of one worker, which loads the folder itself: every case has its rows, the ground truth's lesions
     with their voxel counts on the reference grid (the test cases' own grids: resampled, native, anisotropic)."""
     pytest.importorskip("distributed")
@@ -193,10 +197,10 @@ def test_peaks_over_a_manifest_on_an_nnunet_grid(nnunet, tmp_path):
 
     from MSInstanceSaliencyLib.segmentation.instances import label_instances
 
-    _plans_transposed(nnunet, tmp_path, [2, 0, 1])  # the folder tmp_path/model
+    _plans_transposed(nnunet, tmp_path, None)
     lines = ["case_id,flair,mprage,gt"] + [f"{name},{t['channels'][0]},{t['channels'][1]},{t['label']}" for name, t in nnunet["tests"].items()]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
-    r = msis_in_process("stats", "peaks", "--manifest", tmp_path / "m.csv", "--model", tmp_path / "model", "--folds", "0", "--no-mirroring",
+    r = msis_in_process("stats", "peaks", "--manifest", tmp_path / "m.csv", "--model", nnunet["model_folder"], "--folds", "0", "--no-mirroring",
                         "--workers", "1", "--device", "cpu", "--samples", "1", "--max-per-group", "1", "--tn-spheres", "1",
                         "--max-omega-voxels", "1", "--out", tmp_path / "peaks")
     assert r.returncode == 0, r.stderr
