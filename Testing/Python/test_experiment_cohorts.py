@@ -111,12 +111,30 @@ def test_peaks_over_a_manifest_equal_one_run_over_its_cases_and_resume(cases, cl
     assert r.returncode == 2 and "other settings" in r.stderr and "params" in r.stderr, r.stderr
 
 
-def test_sanity_checks_and_context_over_a_manifest(cases, cluster, tmp_path):
-    """Both sanity checks and the context experiment over the three cases: a row per case, the set's summary and figure,
-    each case's own figure, and for p19 (no wm column value) the white matter derived on the worker and written."""
+@pytest.fixture(scope="module")
+def demo_on_its_own_grid(tmp_path_factory):
+    """The bundled demo model as a model.json whose network runs on a 2.5 mm ASL grid (target_spacing, orientation):
+    every region goes to that grid and back; the model still segments the phantoms' lesions there."""
+    import shutil
+
+    from MSInstanceSaliencyLib.models.loading import default_model_dir
+
+    d = tmp_path_factory.mktemp("demo_asl") / "model"
+    shutil.copytree(default_model_dir(), d)
+    spec = json.loads((d / "model.json").read_text())
+    spec.update(target_spacing=[2.5, 2.5, 2.5], orientation="ASL")
+    (d / "model.json").write_text(json.dumps(spec))
+    return d
+
+
+def test_sanity_checks_and_context_over_a_manifest(cases, cluster, demo_on_its_own_grid, tmp_path):
+    """Both sanity checks and the context experiment over the three cases, with the demo model on its own 2.5 mm ASL
+    grid: a row per case, the set's summary and figure, each case's own figure, and for p19 (no wm column value) the
+    white matter derived on the worker and written."""
     from MSInstanceSaliencyLib.research.anatomy import FILES
 
-    common = ["--manifest", cases / "manifest.csv", "--scheduler", cluster.scheduler_address, "--device", "cpu"]
+    common = ["--manifest", cases / "manifest.csv", "--scheduler", cluster.scheduler_address, "--device", "cpu",
+              "--model", demo_on_its_own_grid]
     out = tmp_path / "cr"
     r = msis("sanity", "control-regions", "--out", out, "--samples", "1", "--max-voxels", "8", "--max-omega-voxels", "2", *common)
     assert r.returncode == 0, r.stderr
@@ -131,7 +149,7 @@ def test_sanity_checks_and_context_over_a_manifest(cases, cluster, tmp_path):
     assert sitk.ReadImage(str(derived)).GetSize() == sitk.ReadImage(str(cases / "p19" / "mprage.nii.gz")).GetSize()
 
     out = tmp_path / "syn"
-    r = msis("sanity", "synthetic-lesion", "--out", out, "--samples", "1", "--max-voxels", "8", "--max-omega-voxels", "2", *common)
+    r = msis("sanity", "synthetic-lesion", "--out", out, "--samples", "1", "--max-voxels", "40", "--max-omega-voxels", "2", *common)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "synthetic_lesion_summary.json").read_text())
     assert s["n_cases"] + len(s["cases_failed"]) == 3 and s["n_cases"] >= 2, s["cases_failed"]

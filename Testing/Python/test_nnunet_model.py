@@ -187,8 +187,8 @@ def test_experiments_on_an_nnunet_grid(nnunet, tmp_path):
     check_experiments_on_the_reference_grid(model, case_with_lesions_of(res, gt, white_matter), max_omega_voxels=1)
 
 
-def test_peaks_over_a_manifest_on_an_nnunet_grid(nnunet, tmp_path):
-    """`stats peaks --manifest` over the three test cases with the nnU-Net folder as nnunetv2 planned it (transposed; fold 0, no mirroring) on a
+def test_peaks_and_context_over_a_manifest_on_an_nnunet_grid(nnunet, tmp_path):
+    """`stats peaks --manifest` and `context --manifest` over the three test cases with the nnU-Net folder as nnunetv2 planned it (transposed; fold 0, no mirroring) on a
     local cluster of one worker, which loads the folder itself: every case has its rows, the ground truth's lesions
     with their voxel counts on the reference grid (the test cases' own grids: resampled, native, anisotropic)."""
     pytest.importorskip("distributed")
@@ -211,3 +211,11 @@ def test_peaks_over_a_manifest_on_an_nnunet_grid(nnunet, tmp_path):
         lesion_voxels = set(np.bincount(gt.ravel())[1:].tolist())
         mine = rows[rows["case"] == name]
         assert set(mine.loc[mine["group"].isin(["FN"]), "voxels"]) <= lesion_voxels
+    # the context experiment over the same cases: this briefly trained network's TP lesions are large
+    r = msis_in_process("context", "--manifest", tmp_path / "m.csv", "--model", nnunet["model_folder"], "--folds", "0", "--no-mirroring",
+                        "--workers", "1", "--device", "cpu", "--size-range", "500", "20000", "--steps", "2", "--out", tmp_path / "context")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "context" / "context_summary.json").read_text())
+    context = pd.read_csv(tmp_path / "context" / "context_raw.csv")
+    assert summary["n_lesions"] >= 2 and context["case"].nunique() >= 2 and len(context) == 3 * summary["n_lesions"]
+    assert context["mean_probability"].between(0, 1).all()
