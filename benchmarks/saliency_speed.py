@@ -12,8 +12,15 @@ Prints seconds per lesion, ratios, VJPs per second, achieved TFLOP/s (FLOPs coun
 torch.utils.flop_counter on one forward and one input-gradient backward), on a GPU the share of its
 peak fp32 FLOP/s, and peak memory; writes everything as JSON.
 
+--kernels default,channels_last,bn_folded,compiled,bf16 adds, side by side in the same run, the other ways
+torch can run the same passes (saliency.kernels): for each, ours (patch, 8 copies per pass) and one copy
+per pass with the same kernels, their ratio, the share of this machine's peak (a large matmul, measured in
+the same run) and the map's largest difference from the default kernels' map, relative to its peak.
+
     .venv/bin/python benchmarks/saliency_speed.py --model demo --json out.json
     .venv/bin/python benchmarks/saliency_speed.py --model paper --device cuda
+    .venv/bin/python benchmarks/saliency_speed.py --model demo --skip-full --patch-samples 16 \
+        --kernels default,channels_last,bn_folded,compiled,bf16
 """
 
 from __future__ import annotations
@@ -131,6 +138,57 @@ def count_flops(model, image, omega, dev, context: str):
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
+def matmul_peak_tflops(dev, dtype=torch.float32, n: int = 4096, repeat: int = 5) -> float:
+    """This machine's reachable peak: the best of `repeat` n x n matmuls (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeat):
+        sync(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that matter here (Linux /proc/cpuinfo)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"))
+
+
+def kernel_sweep(model, image, omega, dev, kinds, n_samples: int, measured: int, peak_tflops, n_flops_per_lesion) -> dict:
+    """Each kernel choice: ours (8 copies per pass) and one copy per pass with the same kernels, and its map's
+    largest difference from the default kernels' map relative to the peak (same noise, same copies)."""
+    from MSInstanceSaliencyLib.saliency.kernels import kernel_model, precision_of
+
+    out, reference = {}, None
+    for kind in kinds:
+        km = kernel_model(model, kind)
+        row = {}
+        for way, copies in (("ours", 8), ("one_copy_per_pass", 1)):
+            kw = dict(n_samples=measured, context="patch", device=dev, copies_per_pass=copies, precision=precision_of(kind))
+            smoothgrad(km, image, omega, **{**kw, "n_samples": min(measured, copies)})  # warm-up (compiles: each batch shape once)
+            sync(dev)
+            t0 = time.perf_counter()
+            maps = smoothgrad(km, image, omega, **kw)
+            sync(dev)
+            s = (time.perf_counter() - t0) / measured * n_samples
+            row[way] = {"seconds_per_lesion": s, "tflops_per_s": n_flops_per_lesion / s / 1e12}
+            if peak_tflops:
+                row[way]["share_of_peak"] = row[way]["tflops_per_s"] / peak_tflops
+            if way == "ours":
+                reference = maps if reference is None else reference
+                row["max_diff_of_peak"] = float(np.abs(maps - reference).max() / np.abs(reference).max())
+        row["ours_vs_one_copy_per_pass"] = row["one_copy_per_pass"]["seconds_per_lesion"] / row["ours"]["seconds_per_lesion"]
+        out[kind] = row
+    return out
+
+
 # Dense fp32 peak of common GPUs (vendor data sheets; TF32 tensor cores are not used by default in fp32).
 PEAK_FP32_TFLOPS = {"H200": 67.0, "H100 80GB HBM3": 67.0, "H100 PCIe": 51.0, "H100": 67.0, "A100": 19.5}
 
@@ -156,6 +214,8 @@ def main(argv=None):
     ap.add_argument("--copies-sweep", default="", help="comma-separated noisy copies per pass to time in patch mode, e.g. 1,4,8,16")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak fp32 TFLOP/s (default: known H100/H200/A100 figures)")
     ap.add_argument("--chunk-sweep", default="", help="comma-separated chunk sizes to time in patch mode on 3 copies, e.g. 1,8,32,128")
+    ap.add_argument("--kernels", default="", help="comma-separated kernel choices to time side by side (saliency.kernels), "
+                    "e.g. default,channels_last,bn_folded,compiled,bf16")
     ap.add_argument("--voxel-size", type=float, default=1.0, help="the phantom's voxel size in mm (default 1; 2 for a quick run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -245,6 +305,25 @@ def main(argv=None):
             s_per_lesion = (time.perf_counter() - t0) / 3 * N
             res["chunk_sweep"][k] = s_per_lesion
             print(f"  chunk {k:>4}: {s_per_lesion:8.2f} s/lesion")
+    if args.kernels:
+        kinds = [k for k in args.kernels.split(",") if k]
+        if "default" in kinds:  # the reference map comes first
+            kinds.remove("default")
+        kinds.insert(0, "default")
+        if not gpu:
+            res["cpu_flags"] = cpu_flags()
+            res["matmul_peak_fp32_tflops"] = matmul_peak_tflops(dev)
+            peak = res["matmul_peak_fp32_tflops"]
+        f_fwd, f_vjp = count_flops(model, image, omega, dev, "patch")
+        res["kernels"] = kernel_sweep(model, image, omega, dev, kinds, N, args.patch_samples or N, peak, N * (f_fwd + int(omega.sum()) * f_vjp))
+        print(f"kernels (patch, {args.patch_samples or N} copies measured, extrapolated to N; peak {peak or float('nan'):.3f} TFLOP/s"
+              f"{' by a 4096^2 matmul' if not gpu else ''}; CPU flags: {', '.join(res.get('cpu_flags', [])) or '-'}):")
+        print(f"  {'kernels':<15}{'ours s':>9}{'1/pass s':>10}{'ratio':>7}{'TFLOP/s':>9}{'% peak':>8}{'max diff/peak':>15}")
+        for kind, r in res["kernels"].items():
+            share = r["ours"].get("share_of_peak")
+            print(f"  {kind:<15}{r['ours']['seconds_per_lesion']:>9.2f}{r['one_copy_per_pass']['seconds_per_lesion']:>10.2f}"
+                  f"{r['ours_vs_one_copy_per_pass']:>7.2f}{r['ours']['tflops_per_s']:>9.3f}{100 * share if share else float('nan'):>8.1f}"
+                  f"{r['max_diff_of_peak']:>15.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return res
