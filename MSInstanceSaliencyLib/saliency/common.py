@@ -196,6 +196,11 @@ def _is_oom(exc) -> bool:
 # copies per pass: 68.3 / 37.4 / 36.5 / 57.2 (benchmarks/saliency_speed.py --copies-sweep 1,4,8,16,
 # docs/PERFORMANCE.md); a GPU is bounded by its memory.
 MAX_COPIES_PER_PASS = (8, 64)
+# On a CPU, also at most as many copies as keep a pass's activations (as _activation_bytes counts them) under
+# this: the paper's U-Net on 96^3 (115 MiB per copy) took 15.9 / 15.8 / 23.7 / 25.3 s per lesion with 1 / 2 / 4 / 8
+# copies per pass, while the demo U-Net on 64^3 (10 MiB per copy) was fastest with 8 (2 cores, a 480 MiB L3
+# cache; benchmarks/saliency_speed.py --copies-sweep, docs/PERFORMANCE.md "CPU kernels").
+CPU_PASS_ACTIVATION_BYTES = 256 << 20
 
 
 def auto_chunk_size(net, x, device, n_omega: int, copies: int = 1) -> int:

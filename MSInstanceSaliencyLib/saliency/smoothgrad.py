@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import report
-from .common import (MAX_COPIES_PER_PASS, _activation_bytes, _autocast, _available_bytes, _check_inputs, _chunk_fitting, _divisor,
+from .common import (CPU_PASS_ACTIVATION_BYTES, MAX_COPIES_PER_PASS, _activation_bytes, _autocast, _available_bytes, _check_inputs, _chunk_fitting, _divisor,
                      _halved_after_oom, _is_oom, _lesion_head, _network_and_spec, check_backward_fits, frozen)
 from .context import ContextBox, DEFAULT_ROI, _crop_pad, _uncrop, context_box
 
@@ -307,6 +307,8 @@ class _SmoothGradJob:
             # a forward pass keeps its activations (x1) and a backward pass needs about as much again
             cap = MAX_COPIES_PER_PASS[self.dev.type == "cuda"]
             copies = int(max(1, min(self.n_samples, cap, 0.4 * avail // (2 * per_copy))))
+            if self.dev.type == "cpu":  # larger batches were slower once their activations outgrew the cache
+                copies = max(1, min(copies, CPU_PASS_ACTIVATION_BYTES // per_copy))
         if self.chunk_size is not None:
             chunk = int(self.chunk_size)
         else:

@@ -56,3 +56,19 @@ def test_batch_norms_fold_into_their_convolutions_and_the_model_is_left_alone(ca
     assert fold_batch_norm(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3))) == 0
     with pytest.raises(InputError, match="kernel must be one of"):
         kernel_model(model, "fp8")
+
+
+def test_cpu_copies_per_pass_keep_their_activations_under_the_budget(case, monkeypatch):
+    """On a CPU the copies of a pass are capped by CPU_PASS_ACTIVATION_BYTES (a wide network's large batches outgrew the
+    cache and ran slower); fewer copies per pass change the map by float rounding only."""
+    from MSInstanceSaliencyLib.saliency import smoothgrad as sg
+    from MSInstanceSaliencyLib.saliency.common import _activation_bytes
+
+    model, image, omega, reference = case
+    job = sg._SmoothGradJob(model, image, omega, n_samples=8, device="cpu")
+    per_copy = _activation_bytes(model.network, job.x0[None])
+    assert job._batch_sizes(int(omega.sum()))[0] == 8  # this small network: the cap of 8
+    monkeypatch.setattr(sg, "CPU_PASS_ACTIVATION_BYTES", int(2.5 * per_copy))
+    assert job._batch_sizes(int(omega.sum()))[0] == 2
+    maps = sg.smoothgrad(model, image, omega, n_samples=3, device="cpu")  # passes of 2 and 1 copies
+    assert np.abs(maps - reference).max() <= 1e-5 * np.abs(reference).max()
