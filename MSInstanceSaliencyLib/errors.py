@@ -22,13 +22,40 @@ class WorkerError(RuntimeError):
 
 
 _SIGINT_SEEN = threading.Event()  # set by the handler that swallowed_interrupts_redelivered installs
+_DEFERRING = threading.Event()  # within interrupts_deferred(): a Ctrl-C is recorded in _DEFERRED, not raised
+_DEFERRED = threading.Event()
 
 
 def _sigint_handler(signum, frame):
     """Python's own Ctrl-C handler (KeyboardInterrupt), remembering that it ran: a library that swallows the
     KeyboardInterrupt (a bare except in an import) or turns it into another error cannot make it disappear."""
     _SIGINT_SEEN.set()
+    if _DEFERRING.is_set():
+        _DEFERRED.set()
+        return
     signal.default_int_handler(signum, frame)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Within (in the main thread, under swallowed_interrupts_redelivered): a Ctrl-C is recorded and raised as
+    KeyboardInterrupt when the block ends. For imports of extensions that run Python code from C++ (torch's):
+    a KeyboardInterrupt raised in there reaches C++ as an exception it does not catch, and std::terminate
+    aborts the process ("terminate called after throwing ... KeyboardInterrupt", exit -6). Elsewhere, or
+    nested, the block changes nothing."""
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _sigint_handler
+    if not own or _DEFERRING.is_set():
+        yield
+        return
+    _DEFERRED.clear()
+    _DEFERRING.set()
+    try:
+        yield
+    finally:
+        _DEFERRING.clear()
+    if _DEFERRED.is_set():
+        _DEFERRED.clear()
+        raise KeyboardInterrupt
 
 
 def interrupted() -> bool:

@@ -508,6 +508,30 @@ def test_a_ctrl_c_that_a_library_swallows_is_not_lost(capsys):
     assert "segmenting" not in capsys.readouterr().err
 
 
+def test_a_ctrl_c_during_a_deferred_import_is_raised_when_it_ends():
+    """Inside interrupts_deferred (torch's import: a KeyboardInterrupt raised in its C++ callbacks aborts the process)
+    a Ctrl-C is held and raised once the block ends; outside it, at once as usual."""
+    from MSInstanceSaliencyLib.errors import interrupted, interrupts_deferred, swallowed_interrupts_redelivered
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist workers may differ)
+    try:
+        with swallowed_interrupts_redelivered():
+            reached_the_end = False
+            with pytest.raises(KeyboardInterrupt):
+                with interrupts_deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.5)  # the handler has run by now: it held the interrupt
+                    reached_the_end = True
+            assert reached_the_end and interrupted()
+            with interrupts_deferred():  # no Ctrl-C: nothing raised
+                pass
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(2)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_sigint_during_start_up_is_one_line(files, tiny_model_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("MSIS_DEBUG", None)

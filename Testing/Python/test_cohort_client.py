@@ -194,6 +194,14 @@ def test_a_running_scheduler_is_accepted(manifest):
         # the local cluster's worker drops only the heartbeat failure a stopping msis causes (Ctrl-C to msis alone)
         assert list(client.run(logged, "Failed to communicate with scheduler during heartbeat.").values()) == [False]
         assert list(client.run(logged, "Compute Failed").values()) == [True]
+        # and the client drops tornado's log of dask's own sync() callback failing after a Ctrl-C (before msis's one line)
+        import logging
+
+        tornado = logging.getLogger("tornado.application")
+        record = tornado.makeRecord(tornado.name, logging.ERROR, __file__, 0,
+                                    "Exception in callback functools.partial(<function sync.<locals>.cancel at 0x7f>)", (), None)
+        assert tornado.filter(record) is False
+        assert tornado.filter(tornado.makeRecord(tornado.name, logging.ERROR, __file__, 0, "Exception in callback other", (), None))
     finally:
         cohort._close(client, lc)
 
