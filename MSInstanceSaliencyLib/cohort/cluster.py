@@ -1,5 +1,5 @@
 """The dask cluster of a run: the check of a --scheduler address (a dask scheduler answers there), the
-client on it or on a local cluster, and their close."""
+client on it or on a local cluster sized for the model (model_cluster), and their close."""
 
 from __future__ import annotations
 
@@ -186,6 +186,47 @@ def _sigint_blocked_in_new_threads():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
+def model_cluster(cfg, *, scheduler=None, workers=None, dashboard=False, max_workers=None, log=None, on_start=None):
+    """The cluster a run's model tasks go to, as (client, task resources). A local one has a worker per CPU core
+    (torch threads: the cores shared out, or MSIS_THREADS), or per GPU, at most max_workers; `cfg.threads` is set
+    to the torch threads of each worker (None: the workers' own, on a --scheduler). on_start() runs once the
+    cluster is up; each worker then loads cfg.model once (tasks.model_plugin). Closed when the block ends."""
+    import os
+
+    from ..models.device import resolve_device
+    from .tasks import model_plugin
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpu = False
+    if not scheduler:
+        dev = resolve_device(cfg.model.get("device", "auto"))
+        if dev.type == "cuda":
+            import torch
+
+            gpu = True
+            workers = workers or max(1, torch.cuda.device_count())
+        workers = workers or cores
+        workers = min(workers, max_workers) if max_workers else workers
+        # MSIS_THREADS, as for every msis command, sets the torch threads of each worker
+        cfg.threads = 1 if gpu else int(os.environ.get("MSIS_THREADS") or max(1, cores // workers))
+    client, cluster = _start_client(scheduler, workers, gpu=gpu, dashboard=dashboard)
+    try:
+        if on_start is not None:
+            on_start()
+        gpu = gpu or (scheduler is not None and _workers_have_gpus(client))
+        if dashboard and log:
+            log(f"Dask dashboard: {client.dashboard_link}")
+        if log:
+            n_workers = len(client.scheduler_info().get("workers", {}))
+            log(f"{n_workers} dask workers" + (f", {cfg.threads} torch thread{'s' if cfg.threads != 1 else ''} each" if cfg.threads else "")
+                + (", one GPU each" if gpu else ""))
+        client.register_plugin(model_plugin(cfg.model, cfg.threads), name="msis-model")
+        yield client, ({"resources": {"GPU": 1}} if gpu else {})
+    finally:
+        _close(client, cluster)
 
 
 def _workers_have_gpus(client) -> bool:

@@ -17,7 +17,6 @@ DIR holds (besides the whole set's outputs, written like the one-case command's,
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError
 from .manifest import COHORT_FORMAT, MAX_LISTED_PROBLEMS, CohortCase, case_key
-from .tasks import _error_text, _transient, _worker_name, model_plugin, worker_model
+from .tasks import _error_text, _transient, _worker_name, worker_model
 
 EXPERIMENTS = {"context": "context", "control-regions": "control_regions", "synthetic-lesion": "synthetic_lesion", "peaks": "peaks"}
 NEEDS_WHITE_MATTER = ("control-regions", "synthetic-lesion")
@@ -201,30 +200,10 @@ def _check_case_folders(out: Path, cases) -> None:
 def _run(todo, keys, cfg, table, stats, *, workers, scheduler, log, progress, pin):
     from distributed import as_completed
 
-    from ..models.device import resolve_device
-    from .cluster import _close, _start_client, _workers_have_gpus
+    from .cluster import model_cluster
     from .run import PRIORITY_STEP
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpu = False
-    if not scheduler:
-        dev = resolve_device(cfg.model.get("device", "auto"))
-        if dev.type == "cuda":
-            import torch
-
-            gpu = True
-            workers = workers or max(1, torch.cuda.device_count())
-        workers = min(workers or cores, len(todo))
-        cfg.threads = 1 if gpu else int(os.environ.get("MSIS_THREADS") or max(1, cores // workers))
-    client, cluster = _start_client(scheduler, workers, gpu=gpu)
-    try:
-        pin()
-        gpu = gpu or (scheduler is not None and _workers_have_gpus(client))
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        log(f"{n_workers} dask workers" + (f", {cfg.threads} torch thread{'s' if cfg.threads != 1 else ''} each" if cfg.threads else "")
-            + (", one GPU each" if gpu else ""))
-        client.register_plugin(model_plugin(cfg.model, cfg.threads), name="msis-model")
-        res = {"resources": {"GPU": 1}} if gpu else {}
+    with model_cluster(cfg, scheduler=scheduler, workers=workers, max_workers=len(todo), log=log, on_start=pin) as (client, res):
         futures = [client.submit(experiment_case_task, c, cfg, key=f"{cfg.experiment}-{c.case_id}-{keys[c.case_id][:8]}",
                                  priority=(len(todo) - i) * PRIORITY_STEP, **res) for i, c in enumerate(todo)]
         by_future = dict(zip(futures, todo))
@@ -251,8 +230,6 @@ def _run(todo, keys, cfg, table, stats, *, workers, scheduler, log, progress, pi
             done += 1
             if progress:
                 progress(f"{cfg.experiment}: cases", done, len(todo))
-    finally:
-        _close(client, cluster)
 
 
 def _write_set_outputs(cfg, cases, keys, table, results) -> dict:

@@ -4,13 +4,12 @@ their rows written as they arrive (see the package's docstring)."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError
-from .cluster import _close, _start_client, _workers_have_gpus
+from .cluster import model_cluster
 from .manifest import MAPS, CohortCase, CohortConfig, case_key, lesion_key
 from .progress import _passes, _Progress
 from .store import (CASE_COLUMNS, CASES, LESIONS, SUMMARY, ResultTable, _check_map_files, _check_out, _drop_changed_inputs,
@@ -106,31 +105,7 @@ class _Pending:
 def _run(todo, keys, cfg, lesions, cases_t, stats, *, workers, scheduler, dashboard, log, progress, pin):
     from distributed import as_completed
 
-    from ..models.device import resolve_device
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpu = False
-    if not scheduler:
-        dev = resolve_device(cfg.model.get("device", "auto"))
-        if dev.type == "cuda":
-            import torch
-
-            gpu = True
-            workers = workers or max(1, torch.cuda.device_count())
-        workers = workers or cores
-        # MSIS_THREADS, as for every msis command, sets the torch threads of each worker
-        cfg.threads = 1 if gpu else int(os.environ.get("MSIS_THREADS") or max(1, cores // workers))
-    client, cluster = _start_client(scheduler, workers, gpu=gpu, dashboard=dashboard)
-    try:
-        pin()
-        gpu = gpu or (scheduler is not None and _workers_have_gpus(client))
-        if dashboard:
-            log(f"Dask dashboard: {client.dashboard_link}")
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        log(f"{n_workers} dask workers" + (f", {cfg.threads} torch thread{'s' if cfg.threads != 1 else ''} each" if cfg.threads else "")
-            + (", one GPU each" if gpu else ""))
-        client.register_plugin(model_plugin(cfg.model, cfg.threads), name="msis-model")
-        res = {"resources": {"GPU": 1}} if gpu else {}
+    with model_cluster(cfg, scheduler=scheduler, workers=workers, dashboard=dashboard, log=log, on_start=pin) as (client, res):
         earlier_failed = _failed_keys(lesions)  # lesions of unfinished cases done earlier, with an error
         ac = as_completed()
         tags, pending = {}, {}
@@ -230,5 +205,3 @@ def _run(todo, keys, cfg, lesions, cases_t, stats, *, workers, scheduler, dashbo
                     flush()
         finally:
             flush()  # lesions finished so far are kept (their case row waits for the rest)
-    finally:
-        _close(client, cluster)
