@@ -58,6 +58,34 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
+class _InterruptsDeferredDuringImport:
+    """A meta-path finder that finds nothing itself: it gives the spec the other finders find for `names`, with
+    the module's execution inside interrupts_deferred(). torch's import runs Python code from C++, where a
+    KeyboardInterrupt aborts the process; wherever torch is first imported, a Ctrl-C then waits for its end."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.machinery
+
+        if fullname not in self.names:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                with interrupts_deferred():
+                    run(module)
+
+            spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+_TORCH_IMPORT_HOLDS_INTERRUPTS = _InterruptsDeferredDuringImport("torch")
+
+
 def interrupted() -> bool:
     """Whether a Ctrl-C reached the command that swallowed_interrupts_redelivered runs."""
     return _SIGINT_SEEN.is_set()
@@ -81,8 +109,9 @@ def _redeliver_swallowed_interrupt(previous_hook, active, unraisable) -> None:
 
 @contextlib.contextmanager
 def swallowed_interrupts_redelivered():
-    """Within: a Ctrl-C that CPython would swallow stops the work like any other (sys.unraisablehook), and
-    one that a library swallowed or turned into another error is still known (interrupted())."""
+    """Within: a Ctrl-C that CPython would swallow stops the work like any other (sys.unraisablehook), one
+    that a library swallowed or turned into another error is still known (interrupted()), and one during
+    torch's import waits for its end (_InterruptsDeferredDuringImport)."""
     previous_hook, active = sys.unraisablehook, threading.Event()
     active.set()
     sys.unraisablehook = functools.partial(_redeliver_swallowed_interrupt, previous_hook, active)
@@ -91,10 +120,13 @@ def swallowed_interrupts_redelivered():
     if own:
         _SIGINT_SEEN.clear()
         signal.signal(signal.SIGINT, _sigint_handler)
+        sys.meta_path.insert(0, _TORCH_IMPORT_HOLDS_INTERRUPTS)
     try:
         yield
     finally:
         if own:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(_TORCH_IMPORT_HOLDS_INTERRUPTS)
         sys.unraisablehook = previous_hook
         active.clear()

@@ -15,7 +15,7 @@ import functools
 import os
 import sys
 
-from ..errors import Cancelled, InputError, interrupted, interrupts_deferred, swallowed_interrupts_redelivered
+from ..errors import Cancelled, InputError, interrupted, swallowed_interrupts_redelivered
 from .checks import _check_args
 from .classifier import cmd_evaluate_classifier, cmd_features, cmd_train_classifier
 from .cohort import cmd_cohort
@@ -38,9 +38,6 @@ def _main(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_args(args)
-        if args.command not in LIGHT_COMMANDS:
-            with interrupts_deferred():  # a Ctrl-C inside torch's import would abort the process (errors.interrupts_deferred)
-                import torch  # noqa: F401
         return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"msis: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
@@ -61,8 +58,6 @@ def _main(argv) -> int:
               "(set MSIS_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
         return 1
 
-
-LIGHT_COMMANDS = ("phantom", "evaluate")  # commands that never import torch
 
 COMMANDS = {
     "segment": cmd_segment, "explain": cmd_explain, "view": cmd_view, "demo": cmd_demo, "phantom": cmd_phantom, "evaluate": cmd_evaluate,

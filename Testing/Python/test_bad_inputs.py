@@ -525,6 +525,14 @@ def test_a_ctrl_c_during_a_deferred_import_is_raised_when_it_ends():
             assert reached_the_end and interrupted()
             with interrupts_deferred():  # no Ctrl-C: nothing raised
                 pass
+            # torch's import, wherever it happens, runs inside interrupts_deferred: the finder msis puts first
+            import sys
+
+            from MSInstanceSaliencyLib.errors import _TORCH_IMPORT_HOLDS_INTERRUPTS as finder
+
+            assert sys.meta_path[0] is finder and finder.find_spec("numpy") is None
+            spec = finder.find_spec("torch")
+            assert spec.origin.endswith("torch/__init__.py") and spec.loader.exec_module.__qualname__.endswith("find_spec.<locals>.exec_module")
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(2)
