@@ -54,7 +54,7 @@ def experiment_settings(cfg: ExperimentConfig, identity: dict, channels) -> dict
 
 
 def outputs(experiment: str) -> list[str]:
-    """The whole set's output files, named as the one-case command names them."""
+    """The whole set's output files, named as the one-case command names them: the table, the summary, the figures."""
     name = EXPERIMENTS[experiment]
     if experiment == "context":
         return ["context_raw.csv", "context_summary.json", "context.png"]
@@ -244,30 +244,24 @@ def _write_set_outputs(cfg, cases, keys, table, results) -> dict:
     ok = [r for r in finished if not isinstance(r["error"], str)]
     rows = [row for r in ok for row in json.loads(r["rows"])]
     p, name = cfg.params, EXPERIMENTS[cfg.experiment]
+    table_name, summary_name, *figures = outputs(cfg.experiment)
     if cfg.experiment == "context":
         summary = ex.context_summary(rows, tuple(p["size_range"]))
-        draw = {"context.png": lambda path: ex.context_figure(summary, path)}
-        table_name, summary_name = "context_raw.csv", "context_summary.json"
+        draw = lambda paths: ex.context_figure(summary, *paths)  # noqa: E731
     elif cfg.experiment == "peaks":
         summary = ex.peaks_summary(rows, p["samples"], p["tn_volume_mm3"], [r["case_id"] for r in ok])
-        draw = {"peaks_violin.png": None, "modality_contribution.png": None}
-        table_name, summary_name = "peaks.csv", "peaks_summary.json"
+        draw = lambda paths: ex.peaks_figures(rows, *paths)  # noqa: E731
     else:
         per_case = [json.loads(r["summary"]) for r in ok]
         if not per_case:
             raise InputError(f"no case could be used for {cfg.experiment}: " + "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5]))
         summary = (ex.control_regions_set_summary if cfg.experiment == "control-regions" else ex.synthetic_lesion_set_summary)(per_case)
-        draw = {f"{name}.png": lambda path: ex.sanity_set_figure(name, summary, path)}
-        table_name, summary_name = f"{name}.csv", f"{name}_summary.json"
+        draw = lambda paths: ex.sanity_set_figure(name, summary, *paths)  # noqa: E731
     summary.update(cases_failed=failed, cases_missing=[c.case_id for c in cases if keys[c.case_id] not in by_key])
     with results.writing():
         write_csv_rows(results.file(table_name), rows)
         results.file(summary_name).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if cfg.experiment == "peaks":
-            ex.peaks_figures(rows, results.file("peaks_violin.png"), results.file("modality_contribution.png"))
-        else:
-            for fname, f in draw.items():
-                f(results.file(fname))
+        draw([results.file(f) for f in figures])
     results.close(command=f"{cfg.experiment} --manifest", experiment=cfg.experiment, settings=cfg.settings,
                   cases=len(cases), cases_finished=len(finished), cases_failed=len(failed))
     return {"summary": summary, "failed": failed, "files": [str(Path(cfg.out) / n) for n in outputs(cfg.experiment)]}
