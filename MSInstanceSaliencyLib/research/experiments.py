@@ -617,6 +617,9 @@ def _need_white_matter(case: Case, what: str) -> None:
         raise InputError(f"a white-matter map is needed to {what}: pass --wm")
 
 
+CONTROL_REGIONS_PAPER = "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion"
+
+
 def control_regions(case: Case, *, lesion_id=None, max_voxels=300, seed=0) -> tuple[int, dict]:
     """(TP lesion id, {"tp_lesion", "wm_sphere_93mm3", "single_voxel_at_tp_centre": masks}): a TP lesion,
     a 93 mm^3 healthy white-matter sphere (where the network sees it) and the single voxel at the
@@ -652,7 +655,7 @@ def run_control_regions(model, case: Case, *, lesion_id=None, max_voxels=300, n_
                "tp_over_wm_peak_ratio": peak["tp_lesion"] / peak["wm_sphere_93mm3"] if peak["wm_sphere_93mm3"] else None,
                "single_voxel_map_share_inside_lesion": float(sv[lesion].sum() / sv.sum()) if sv.sum() else None,
                "single_voxel_map_share_within_3_voxels": float(sv[near].sum() / sv.sum()) if sv.sum() else None,
-               "paper": "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion"}
+               "paper": CONTROL_REGIONS_PAPER}
     return rows, summary, regions, maps
 
 
@@ -730,7 +733,7 @@ def control_regions_set_summary(per_case: list[dict]) -> dict:
     """The control regions over a set of cases (one run_control_regions summary each): the median of each measure with its CI."""
     return {"n_cases": len(per_case),
             "medians": {k: median_ci([s[k] for s in per_case if s.get(k) is not None]) for k in CONTROL_REGION_MEASURES},
-            "paper": "healthy-WM saliency about 5x smaller than for TPs; one-voxel map concentrated near the voxel, inside the lesion",
+            "paper": CONTROL_REGIONS_PAPER,
             "cases": per_case}
 
 
